@@ -1,0 +1,3 @@
+"""SimPO preference optimization on NVIDIA Megatron-Core."""
+
+__version__ = "0.1.0"

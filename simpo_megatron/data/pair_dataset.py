@@ -1,0 +1,166 @@
+"""Preference pairs read from a Megatron indexed dataset, truncated and collated for training.
+
+On disk (design.md): `PREFIX.bin/.idx` as written by megatron-core's `IndexedDatasetBuilder`,
+one document per pair holding three sequences in order prompt, chosen, rejected, so pair i is
+sequences 3i, 3i+1, 3i+2. The prompt starts with BOS and each response ends with EOS.
+"""
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+
+PairSample = dict[str, np.ndarray]
+
+
+def check_prefix_exists(prefix: str) -> None:
+    """Raise ValueError naming whichever of PREFIX.bin / PREFIX.idx is missing."""
+    missing = [p for p in (get_bin_path(prefix), get_idx_path(prefix)) if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"dataset prefix {prefix!r}: missing {', '.join(missing)}")
+
+
+def _check_lengths(seq_length: int, max_prompt_length: int | None) -> None:
+    if seq_length < 2:
+        raise ValueError(
+            f"seq_length must be >= 2 (one prompt and one response token), got {seq_length}"
+        )
+    if max_prompt_length is not None and not 1 <= max_prompt_length < seq_length:
+        raise ValueError(
+            f"max_prompt_length must be in [1, seq_length) so every response keeps a token, "
+            f"got {max_prompt_length} with seq_length {seq_length}"
+        )
+
+
+def truncation_lengths(
+    prompt_len: int,
+    chosen_len: int,
+    rejected_len: int,
+    seq_length: int,
+    max_prompt_length: int | None = None,
+) -> tuple[int, int, int]:
+    """Lengths (prompt, chosen, rejected) to keep so that prompt + either response fits.
+
+    Nothing is cut when prompt + longer response <= seq_length. Otherwise the prompt yields
+    first, only as many tokens as needed and never below `max_prompt_length` (or 1 token when
+    None); then the responses are cut to the room left. Every part keeps at least one token:
+    an empty response makes the length-averaged log-prob 0/0 (TRL #6548, SimPO #35).
+    """
+    _check_lengths(seq_length, max_prompt_length)
+    if min(prompt_len, chosen_len, rejected_len) < 1:
+        raise ValueError(
+            f"prompt, chosen and rejected must be non-empty, got lengths "
+            f"{prompt_len}, {chosen_len}, {rejected_len}"
+        )
+    overflow = prompt_len + max(chosen_len, rejected_len) - seq_length
+    if overflow <= 0:
+        return prompt_len, chosen_len, rejected_len
+    prompt_floor = 1 if max_prompt_length is None else min(prompt_len, max_prompt_length)
+    kept_prompt = max(prompt_len - overflow, prompt_floor)
+    room = seq_length - kept_prompt
+    return kept_prompt, min(chosen_len, room), min(rejected_len, room)
+
+
+class PreferencePairDataset(torch.utils.data.Dataset):
+    """The pairs of one indexed dataset (or a subset of them), truncated to `seq_length`.
+
+    `indices` restricts the dataset to those pair indices, in that order (train/valid splits).
+    Item i is {"prompt", "chosen", "rejected"}: numpy token arrays after truncation.
+    A prompt cut from the left keeps its first token (the BOS) and the last tokens before the
+    response: Llama-style models always see BOS at position 0, and TRL's keep-end would drop it.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        seq_length: int,
+        max_prompt_length: int | None = None,
+        indices: Sequence[int] | np.ndarray | None = None,
+    ) -> None:
+        _check_lengths(seq_length, max_prompt_length)
+        check_prefix_exists(prefix)
+        self.prefix = prefix
+        self.seq_length = seq_length
+        self.max_prompt_length = max_prompt_length
+        self.indexed = IndexedDataset(prefix)
+
+        num_pairs = len(self.indexed.document_indices) - 1
+        if not np.array_equal(self.indexed.document_indices, np.arange(0, 3 * num_pairs + 1, 3)):
+            raise ValueError(
+                f"{prefix}: every document must hold exactly 3 sequences (prompt, chosen, rejected)"
+            )
+        lengths = self.indexed.sequence_lengths.reshape(num_pairs, 3)
+        empty = np.flatnonzero(lengths.min(axis=1) == 0)
+        if empty.size:
+            raise ValueError(f"{prefix}: pair {int(empty[0])} has an empty prompt or response")
+
+        if indices is None:
+            self.indices = np.arange(num_pairs, dtype=np.int64)
+        else:
+            self.indices = np.asarray(indices, dtype=np.int64)
+            if self.indices.ndim != 1 or (
+                self.indices.size and (self.indices.min() < 0 or self.indices.max() >= num_pairs)
+            ):
+                raise ValueError(f"indices must be a 1-D list of pair indices in [0, {num_pairs})")
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> PairSample:
+        first = 3 * int(self.indices[i])
+        prompt, chosen, rejected = (self.indexed[first + k] for k in range(3))
+        p, c, r = truncation_lengths(
+            len(prompt), len(chosen), len(rejected), self.seq_length, self.max_prompt_length
+        )
+        if p < len(prompt):
+            prompt = np.concatenate([prompt[:1], prompt[len(prompt) - p + 1 :]])
+        return {"prompt": prompt, "chosen": chosen[:c], "rejected": rejected[:r]}
+
+
+def collate_pairs(
+    samples: Sequence[PairSample],
+    seq_length: int,
+    pad_id: int,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor | int]:
+    """Build one micro-batch: m pairs -> 2m rows, all chosen first, then all rejected.
+
+    Row x = prompt + response, right-padded with `pad_id` to S columns; S = seq_length, or,
+    with `pad_to_multiple_of`, the longest row rounded up to that multiple (variable shapes do
+    not suit pipeline parallelism). `labels[:, t] = x[t + 1]` (pad_id where there is no next
+    token: a valid id, the mask hides it) and `loss_mask[:, t] = 1` exactly where that label is
+    a response token, so each row's mask sums to its response length.
+    """
+    if not samples:
+        raise ValueError("collate_pairs needs at least one sample")
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+    rows = [(s["prompt"], s[key]) for key in ("chosen", "rejected") for s in samples]
+    longest = max(len(p) + len(r) for p, r in rows)
+    if longest > seq_length:
+        raise ValueError(
+            f"a sample has {longest} tokens > seq_length {seq_length}: truncate it first"
+        )
+    if pad_to_multiple_of is None:
+        width = seq_length
+    else:
+        width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+
+    tokens = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    labels = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for row, (prompt, response) in enumerate(rows):
+        x = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))
+        tokens[row, : len(x)] = x
+        labels[row, : len(x) - 1] = x[1:]
+        loss_mask[row, len(prompt) - 1 : len(x) - 1] = 1.0
+    position_ids = torch.arange(width, dtype=torch.int64).repeat(len(rows), 1)
+    return {
+        "tokens": tokens,
+        "labels": labels,
+        "loss_mask": loss_mask,
+        "position_ids": position_ids,
+        "num_pairs": len(samples),
+    }

@@ -1,0 +1,71 @@
+"""Per-token and per-sequence log-probs from vocab-parallel logits.
+
+The logits of a tensor-parallel output layer are split over the vocabulary: each rank holds
+``[s, b, V/tp]``. The log-prob of a label is ``logit[label] - logsumexp(logits)``, where the
+max, the label's logit and the sum of exponentials are each reduced over the tensor-parallel
+group, which is exactly what megatron-core's ``vocab_parallel_cross_entropy`` does (with the
+matching backward). The vocabulary is never gathered.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import tensor_parallel
+
+
+def vocab_parallel_token_logps(
+    vocab_parallel_logits: torch.Tensor, labels: torch.Tensor, vocab_size: int | None = None
+) -> torch.Tensor:
+    """Log-prob of each label under the full-vocabulary softmax, in fp32.
+
+    Args:
+        vocab_parallel_logits: ``[s, b, V/tp]`` logits of this tensor-parallel rank, any float
+            dtype. fp32 logits are overwritten in place (as in Megatron's own loss), so pass a
+            clone if you need them afterwards.
+        labels: ``[s, b]`` token ids; every id must be a valid vocabulary id (mask padding
+            with the loss mask afterwards: -100 is not understood here).
+        vocab_size: the true vocabulary size. The entries that pad the vocabulary to a
+            multiple of the TP size are left out of the softmax, so log-probs do not depend
+            on the padding (and match an unpadded Hugging Face model).
+
+    Returns:
+        ``[s, b]`` fp32 log-probs. Differentiable with respect to the logits; collective over
+        the tensor-parallel group.
+    """
+    if vocab_parallel_logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(vocab_parallel_logits.shape)} and labels {tuple(labels.shape)} "
+            "must agree on every dimension but the last"
+        )
+    if (labels < 0).any():
+        raise ValueError("labels must be valid token ids (>= 0); mask ignored positions instead")
+    logits = vocab_parallel_logits.float()
+    partition = logits.shape[-1]
+    start = tensor_parallel.get_tensor_model_parallel_rank() * partition
+    if vocab_size is not None and start + partition > vocab_size:
+        padding = torch.arange(start, start + partition, device=logits.device) >= vocab_size
+        logits = logits.masked_fill(padding, float("-inf"))
+    return -tensor_parallel.vocab_parallel_cross_entropy(logits, labels)
+
+
+def sequence_logps(
+    per_token_logps: torch.Tensor, loss_mask: torch.Tensor, average: bool = True
+) -> torch.Tensor:
+    """Reduce ``[b, s]`` token log-probs to one value per sequence over the masked tokens.
+
+    ``average=True`` is SimPO's length-normalized reward (sum / number of response tokens);
+    ``average=False`` is the plain sum. A sequence with no response token raises ValueError
+    in both modes (its average would be NaN, its sum a silent zero).
+    """
+    if per_token_logps.shape != loss_mask.shape:
+        raise ValueError(
+            f"per_token_logps {tuple(per_token_logps.shape)} and loss_mask "
+            f"{tuple(loss_mask.shape)} must have the same shape"
+        )
+    mask = loss_mask.to(per_token_logps.dtype)
+    count = mask.sum(-1)
+    if (count == 0).any():
+        empty = torch.nonzero(count == 0).flatten().tolist()
+        raise ValueError(f"sequences {empty} have no response token in loss_mask")
+    total = (per_token_logps * mask).sum(-1)
+    return total / count if average else total

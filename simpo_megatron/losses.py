@@ -1,0 +1,85 @@
+"""Preference losses as pure tensor functions.
+
+Every loss takes the policy's per-pair sequence log-probs of the chosen and the rejected
+responses and returns ``(losses, chosen_rewards, rejected_rewards)``, one value per pair.
+Losses are looked up by name in ``LOSSES`` so that more can be added as small functions.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+LOSS_TYPES = ("sigmoid", "hinge")
+
+
+def _check_simpo_args(beta: float, loss_type: str, label_smoothing: float, sft_weight: float):
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing <= 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+    if loss_type == "hinge" and label_smoothing != 0.0:
+        raise ValueError("label_smoothing applies to loss_type='sigmoid' only; got it with 'hinge'")
+    if sft_weight < 0:
+        raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
+
+
+def simpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    *,
+    beta: float = 2.0,
+    gamma_beta_ratio: float = 0.5,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al., 2024): a reference-free margin loss on sequence log-probs.
+
+    ``logits = (logp_chosen - logp_rejected) - gamma_beta_ratio``;
+    sigmoid: ``-logsigmoid(beta*logits)*(1-eps) - logsigmoid(-beta*logits)*eps``;
+    hinge: ``relu(1 - beta*logits)``. With ``sft_weight > 0`` the SFT term
+    ``sft_weight * -logp_chosen`` is added to each pair's loss. ``gamma_beta_ratio`` is the
+    paper's gamma/beta (as in the SimPO repository), not TRL's absolute ``simpo_gamma``.
+    Rewards are ``beta * logp``, detached. Computed in fp32 whatever the input dtype.
+    """
+    _check_simpo_args(beta, loss_type, label_smoothing, sft_weight)
+    if policy_chosen_logps.shape != policy_rejected_logps.shape:
+        raise ValueError(
+            "policy_chosen_logps and policy_rejected_logps must have the same shape, got "
+            f"{tuple(policy_chosen_logps.shape)} and {tuple(policy_rejected_logps.shape)}"
+        )
+    chosen = policy_chosen_logps.float()
+    rejected = policy_rejected_logps.float()
+
+    logits = (chosen - rejected) - gamma_beta_ratio
+    if loss_type == "sigmoid":
+        losses = (
+            -F.logsigmoid(beta * logits) * (1 - label_smoothing)
+            - F.logsigmoid(-beta * logits) * label_smoothing
+        )
+    else:
+        losses = torch.relu(1 - beta * logits)
+    if sft_weight > 0:
+        losses = losses + sft_weight * -chosen
+
+    chosen_rewards = beta * chosen.detach()
+    rejected_rewards = beta * rejected.detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+PreferenceLoss = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+LOSSES: dict[str, PreferenceLoss] = {"simpo": simpo_loss}
+
+
+def get_loss(name: str) -> PreferenceLoss:
+    """The preference loss registered under ``name``."""
+    try:
+        return LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown loss {name!r}; registered: {sorted(LOSSES)}") from None

@@ -1,0 +1,63 @@
+"""FP8 training through Transformer Engine: flag mapping and the checks that it can run.
+
+FP8 is never silently dropped: asked for where Transformer Engine or a capable GPU is missing,
+the run stops at start and says what is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from simpo_megatron.config import SimPOConfig
+
+# Minimum CUDA compute capability of each recipe (Hopper/Ada for FP8, Blackwell for MXFP8).
+_MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
+
+
+class FP8UnavailableError(RuntimeError):
+    """Transformer Engine layers or FP8 were asked for where they cannot run."""
+
+
+def fp8_config_kwargs(cfg: SimPOConfig) -> dict[str, Any]:
+    """The TransformerConfig fields for the FP8 flags (empty without --fp8-format).
+
+    The output layer and the log-prob computation are outside the FP8 region: megatron-core
+    applies FP8 autocast to the transformer layers only, and logits are upcast to fp32.
+    """
+    if cfg.fp8_format is None:
+        return {}
+    return {
+        "fp8": cfg.fp8_format,
+        "fp8_recipe": cfg.fp8_recipe,
+        "fp8_margin": cfg.fp8_margin,
+        "fp8_amax_history_len": cfg.fp8_amax_history_len,
+        "fp8_amax_compute_algo": cfg.fp8_amax_compute_algo,
+        "fp8_param": cfg.fp8_param_gather,
+    }
+
+
+def check_transformer_engine(cfg: SimPOConfig) -> None:
+    """Raise FP8UnavailableError unless Transformer Engine (and FP8, if asked for) can run here."""
+    if not torch.cuda.is_available():
+        raise FP8UnavailableError(
+            "--transformer-impl transformer_engine needs a CUDA GPU, and none is available; "
+            "use --transformer-impl local (without --fp8-format) on this machine"
+        )
+    try:
+        import transformer_engine  # noqa: F401
+        import transformer_engine.pytorch  # noqa: F401
+    except ImportError as e:
+        raise FP8UnavailableError(
+            "--transformer-impl transformer_engine needs the transformer_engine package "
+            f"(pip install transformer_engine[pytorch]); importing it failed: {e}"
+        ) from e
+    if cfg.fp8_format is not None:
+        need = _MIN_CAPABILITY[cfg.fp8_recipe]
+        have = torch.cuda.get_device_capability()
+        if have < need:
+            raise FP8UnavailableError(
+                f"--fp8-recipe {cfg.fp8_recipe} needs a GPU of compute capability "
+                f"{need[0]}.{need[1]} or newer; this one is {have[0]}.{have[1]}"
+            )

@@ -1,0 +1,228 @@
+"""Checkpoints with megatron-core dist_checkpointing: atomic saves, exact resume, resharding.
+
+Layout (as Megatron-LM): ``SAVE/iter_0000100/`` holds one dist checkpoint, and
+``SAVE/latest_checkpointed_iteration.txt`` names the newest complete one. A save is written
+to ``iter_XXXXXXX.tmp`` and renamed into place only once every rank has finished; the
+tracker file is replaced last, also through a rename. A crash at any point leaves the last
+good checkpoint and the tracker pointing to it untouched.
+
+Model and optimizer state are sharded tensors, so a checkpoint saved on one TP/PP layout
+loads on another. RNG states are per (PP, TP) rank and are restored only on the same layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found or does not fit this run."""
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> int | None:
+    """The iteration of the newest complete checkpoint under ``root``, or None if there is none."""
+    path = os.path.join(root, TRACKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    try:
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def _layout() -> dict[str, int]:
+    return {
+        "tp": parallel_state.get_tensor_model_parallel_world_size(),
+        "pp": parallel_state.get_pipeline_model_parallel_world_size(),
+        "dp": parallel_state.get_data_parallel_world_size(),
+    }
+
+
+def _rng_state() -> dict:
+    state = {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _model_sharded_state_dict(model) -> dict:
+    chunks = [m.module if hasattr(m, "module") else m for m in model]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _padded_vocab_size(model) -> int:
+    """The padded vocabulary size the model was built with (the same on every rank)."""
+    chunk = model[0].module if hasattr(model[0], "module") else model[0]
+    return chunk.vocab_size
+
+
+def _rng_sharded_object(state: dict | None) -> ShardedObject:
+    """Each (PP, TP) rank's RNG state; data-parallel replicas hold the same one."""
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    return ShardedObject(
+        "rng_state",
+        state,
+        (pp, tp),
+        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
+        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+
+
+def save_checkpoint(root: str, state, config_dict: dict | None = None) -> str:
+    """Save ``state`` (a TrainState) as ``root/iter_<iteration>``; collective over all ranks.
+
+    Returns the checkpoint directory. Saving an iteration that the tracker already names is
+    a no-op (e.g. the final save right after an interval save).
+    """
+    iteration = state.iteration
+    final = checkpoint_dir(root, iteration)
+    if read_tracker(root) == iteration and os.path.isdir(final):
+        return final
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+
+    sharded = _model_sharded_state_dict(state.model)
+    sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded)
+    sharded["scheduler"] = state.scheduler.state_dict()
+    sharded["rng_state"] = _rng_sharded_object(_rng_state())
+    sharded["iteration"] = iteration
+    sharded["consumed_samples"] = state.consumed_samples
+    sharded["layout"] = _layout()
+    sharded["padded_vocab_size"] = _padded_vocab_size(state.model)
+    sharded["format_version"] = FORMAT_VERSION
+    if config_dict is not None:
+        sharded["config"] = config_dict
+    dist_checkpointing.save(sharded, tmp)
+    dist.barrier()
+
+    if dist.get_rank() == 0:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync_dir(root)
+        tracker_tmp = os.path.join(root, TRACKER_FILE + ".tmp")
+        with open(tracker_tmp, "w") as fh:
+            fh.write(str(iteration))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tracker_tmp, os.path.join(root, TRACKER_FILE))
+        _fsync_dir(root)
+    dist.barrier()
+    return final
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(
+    root: str,
+    state,
+    *,
+    load_optim: bool = True,
+    load_rng: bool = True,
+    finetune: bool = False,
+) -> int:
+    """Load the newest checkpoint under ``root`` into ``state``; returns its iteration.
+
+    ``finetune`` loads the weights only and starts at iteration 0. Optimizer and RNG states
+    are skipped when asked; the RNG state is also skipped (with a note) when the layout differs.
+    """
+    iteration = read_tracker(root)
+    if iteration is None:
+        raise CheckpointError(f"no checkpoint under {root!r}: {TRACKER_FILE} is missing")
+    ckpt = checkpoint_dir(root, iteration)
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"{os.path.join(root, TRACKER_FILE)} names iteration {iteration}, but {ckpt} is missing")
+    common = dist_checkpointing.load_common_state_dict(ckpt)
+    saved_vocab, vocab = common.get("padded_vocab_size"), _padded_vocab_size(state.model)
+    if saved_vocab != vocab:
+        # dist_checkpointing would load the overlapping rows silently: refuse instead.
+        raise CheckpointError(
+            f"{ckpt} has a padded vocabulary of {saved_vocab} rows, this run {vocab}: set "
+            "--make-vocab-size-divisible-by (padding is to a multiple of it x TP) so that they agree"
+        )
+    same_layout = {k: common["layout"][k] for k in ("tp", "pp")} == {
+        k: _layout()[k] for k in ("tp", "pp")
+    }
+    load_optim = load_optim and not finetune
+    load_rng = load_rng and not finetune and same_layout
+    if not same_layout and dist.get_rank() == 0 and not finetune:
+        print(
+            f"loading a checkpoint saved with {common['layout']} on {_layout()}: "
+            "resharding model and optimizer; RNG states start fresh",
+            flush=True,
+        )
+
+    sharded = _model_sharded_state_dict(state.model)
+    if load_optim:
+        sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, is_loading=True)
+    if load_rng:
+        sharded["rng_state"] = _rng_sharded_object(None)
+    loaded = dist_checkpointing.load(sharded, ckpt, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+
+    chunks = [m.module if hasattr(m, "module") else m for m in state.model]
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"])
+    if load_optim:
+        state.optimizer.load_state_dict(loaded["optimizer"])
+        state.scheduler.load_state_dict(common["scheduler"])
+    else:
+        # Mixed-precision optimizers keep fp32 main copies: refresh them from the new weights.
+        state.optimizer.reload_model_params()
+    if load_rng:
+        _set_rng_state(loaded["rng_state"].data if isinstance(loaded["rng_state"], ShardedObject) else loaded["rng_state"])
+    if finetune:
+        state.iteration, state.consumed_samples = 0, 0
+    else:
+        state.iteration = common["iteration"]
+        state.consumed_samples = common["consumed_samples"]
+    return iteration
+
+
+def config_to_dict(cfg) -> dict:
+    """A plain-dict copy of a dataclass config, to store beside the checkpoint."""
+    return dataclasses.asdict(cfg)

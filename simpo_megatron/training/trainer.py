@@ -1,0 +1,189 @@
+"""Model, optimizer and scheduler set-up, and one training / evaluation step.
+
+Everything here is megatron-core's: DistributedDataParallel (with the distributed optimizer
+when asked), ``get_megatron_optimizer`` (Adam or SGD, grad clipping, loss scaling),
+``OptimizerParamScheduler`` (warmup, then cosine or linear decay) and the pipeline schedules.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from simpo_megatron.config import SimPOConfig
+from simpo_megatron.model import build_model
+from simpo_megatron.model.gpt import params_dtype
+from simpo_megatron.training.step import LossSettings, forward_step, reduce_metrics
+
+
+@dataclass
+class TrainState:
+    """What a run holds between steps; what a checkpoint saves."""
+
+    model: list[DistributedDataParallel]
+    optimizer: object
+    scheduler: OptimizerParamScheduler
+    iteration: int = 0
+    consumed_samples: int = 0
+
+
+def setup_model_and_optimizer(cfg: SimPOConfig, padded_vocab_size: int) -> TrainState:
+    """Build this rank's model chunks, wrap them in DDP, and create optimizer and scheduler."""
+    chunks = build_model(cfg, padded_vocab_size)
+    tf_config = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=cfg.overlap_grad_reduce,
+        overlap_param_gather=cfg.overlap_param_gather,
+        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        # Gradients are summed over pairs and divided by the global pair count once
+        # (calculate_per_token_loss), so the collective must not average as well.
+        average_in_collective=False,
+    )
+    model = [
+        DistributedDataParallel(
+            config=tf_config, ddp_config=ddp_config, module=chunk,
+            # Only the first chunk overlaps its reduce with backward (as Megatron-LM does).
+            disable_bucketing=i > 0,
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    for m in model:
+        m.broadcast_params()
+    no_sync = [m.no_sync for m in model]
+    tf_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    if cfg.overlap_grad_reduce:
+        grad_sync = [m.start_grad_sync for m in model]
+        tf_config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+    if cfg.overlap_param_gather:
+        param_sync = [m.start_param_sync for m in model]
+        tf_config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
+    tf_config.finalize_model_grads_func = finalize_model_grads
+
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer=cfg.optimizer,
+            lr=cfg.lr,
+            min_lr=cfg.min_lr,
+            weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1,
+            adam_beta2=cfg.adam_beta2,
+            adam_eps=cfg.adam_eps,
+            sgd_momentum=cfg.sgd_momentum,
+            clip_grad=cfg.clip_grad,
+            bf16=cfg.bf16,
+            fp16=cfg.fp16,
+            params_dtype=params_dtype(cfg),
+            initial_loss_scale=cfg.initial_loss_scale,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+            overlap_param_gather=cfg.overlap_param_gather,
+        ),
+        model,
+    )
+    tf_config.grad_scale_func = optimizer.scale_loss
+    return TrainState(model=model, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer))
+
+
+def build_scheduler(cfg: SimPOConfig, optimizer) -> OptimizerParamScheduler:
+    """Linear warmup then constant / linear / cosine decay, counted in pairs like Megatron-LM."""
+    decay_iters = cfg.lr_decay_iters or cfg.train_iters
+    warmup_iters = (
+        int(cfg.lr_warmup_fraction * decay_iters) if cfg.lr_warmup_fraction is not None else cfg.lr_warmup_iters
+    )
+    gbs = cfg.global_batch_size
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if warmup_iters > 0 else cfg.lr,
+        max_lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        lr_warmup_steps=warmup_iters * gbs,
+        lr_decay_steps=max(decay_iters * gbs, warmup_iters * gbs + 1),
+        lr_decay_style=cfg.lr_decay_style,
+        start_wd=cfg.weight_decay,
+        end_wd=cfg.weight_decay,
+        wd_incr_steps=decay_iters * gbs,
+        wd_incr_style="constant",
+    )
+
+
+def _run_schedule(cfg: SimPOConfig, model, batches: list[dict], forward_only: bool):
+    """Run megatron-core's schedule over one global batch's micro-batches on this rank."""
+    settings = LossSettings.from_config(cfg)
+    # Every model chunk (virtual stage) walks the same micro-batches with its own iterator.
+    iterators = [iter(batches) for _ in model]
+    seq_length = batches[0]["tokens"].shape[1]
+    return get_forward_backward_func()(
+        forward_step_func=partial(forward_step, settings, cfg.vocab_size),
+        data_iterator=iterators if len(model) > 1 else iterators[0],
+        model=model if len(model) > 1 else model[0],
+        num_microbatches=len(batches),
+        seq_length=seq_length,
+        micro_batch_size=2 * cfg.micro_batch_size,
+        forward_only=forward_only,
+    )
+
+
+def _last_stage_metrics(outputs: list[dict]) -> dict[str, float] | None:
+    """Global-batch metrics on the last pipeline stage; None elsewhere."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return reduce_metrics(outputs, group=parallel_state.get_data_parallel_group())
+
+
+def _grads_are_finite(model: list[DistributedDataParallel]) -> bool:
+    """Whether every gradient on every rank is finite (one flag all-reduced over the world).
+
+    fp32 and bf16 optimizers have no loss scaler to catch an inf/NaN, so the check runs
+    before the optimizer step: a non-finite gradient must skip the update, not apply it.
+    """
+    bad = torch.zeros((), dtype=torch.float32, device=model[0].buffers[0].grad_data.device)
+    for m in model:
+        for buffer in m.buffers + m.expert_parallel_buffers:
+            bad = torch.maximum(bad, (~torch.isfinite(buffer.grad_data)).any().float())
+    torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+    return bad.item() == 0
+
+
+def train_step(cfg: SimPOConfig, state: TrainState, batches: list[dict]) -> dict:
+    """Forward and backward over one global batch, then one optimizer step.
+
+    A step whose gradients are not finite (or whose fp16 loss scale overflowed) updates
+    nothing; the result says so with ``skipped=True``.
+    """
+    for m in state.model:
+        m.train()
+        m.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    outputs = _run_schedule(cfg, state.model, batches, forward_only=False)
+    grad_norm = None
+    finite = _grads_are_finite(state.model)
+    if finite:
+        update_successful, grad_norm, _ = state.optimizer.step()
+        finite = update_successful and (grad_norm is None or math.isfinite(grad_norm))
+    if finite:
+        state.scheduler.step(increment=cfg.global_batch_size)
+    state.iteration += 1
+    state.consumed_samples += cfg.global_batch_size
+    return {
+        "metrics": _last_stage_metrics(outputs),
+        "grad_norm": grad_norm,
+        "lr": state.optimizer.param_groups[0]["lr"],
+        "skipped": not finite,
+    }
+
+
+@torch.no_grad()
+def eval_step(cfg: SimPOConfig, state: TrainState, batches: list[dict]) -> dict[str, float] | None:
+    """The global-batch metrics of ``batches`` without updating anything."""
+    for m in state.model:
+        m.eval()
+    outputs = _run_schedule(cfg, state.model, batches, forward_only=True)
+    return _last_stage_metrics(outputs)
