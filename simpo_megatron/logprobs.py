@@ -10,7 +10,7 @@ matching backward). The vocabulary is never gathered.
 from __future__ import annotations
 
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 
 
 def vocab_parallel_token_logps(
@@ -41,7 +41,7 @@ def vocab_parallel_token_logps(
         raise ValueError("labels must be valid token ids (>= 0); mask ignored positions instead")
     logits = vocab_parallel_logits.float()
     partition = logits.shape[-1]
-    start = tensor_parallel.get_tensor_model_parallel_rank() * partition
+    start = parallel_state.get_tensor_model_parallel_rank() * partition
     if vocab_size is not None and start + partition > vocab_size:
         padding = torch.arange(start, start + partition, device=logits.device) >= vocab_size
         logits = logits.masked_fill(padding, float("-inf"))

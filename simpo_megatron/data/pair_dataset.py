@@ -163,4 +163,5 @@ def collate_pairs(
         "loss_mask": loss_mask,
         "position_ids": position_ids,
         "num_pairs": len(samples),
+        "num_tokens": sum(len(p) + len(r) for p, r in rows),
     }

@@ -103,11 +103,13 @@ def _rng_sharded_object(state: dict | None) -> ShardedObject:
     )
 
 
-def save_checkpoint(root: str, state, config_dict: dict | None = None) -> str:
+def save_checkpoint(root: str, state, config_dict: dict | None = None, weights_only: bool = False) -> str:
     """Save ``state`` (a TrainState) as ``root/iter_<iteration>``; collective over all ranks.
 
-    Returns the checkpoint directory. Saving an iteration that the tracker already names is
-    a no-op (e.g. the final save right after an interval save).
+    ``weights_only`` saves the model alone (what a converted Hugging Face model is): loading
+    it starts training from iteration 0 with fresh optimizer state. ``state`` then needs only
+    ``model`` and ``iteration``. Returns the checkpoint directory. Saving an iteration that
+    the tracker already names is a no-op (e.g. the final save right after an interval save).
     """
     iteration = state.iteration
     final = checkpoint_dir(root, iteration)
@@ -121,11 +123,13 @@ def save_checkpoint(root: str, state, config_dict: dict | None = None) -> str:
     dist.barrier()
 
     sharded = _model_sharded_state_dict(state.model)
-    sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded)
-    sharded["scheduler"] = state.scheduler.state_dict()
-    sharded["rng_state"] = _rng_sharded_object(_rng_state())
+    if not weights_only:
+        sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded)
+        sharded["scheduler"] = state.scheduler.state_dict()
+        sharded["rng_state"] = _rng_sharded_object(_rng_state())
+        sharded["consumed_samples"] = state.consumed_samples
+    sharded["weights_only"] = weights_only
     sharded["iteration"] = iteration
-    sharded["consumed_samples"] = state.consumed_samples
     sharded["layout"] = _layout()
     sharded["padded_vocab_size"] = _padded_vocab_size(state.model)
     sharded["format_version"] = FORMAT_VERSION
@@ -188,6 +192,7 @@ def load_checkpoint(
     same_layout = {k: common["layout"][k] for k in ("tp", "pp")} == {
         k: _layout()[k] for k in ("tp", "pp")
     }
+    finetune = finetune or common.get("weights_only", False)
     load_optim = load_optim and not finetune
     load_rng = load_rng and not finetune and same_layout
     if not same_layout and dist.get_rank() == 0 and not finetune:

@@ -1,0 +1,114 @@
+"""What training asks of the data: the datasets of a run and its stream of micro-batches.
+
+``build_datasets(cfg)`` opens the preprocessed prefixes of ``--data-path`` (or the synthetic
+pairs of ``--mock-data``), checks each prefix's sidecar against the run's tokenizer, and
+splits train/valid. ``micro_batches(...)`` yields collated micro-batches for one
+data-parallel rank, resuming exactly from a consumed-samples count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator
+
+import torch
+
+from simpo_megatron.data.blended import build_pair_datasets, parse_data_path
+from simpo_megatron.data.mock import MockPairDataset
+from simpo_megatron.data.pair_dataset import collate_pairs
+from simpo_megatron.data.sampler import PairBatchSampler
+
+_MOCK_PAIRS = {"train": 4096, "valid": 256}
+
+
+@dataclass
+class DataSetup:
+    """The datasets of a run, and what the model needs to know of the tokenizer."""
+
+    train: torch.utils.data.Dataset
+    valid: torch.utils.data.Dataset | None
+    vocab_size: int
+    pad_id: int
+
+
+class DataMismatchError(ValueError):
+    """A preprocessed dataset that was written with another tokenizer than the run's."""
+
+
+def _check_sidecars(prefixes: list[str], tokenizer) -> None:
+    from simpo_megatron.data.builder import read_sidecar
+
+    mine = tokenizer.describe()
+    for prefix in prefixes:
+        theirs = read_sidecar(prefix)["tokenizer"]
+        for key in ("vocab_size", "bos_id", "eos_id", "fingerprint"):
+            if theirs.get(key) != mine.get(key):
+                raise DataMismatchError(
+                    f"{prefix} was preprocessed with tokenizer {theirs.get('model')!r} "
+                    f"({key}={theirs.get(key)!r}), but --tokenizer-model {tokenizer.model!r} has "
+                    f"{key}={mine.get(key)!r}: preprocess again or pass the matching tokenizer"
+                )
+
+
+def build_datasets(cfg) -> DataSetup:
+    """The train and valid datasets of ``cfg`` and the tokenizer facts the model needs."""
+    if cfg.mock_data:
+        vocab = cfg.vocab_size or 256
+        return DataSetup(
+            train=MockPairDataset(_MOCK_PAIRS["train"], vocab, cfg.seq_length, seed=cfg.seed),
+            valid=MockPairDataset(_MOCK_PAIRS["valid"], vocab, cfg.seq_length, seed=cfg.seed + 1),
+            vocab_size=vocab,
+            pad_id=MockPairDataset.pad_id,
+        )
+    from simpo_megatron.data.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
+    prefixes = parse_data_path(cfg.data_path)[0]
+    if cfg.valid_data_path:
+        prefixes += parse_data_path(cfg.valid_data_path)[0]
+    _check_sidecars(prefixes, tokenizer)
+    train, valid = build_pair_datasets(
+        cfg.data_path,
+        cfg.split,
+        cfg.valid_data_path or None,
+        cfg.seq_length,
+        cfg.max_prompt_length,
+        cfg.seed,
+        train_samples=cfg.train_iters * cfg.global_batch_size,
+        valid_samples=None,
+    )
+    return DataSetup(train=train, valid=valid, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+
+
+def micro_batches(
+    dataset,
+    cfg,
+    pad_id: int,
+    consumed_samples: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    shuffle: bool = True,
+) -> Iterator[dict]:
+    """Endless collated micro-batches of ``cfg.micro_batch_size`` pairs for one DP rank.
+
+    Sequences are padded to ``--seq-length``: pipeline stages exchange fixed-shape tensors.
+    """
+    sampler = PairBatchSampler(
+        total_pairs=len(dataset),
+        consumed_samples=consumed_samples,
+        micro_batch_size=cfg.micro_batch_size,
+        global_batch_size=cfg.global_batch_size,
+        data_parallel_rank=data_parallel_rank,
+        data_parallel_size=data_parallel_size,
+        shuffle=shuffle,
+        seed=cfg.seed,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=partial(collate_pairs, seq_length=cfg.seq_length, pad_id=pad_id),
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    return iter(loader)

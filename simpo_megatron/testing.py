@@ -1,0 +1,102 @@
+"""Helpers for tests: run a function on several gloo processes and a tiny model config.
+
+``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes that each set up
+torch.distributed the way torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT), call
+``fn(*args)`` and send its return value back; it returns the values in rank order and
+re-raises the first failure with the worker's traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import queue as queue_module
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from simpo_megatron.config import SimPOConfig
+
+
+def tiny_config(**overrides) -> SimPOConfig:
+    """A small Llama-shaped model that trains in seconds on a CPU (GQA: 4 heads, 2 groups)."""
+    values = dict(
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=128,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=200,
+        make_vocab_size_divisible_by=128,
+        seq_length=32,
+        micro_batch_size=2,
+        global_batch_size=4,
+        mock_data=True,
+        lr=1e-3,
+        clip_grad=1.0,
+        train_iters=10,
+    )
+    values.update(overrides)
+    return SimPOConfig(**values)
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+        queue.put((rank, True, result))
+    except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
+        queue.put((rank, False, traceback.format_exc()))
+    finally:
+        from simpo_megatron.runtime import destroy_distributed
+
+        try:
+            destroy_distributed()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+
+
+def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600) -> list[Any]:
+    """Run ``fn(*args)`` on ``world_size`` spawned processes; return their results by rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=False)
+        for rank in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    failures = []
+    deadline = time.monotonic() + timeout
+    while len(results) < world_size and not failures:
+        try:
+            rank, ok, value = queue.get(timeout=1.0)
+        except queue_module.Empty:
+            dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
+            if dead:
+                failures.append(f"ranks {dead} died with exit codes {[procs[r].exitcode for r in dead]}")
+            elif time.monotonic() > deadline:
+                failures.append(f"timed out after {timeout} s")
+            continue
+        if ok:
+            results[rank] = value
+        else:
+            failures.append(f"rank {rank} failed:\n{value}")
+    for p in procs:
+        p.join(timeout=5 if failures else timeout)
+        if p.is_alive():
+            p.kill()
+    if failures:
+        raise RuntimeError("\n".join(failures))
+    return [results[r] for r in range(world_size)]

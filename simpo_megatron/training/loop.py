@@ -1,0 +1,256 @@
+"""The SimPO training loop: set-up, train / evaluate / save at intervals, clean exits.
+
+``main(argv)`` is the entry point that ``examples/pretrain_simpo.sh`` launches on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from simpo_megatron.config import ConfigError, SimPOConfig, load_config
+from simpo_megatron.data.provider import DataMismatchError, build_datasets, micro_batches
+from simpo_megatron.model.fp8 import FP8UnavailableError, check_transformer_engine
+from simpo_megatron.runtime import ParallelLayout, destroy_distributed, initialize_distributed
+from simpo_megatron.training.checkpointing import CheckpointError, config_to_dict, load_checkpoint, read_tracker, save_checkpoint
+from simpo_megatron.training.monitor import (
+    MetricsWriter,
+    format_eval_line,
+    format_train_line,
+    print_rank_last,
+)
+from simpo_megatron.training.trainer import TrainState, eval_step, setup_model_and_optimizer, train_step
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite updates)."""
+
+
+class _ExitSignal:
+    """Records SIGTERM / SIGINT so that every rank stops at the same iteration boundary."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _global_tokens(batches: list[dict]) -> int:
+    """Tokens (prompt + response, no padding) in the global batch, over data-parallel ranks."""
+    count = torch.tensor([sum(b["num_tokens"] for b in batches)], dtype=torch.float64)
+    if torch.cuda.is_available():
+        count = count.cuda()
+    dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
+    return int(count.item())
+
+
+def evaluate(cfg: SimPOConfig, state: TrainState, dataset, pad_id: int) -> dict | None:
+    """Metrics over the first ``--eval-iters`` global batches of ``dataset`` (same pairs each time).
+
+    Returns the pair-weighted means on the last pipeline stage, None elsewhere.
+    """
+    world = dist.get_world_size()
+    iters = min(cfg.eval_iters, len(dataset) // cfg.global_batch_size)
+    if iters < 1:
+        raise ConfigError(
+            f"the validation data has {len(dataset)} pairs, fewer than --global-batch-size "
+            f"({cfg.global_batch_size}): give more validation data or a smaller batch"
+        )
+    stream = micro_batches(
+        dataset, cfg, pad_id, 0,
+        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+        shuffle=False,
+    )
+    totals: dict[str, float] = {}
+    pairs = 0
+    for _ in range(iters):
+        batches = [next(stream) for _ in range(cfg.num_micro_batches(world))]
+        metrics = eval_step(cfg, state, batches)
+        if metrics is None:
+            continue
+        n = metrics.pop("num_pairs")
+        for key, value in metrics.items():
+            totals[key] = totals.get(key, 0.0) + value * n
+        pairs += n
+    if not pairs:
+        return None
+    return {key: value / pairs for key, value in totals.items()} | {"num_pairs": pairs}
+
+
+def _resolve_vocab(cfg: SimPOConfig, data_vocab: int) -> SimPOConfig:
+    if cfg.vocab_size is None:
+        return dataclasses.replace(cfg, vocab_size=data_vocab)
+    if cfg.vocab_size < data_vocab:
+        raise ConfigError(f"--vocab-size ({cfg.vocab_size}) is smaller than the tokenizer's ({data_vocab})")
+    return cfg
+
+
+def pretrain(cfg: SimPOConfig) -> dict:
+    """Train (or with --eval-only, evaluate) as ``cfg`` says; returns a summary on every rank."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg.validate(world_size)
+    if cfg.transformer_impl == "transformer_engine":
+        check_transformer_engine(cfg)  # before any process group: fail fast, on every rank
+    initialize_distributed(
+        ParallelLayout(
+            cfg.tensor_model_parallel_size,
+            cfg.pipeline_model_parallel_size,
+            cfg.virtual_pipeline_model_parallel_size(),
+        ),
+        seed=cfg.seed,
+    )
+    data = build_datasets(cfg)
+    cfg = _resolve_vocab(cfg, data.vocab_size)
+    state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
+    if cfg.load and read_tracker(cfg.load) is None:
+        # As Megatron-LM: --load on a directory without a checkpoint starts from scratch
+        # (so --save and --load can name the same directory from the first run on).
+        print_rank_last(f"no checkpoint in --load {cfg.load}: training from scratch")
+    elif cfg.load:
+        load_checkpoint(
+            cfg.load, state, load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng,
+            finetune=cfg.finetune,
+        )
+        print_rank_last(f"loaded {cfg.load} at iteration {state.iteration}")
+
+    is_last_rank = dist.get_rank() == world_size - 1
+    metrics_file = cfg.metrics_file or (os.path.join(cfg.save, "metrics.jsonl") if cfg.save else None)
+    writer = MetricsWriter(metrics_file, cfg.tensorboard_dir) if is_last_rank else None
+    try:
+        if cfg.eval_only:
+            if data.valid is None:
+                raise ConfigError("--eval-only needs validation data (--split with a valid part, or --valid-data-path)")
+            metrics = evaluate(cfg, state, data.valid, data.pad_id)
+            if writer is not None:
+                writer.write("valid", state.iteration, metrics)
+                print_rank_last(format_eval_line(state.iteration, metrics))
+            return {"iteration": state.iteration, "valid": metrics, "metrics_file": metrics_file}
+        return _train(cfg, state, data, writer, metrics_file)
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | None, metrics_file) -> dict:
+    world_size = dist.get_world_size()
+    num_micro_batches = cfg.num_micro_batches(world_size)
+    stream = micro_batches(
+        data.train, cfg, data.pad_id, state.consumed_samples,
+        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+    )
+    exit_signal = _ExitSignal()
+    config_dict = config_to_dict(cfg)
+    consecutive_skips = 0
+    window = {"time": 0.0, "tokens": 0, "pairs": 0, "iters": 0}
+    last_train, last_valid, interrupted = None, None, False
+    try:
+        while state.iteration < cfg.train_iters:
+            batches = [next(stream) for _ in range(num_micro_batches)]
+            start = time.perf_counter()
+            result = train_step(cfg, state, batches)
+            elapsed = time.perf_counter() - start
+            tokens = _global_tokens(batches)
+            window["time"] += elapsed
+            window["tokens"] += tokens
+            window["pairs"] += cfg.global_batch_size
+            window["iters"] += 1
+
+            consecutive_skips = consecutive_skips + 1 if result["skipped"] else 0
+            if result["skipped"]:
+                print_rank_last(
+                    f" iteration {state.iteration}: non-finite loss or gradient, update skipped "
+                    f"({consecutive_skips} in a row, limit --max-skipped-iters {cfg.max_skipped_iters})"
+                )
+            if consecutive_skips >= cfg.max_skipped_iters:
+                raise TrainingError(
+                    f"{consecutive_skips} consecutive iterations had a non-finite loss or gradient "
+                    f"(--max-skipped-iters {cfg.max_skipped_iters}); stopping at iteration {state.iteration}"
+                )
+
+            if result["metrics"] is not None:
+                last_train = {
+                    **result["metrics"],
+                    "lr": result["lr"],
+                    "grad_norm": result["grad_norm"],
+                    "skipped": result["skipped"],
+                    "consumed_samples": state.consumed_samples,
+                }
+                if writer is not None:
+                    writer.write("train", state.iteration, last_train)
+            if state.iteration % cfg.log_interval == 0 and last_train is not None:
+                throughput = {
+                    "tokens_per_s": window["tokens"] / window["time"],
+                    "pairs_per_s": window["pairs"] / window["time"],
+                    "ms_per_iter": 1000 * window["time"] / window["iters"],
+                    "skipped_iters": consecutive_skips,
+                }
+                if writer is not None:
+                    writer.write("throughput", state.iteration, throughput)
+                print_rank_last(format_train_line(state.iteration, cfg.train_iters, {**last_train, **throughput}))
+                window = {"time": 0.0, "tokens": 0, "pairs": 0, "iters": 0}
+
+            if cfg.eval_interval and data.valid is not None and state.iteration % cfg.eval_interval == 0:
+                last_valid = evaluate(cfg, state, data.valid, data.pad_id)
+                if writer is not None and last_valid is not None:
+                    writer.write("valid", state.iteration, last_valid)
+                    print_rank_last(format_eval_line(state.iteration, last_valid))
+
+            if cfg.save and cfg.save_interval and state.iteration % cfg.save_interval == 0:
+                save_checkpoint(cfg.save, state, config_dict)
+            if exit_signal.any_rank():
+                interrupted = True
+                print_rank_last(f"exit signal received at iteration {state.iteration}")
+                break
+    finally:
+        exit_signal.restore()
+
+    checkpoint = None
+    if cfg.save:
+        checkpoint = save_checkpoint(cfg.save, state, config_dict)
+        print_rank_last(f"saved checkpoint {checkpoint}")
+    if metrics_file:
+        print_rank_last(f"metrics: {metrics_file}")
+    return {
+        "iteration": state.iteration,
+        "train": last_train,
+        "valid": last_valid,
+        "checkpoint": checkpoint,
+        "metrics_file": metrics_file,
+        "interrupted": interrupted,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags (and --config), run, and tear down; exit code 2 for a configuration error."""
+    try:
+        cfg = load_config(argv)
+        pretrain(cfg)
+    except (ConfigError, FP8UnavailableError, DataMismatchError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        if dist.is_initialized():
+            destroy_distributed()
+    return 0
