@@ -66,6 +66,10 @@ class SimPOConfig:
     sequence_parallel: bool = _opt(False, "Sequence parallelism (needs TP > 1 and Transformer Engine or Apex norms).")
     context_parallel_size: int = _opt(1, "Context-parallel size (only 1 is supported).")
     use_distributed_optimizer: bool = _opt(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
+    dist_ckpt_optim_fully_reshardable: bool = _opt(
+        False, "Save distributed-optimizer state so that it loads on any TP/PP/DP layout "
+        "(gathers it at save time); by default it reshards over data-parallel ranks only."
+    )
     overlap_grad_reduce: bool = _opt(False, "Overlap the data-parallel gradient reduce with backward.")
     overlap_param_gather: bool = _opt(False, "Overlap the distributed optimizer's parameter all-gather.")
 
@@ -247,6 +251,8 @@ class SimPOConfig:
             raise ConfigError(f"--min-lr ({self.min_lr}) exceeds --lr ({self.lr})")
         if self.clip_grad < 0:
             raise ConfigError(f"--clip-grad must be >= 0, got {self.clip_grad}")
+        if self.use_distributed_optimizer and self.optimizer != "adam":
+            raise ConfigError("--use-distributed-optimizer supports --optimizer adam only (megatron-core)")
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
         if self.fp8_format is not None and self.transformer_impl != "transformer_engine":

@@ -60,13 +60,9 @@ class _CudaToCpuMode(TorchFunctionMode):
                 return name
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
-        if func in (torch.Tensor.to, torch.Tensor.new_empty, torch.Tensor.new_zeros) and args:
-            args = tuple(
-                _to_cpu_device(a) if isinstance(a, (torch.device, str, int)) and i == 1 else a
-                for i, a in enumerate(args)
-            )
-        if func is torch.Tensor.to and len(args) >= 2 and isinstance(args[1], str):
-            args = (args[0], _CPU, *args[2:])
+        # Tensor.to(device, ...): the device is the first argument after the tensor.
+        if func is torch.Tensor.to and len(args) >= 2 and isinstance(args[1], (torch.device, str, int)):
+            args = (args[0], _to_cpu_device(args[1]), *args[2:])
         return func(*args, **kwargs)
 
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -103,12 +104,25 @@ def _rng_sharded_object(state: dict | None) -> ShardedObject:
     )
 
 
-def save_checkpoint(root: str, state, config_dict: dict | None = None, weights_only: bool = False) -> str:
+def _optimizer_metadata(fully_reshardable: bool) -> dict:
+    """How the distributed optimizer lays out its state (ignored by the plain optimizer)."""
+    return {"distrib_optim_sharding_type": "fully_reshardable" if fully_reshardable else "dp_reshardable"}
+
+
+def save_checkpoint(
+    root: str,
+    state,
+    config_dict: dict | None = None,
+    weights_only: bool = False,
+    optim_fully_reshardable: bool = False,
+) -> str:
     """Save ``state`` (a TrainState) as ``root/iter_<iteration>``; collective over all ranks.
 
     ``weights_only`` saves the model alone (what a converted Hugging Face model is): loading
     it starts training from iteration 0 with fresh optimizer state. ``state`` then needs only
-    ``model`` and ``iteration``. Returns the checkpoint directory. Saving an iteration that
+    ``model`` and ``iteration``. ``optim_fully_reshardable`` lets distributed-optimizer state
+    load on another TP/PP layout (by default it reshards over DP only, as in Megatron-LM).
+    Returns the checkpoint directory. Saving an iteration that
     the tracker already names is a no-op (e.g. the final save right after an interval save).
     """
     iteration = state.iteration
@@ -124,7 +138,9 @@ def save_checkpoint(root: str, state, config_dict: dict | None = None, weights_o
 
     sharded = _model_sharded_state_dict(state.model)
     if not weights_only:
-        sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded)
+        metadata = _optimizer_metadata(optim_fully_reshardable)
+        sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, metadata=metadata)
+        sharded["optimizer_metadata"] = metadata
         sharded["scheduler"] = state.scheduler.state_dict()
         sharded["rng_state"] = _rng_sharded_object(_rng_state())
         sharded["consumed_samples"] = state.consumed_samples
@@ -202,9 +218,18 @@ def load_checkpoint(
             flush=True,
         )
 
+    metadata = common.get("optimizer_metadata", _optimizer_metadata(False))
+    optimizers = getattr(state.optimizer, "chained_optimizers", [state.optimizer])
+    if (load_optim and not same_layout and any(isinstance(o, DistributedOptimizer) for o in optimizers)
+            and metadata["distrib_optim_sharding_type"] != "fully_reshardable"):
+        raise CheckpointError(
+            f"{ckpt} holds distributed-optimizer state that reshards over data-parallel ranks "
+            f"only, and it was saved on {common['layout']}, not {_layout()}: pass --no-load-optim, "
+            "or save with --dist-ckpt-optim-fully-reshardable"
+        )
     sharded = _model_sharded_state_dict(state.model)
     if load_optim:
-        sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, is_loading=True)
+        sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
     if load_rng:
         sharded["rng_state"] = _rng_sharded_object(None)
     loaded = dist_checkpointing.load(sharded, ckpt, strict=StrictHandling.ASSUME_OK_UNEXPECTED)

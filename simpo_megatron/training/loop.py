@@ -218,7 +218,7 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
                     print_rank_last(format_eval_line(state.iteration, last_valid))
 
             if cfg.save and cfg.save_interval and state.iteration % cfg.save_interval == 0:
-                save_checkpoint(cfg.save, state, config_dict)
+                save_checkpoint(cfg.save, state, config_dict, optim_fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable)
             if exit_signal.any_rank():
                 interrupted = True
                 print_rank_last(f"exit signal received at iteration {state.iteration}")
@@ -228,7 +228,9 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
 
     checkpoint = None
     if cfg.save:
-        checkpoint = save_checkpoint(cfg.save, state, config_dict)
+        checkpoint = save_checkpoint(
+            cfg.save, state, config_dict, optim_fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable
+        )
         print_rank_last(f"saved checkpoint {checkpoint}")
     if metrics_file:
         print_rank_last(f"metrics: {metrics_file}")

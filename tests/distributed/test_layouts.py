@@ -1,0 +1,99 @@
+"""The same weights and global batch give the same loss, metrics and gradients on every layout.
+
+Reference weights are built once on one process and saved as a dist checkpoint; each layout
+loads them (megatron-core reshards), takes one Adam step on the same global batch through the
+real training loop, and saves. The checkpoints are read back as full tensors: Adam's first
+moment after one step is (1 - beta1) x gradient, so comparing it compares the gradients
+themselves; the parameters after the step are compared too, with the step's loss and metrics.
+Layouts that share a world size run one after another in the same processes.
+"""
+
+import os
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from simpo_megatron.testing import run_distributed, tiny_config
+
+# name: (TP, PP, micro-batch size, distributed optimizer); global batch 4 pairs throughout.
+BY_WORLD = {
+    1: {"tp1pp1dp1_4mb": (1, 1, 1, False), "tp1pp1dp1_1mb": (1, 1, 4, False)},
+    2: {"tp2": (2, 1, 2, False), "pp2": (1, 2, 2, False), "dp2": (1, 1, 2, False), "dp2_distopt": (1, 1, 2, True)},
+    4: {"tp2pp2": (2, 2, 2, False)},
+}
+BASELINE = "tp1pp1dp1_4mb"
+
+
+def _config(tp, pp, mbs, **kw):
+    return tiny_config(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=mbs,
+        global_batch_size=4, lr=1e-3, clip_grad=0.0, lr_decay_style="constant",
+        # A large epsilon keeps the first Adam update smooth in the gradient (lr * g / (|g| + eps)),
+        # so layouts that differ by rounding do not flip the sign of near-zero updates.
+        adam_eps=1e-2,
+        train_iters=1, log_interval=1, **kw,
+    )
+
+
+def _run_layouts(layouts: dict, root: str, build_reference: bool):
+    from megatron.core import parallel_state
+
+    from simpo_megatron.runtime import ParallelLayout, initialize_distributed
+    from simpo_megatron.training.checkpointing import save_checkpoint
+    from simpo_megatron.training.loop import pretrain
+    from simpo_megatron.training.trainer import setup_model_and_optimizer
+
+    ref = os.path.join(root, "reference")
+    if build_reference:
+        cfg = _config(1, 1, 1)
+        initialize_distributed(ParallelLayout(), seed=7)
+        save_checkpoint(ref, setup_model_and_optimizer(cfg, cfg.padded_vocab_size()), weights_only=True)
+        parallel_state.destroy_model_parallel()
+    summaries = {}
+    for name, (tp, pp, mbs, distopt) in layouts.items():
+        cfg = _config(tp, pp, mbs, use_distributed_optimizer=distopt, load=ref, save=os.path.join(root, name),
+                      dist_ckpt_optim_fully_reshardable=distopt)
+        summaries[name] = pretrain(cfg)["train"]
+        parallel_state.destroy_model_parallel()
+    return summaries
+
+
+def _full_tensors(ckpt_dir: str, flat_path: str) -> dict[str, torch.Tensor]:
+    dcp_to_torch_save(ckpt_dir, flat_path)
+    return {k: v for k, v in torch.load(flat_path, weights_only=False).items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    metrics = {}
+    for world, layouts in BY_WORLD.items():
+        metrics.update(run_distributed(_run_layouts, world, layouts, str(root), world == 1)[-1])
+    tensors = {name: _full_tensors(str(root / name / "iter_0000001"), str(root / f"{name}.pt")) for name in metrics}
+    reference = _full_tensors(str(root / "reference" / "iter_0000000"), str(root / "reference.pt"))
+    return metrics, tensors, reference
+
+
+METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+           "logps/chosen", "logps/rejected", "num_pairs", "grad_norm")
+
+
+@pytest.mark.parametrize("name", [n for layouts in BY_WORLD.values() for n in layouts if n != BASELINE])
+def test_same_loss_metrics_gradients_and_update(runs, name):
+    metrics, tensors, reference = runs
+    base, mine = tensors[BASELINE], tensors[name]
+    assert metrics[BASELINE]["num_pairs"] == 4
+    for key in METRICS:
+        assert metrics[name][key] == pytest.approx(metrics[BASELINE][key], rel=1e-5, abs=1e-6), key
+
+    params = [k for k in base if not k.startswith("optimizer.")]
+    first_moments = [k for k in base if k.startswith("optimizer.state.exp_avg.")]
+    assert len(first_moments) == len(params) > 5
+    assert set(mine) >= set(params) | set(first_moments)
+    for key in first_moments:  # (1 - beta1) x gradient
+        assert base[key].abs().max() > 0, key
+        torch.testing.assert_close(mine[key], base[key], rtol=1e-4, atol=1e-7, msg=key)
+    for key in params:
+        assert not torch.equal(reference[key], base[key]), f"{key} did not move"
+        torch.testing.assert_close(mine[key], base[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -1,0 +1,532 @@
+"""Tokenize preference pairs into a megatron-core indexed dataset (PREFIX.bin/.idx + PREFIX.meta.json).
+
+Each pair becomes one document of three sequences, prompt, chosen, rejected (design.md): the
+prompt starts with exactly one BOS (none is added when the text or chat template already
+starts with it) and each response ends with EOS (--no-append-eod leaves responses as they are).
+
+Input: JSON Lines (any extension), a .json file holding one array, or .parquet (pyarrow).
+Records hold three fields (renamed with --json-keys) in one of two shapes:
+- strings: {"prompt": str, "chosen": str, "rejected": str}, tokenized as they are;
+- chat messages, as UltraFeedback-style data has them: the prompt a string or a list of
+  {"role", "content"} messages; chosen/rejected a string, the assistant turn(s), or the full
+  conversation repeating the prompt turns (those are stripped). Rendered with the tokenizer's
+  chat template or --chat-template FILE: the prompt is template(prompt, add_generation_prompt=True)
+  and a response is what template(prompt + response) renders after it.
+
+Bad input (malformed JSON, invalid UTF-8, missing or non-string fields, an empty prompt or
+response, chosen identical to rejected, a template that cannot split the pair) stops the run
+with an error naming the file and line, and writes nothing; --skip-invalid skips such pairs
+and counts them by reason. Output files appear only when the run succeeds.
+
+    python tools/preprocess_preference_data.py --input train.jsonl --output-prefix data/train \\
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model tokenizer.model --workers 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import codecs
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+from tqdm import tqdm
+
+# Like Megatron-LM's tools: run from a checkout without installing the package.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from simpo_megatron.data.builder import PreferencePairWriter  # noqa: E402
+from simpo_megatron.data.tokenizers import (  # noqa: E402
+    TOKENIZER_TYPES,
+    BaseTokenizer,
+    ChatTemplateError,
+    Message,
+    build_tokenizer,
+)
+
+CHUNK_PAIRS = 512  # pairs per batch handed to a worker and to the builder
+
+
+class InputError(Exception):
+    """Stops the run; the message names the file and where in it."""
+
+
+class PairError(Exception):
+    """One pair is unusable, for `reason`: malformed_json, invalid_utf8, bad_type, missing_field,
+    empty_prompt, empty_response, identical_responses or chat_template. `fatal` errors stop the
+    run even with --skip-invalid."""
+
+    def __init__(self, reason: str, message: str, fatal: bool = False) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.fatal = fatal
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """What a worker process needs to build its own PairEncoder."""
+
+    tokenizer_type: str
+    tokenizer_model: str
+    chat_template: str | None
+    keys: tuple[str, str, str]
+    append_eod: bool
+
+
+@dataclass
+class Chunk:
+    """Consecutive records: raw JSONL lines (parsed by the worker) or parsed records."""
+
+    locations: list[int]  # line numbers (JSONL) or record indices
+    records: list[Any]
+
+
+class Failure(NamedTuple):
+    """A PairError as data, to cross process boundaries (exceptions do not pickle faithfully)."""
+
+    location: int
+    reason: str
+    message: str
+    fatal: bool
+
+
+@dataclass
+class EncodedChunk:
+    """The valid pairs of a chunk as the builder takes them, and the failures in input order."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    records: int
+    failures: list[Failure]
+
+
+class PairEncoder:
+    """Validates a record, renders it (chat template if it holds messages) and tokenizes it."""
+
+    def __init__(self, tokenizer: BaseTokenizer, keys: tuple[str, str, str], append_eod: bool) -> None:
+        self.tokenizer = tokenizer
+        self.keys = keys
+        self.append_eod = append_eod
+        self._eos_token = tokenizer.special_tokens.get("eos_token")
+
+    def encode_chunk(self, chunk: Chunk) -> EncodedChunk:
+        tokens: list[int] = []
+        offsets = [0]
+        failures: list[Failure] = []
+        for location, record in zip(chunk.locations, chunk.records):
+            try:
+                for seq in self.encode(record):
+                    tokens.extend(seq)
+                    offsets.append(len(tokens))
+            except PairError as e:
+                failures.append(Failure(location, e.reason, e.message, e.fatal))
+        return EncodedChunk(
+            np.array(tokens, dtype=np.int32), np.array(offsets, dtype=np.int64), len(chunk.records), failures
+        )
+
+    def encode(self, record: Any) -> tuple[list[int], list[int], list[int]]:
+        """Token ids of (prompt, chosen, rejected); raises PairError."""
+        if isinstance(record, bytes):
+            record = _parse_line(record)
+        if not isinstance(record, dict):
+            raise PairError("bad_type", f"expected a JSON object, got {_json_type(record)}")
+        prompt, chosen, rejected = (_field(record, key) for key in self.keys)
+        try:
+            if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
+                texts = self._texts(prompt, chosen, rejected)
+            else:
+                texts = self._rendered(prompt, chosen, rejected)
+            return self._tokenize(*texts)
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start : e.end].encode("unicode_escape").decode()
+            raise PairError("invalid_utf8", f"text holds {bad}, a lone surrogate, not valid UTF-8") from None
+
+    def _texts(self, prompt: str, chosen: str, rejected: str) -> tuple[str, str, str]:
+        if not prompt.strip():
+            raise PairError("empty_prompt", f"field {self.keys[0]!r} is empty")
+        for key, text in zip(self.keys[1:], (chosen, rejected)):
+            if not text.strip():
+                raise PairError("empty_response", f"field {key!r} is empty")
+        return prompt, chosen, rejected
+
+    def _rendered(
+        self, prompt: str | list[Message], chosen: str | list[Message], rejected: str | list[Message]
+    ) -> tuple[str, str, str]:
+        if self.tokenizer.chat_template is None:
+            raise PairError(
+                "chat_template",
+                "the pair holds chat messages but the tokenizer has no chat template; "
+                "pass --chat-template FILE",
+                fatal=True,
+            )
+        prompt_turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        if not any(turn["content"].strip() for turn in prompt_turns):
+            raise PairError("empty_prompt", f"field {self.keys[0]!r} is empty")
+        try:
+            prompt_text = self.tokenizer.apply_chat_template(prompt_turns, add_generation_prompt=True)
+            responses = []
+            for key, value in zip(self.keys[1:], (chosen, rejected)):
+                turns = self._response_turns(key, value, prompt_turns)
+                full = self.tokenizer.apply_chat_template(prompt_turns + turns, add_generation_prompt=False)
+                if not full.startswith(prompt_text):
+                    raise PairError(
+                        "chat_template",
+                        f"the chat template renders the prompt differently once {key!r} follows it, "
+                        f"so the two cannot be split",
+                    )
+                responses.append(full[len(prompt_text) :])
+        except ChatTemplateError as e:
+            raise PairError("chat_template", str(e)) from None
+        return prompt_text, responses[0], responses[1]
+
+    def _response_turns(self, key: str, value: str | list[Message], prompt_turns: list[Message]) -> list[Message]:
+        """The assistant turn(s) of a response, the prompt turns stripped when it repeats them."""
+        if isinstance(value, str):
+            turns = [{"role": "assistant", "content": value}]
+        elif value[: len(prompt_turns)] == prompt_turns:
+            turns = value[len(prompt_turns) :]
+        else:
+            turns = value
+        if not any(turn["content"].strip() for turn in turns):
+            raise PairError("empty_response", f"field {key!r} has no response")
+        if turns[0]["role"] != "assistant":
+            raise PairError(
+                "bad_type",
+                f"field {key!r} neither repeats the prompt turns nor starts with an assistant turn "
+                f"(its first response turn has role {turns[0]['role']!r})",
+            )
+        return turns
+
+    def _tokenize(self, prompt: str, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
+        tok = self.tokenizer
+        prompt_ids = tok.tokenize(prompt)
+        if tok.bos_id is not None and prompt_ids[:1] != [tok.bos_id]:
+            prompt_ids.insert(0, tok.bos_id)
+        if not prompt_ids:
+            raise PairError("empty_prompt", f"field {self.keys[0]!r} tokenizes to nothing")
+        responses = []
+        for key, text in zip(self.keys[1:], (chosen, rejected)):
+            if self._eos_token and text.rstrip().endswith(self._eos_token):
+                text = text.rstrip()  # the template closed the turn with EOS: end the response there
+            ids = tok.tokenize(text)
+            if self.append_eod and ids[-1:] != [tok.eos_id]:
+                ids.append(tok.eos_id)
+            if not ids:
+                raise PairError("empty_response", f"field {key!r} tokenizes to nothing")
+            responses.append(ids)
+        if responses[0] == responses[1]:
+            raise PairError("identical_responses", f"fields {self.keys[1]!r} and {self.keys[2]!r} are identical")
+        return prompt_ids, responses[0], responses[1]
+
+
+def _parse_line(line: bytes) -> Any:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PairError("invalid_utf8", f"invalid UTF-8 at byte {e.start} of the line") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PairError("malformed_json", f"malformed JSON: {e.msg} (column {e.colno})") from None
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def _field(record: dict[str, Any], key: str) -> str | list[Message]:
+    """A field that must be a string or a list of {"role": str, "content": str} messages."""
+    if key not in record:
+        raise PairError("missing_field", f"field {key!r} is missing")
+    value = record[key]
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise PairError("bad_type", f"field {key!r} must be a string or a list of messages, got {_json_type(value)}")
+    for i, turn in enumerate(value):
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise PairError("bad_type", f"field {key!r}[{i}] must be an object with string 'role' and 'content'")
+    return value
+
+
+# ---- reading the input ------------------------------------------------------------------------
+
+
+def _read_input(path: str, keys: Sequence[str]) -> tuple[Iterator[Chunk], int | None, str]:
+    """The chunks of PATH, the number of records when known, and how to name a record in errors."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    if path.endswith(".parquet"):
+        table_rows, chunks = _parquet_chunks(path, keys)
+        return chunks, table_rows, path + ": row {}"
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(codecs.BOM_UTF8 + b" \t\r\n")
+    if path.endswith(".json") and head.startswith(b"["):
+        records = _load_json_array(path)
+        return _chunked(list(range(len(records))), records), len(records), path + ": record {}"
+    return _jsonl_chunks(path), None, path + ":{}"
+
+
+def _jsonl_chunks(path: str) -> Iterator[Chunk]:
+    with open(path, "rb") as f:
+        chunk = Chunk([], [])
+        for number, line in enumerate(f, 1):
+            if number == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)
+            if not line.strip():
+                continue
+            chunk.locations.append(number)
+            chunk.records.append(line)
+            if len(chunk.records) == CHUNK_PAIRS:
+                yield chunk
+                chunk = Chunk([], [])
+        if chunk.records:
+            yield chunk
+
+
+def _load_json_array(path: str) -> list[Any]:
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        records = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: invalid UTF-8 at byte {e.start}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{e.lineno}: malformed JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(records, list):
+        raise InputError(f"{path}: expected a JSON array of pairs, or JSON Lines")
+    return records
+
+
+def _parquet_chunks(path: str, keys: Sequence[str]) -> tuple[int, Iterator[Chunk]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise InputError("reading Parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises ArrowInvalid and OSError subclasses
+        raise InputError(f"{path}: cannot read Parquet: {e}") from None
+    columns = [key for key in keys if key in parquet.schema_arrow.names]
+
+    def chunks() -> Iterator[Chunk]:
+        start = 0
+        for batch in parquet.iter_batches(batch_size=CHUNK_PAIRS, columns=columns):
+            records = batch.to_pylist()
+            yield Chunk(list(range(start, start + len(records))), records)
+            start += len(records)
+
+    return parquet.metadata.num_rows, chunks()
+
+
+def _chunked(locations: list[int], records: list[Any]) -> Iterator[Chunk]:
+    for start in range(0, len(records), CHUNK_PAIRS):
+        yield Chunk(locations[start : start + CHUNK_PAIRS], records[start : start + CHUNK_PAIRS])
+
+
+# ---- encoding, in this process or in workers ---------------------------------------------------
+
+_worker_encoder: PairEncoder | None = None
+
+
+def _init_worker(config: EncoderConfig) -> None:
+    """Each worker builds its own tokenizer; Ctrl-C and SIGTERM are the main process's to handle."""
+    global _worker_encoder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model, config.chat_template)
+    _worker_encoder = PairEncoder(tokenizer, config.keys, config.append_eod)
+
+
+def _encode_in_worker(chunk: Chunk) -> EncodedChunk:
+    assert _worker_encoder is not None, "worker not initialized"
+    return _worker_encoder.encode_chunk(chunk)
+
+
+@contextmanager
+def _encoded_chunks(
+    chunks: Iterator[Chunk], encoder: PairEncoder, config: EncoderConfig, workers: int
+) -> Iterator[Iterator[EncodedChunk]]:
+    """The encoded chunks in input order; with workers > 1, encoded by a process pool."""
+    if workers == 1:
+        yield (encoder.encode_chunk(chunk) for chunk in chunks)
+        return
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
+        yield _in_order(pool, chunks, max_pending=4 * workers)
+
+
+def _in_order(pool: Any, chunks: Iterator[Chunk], max_pending: int) -> Iterator[EncodedChunk]:
+    """Like pool.imap, but reads ahead at most max_pending chunks, so memory stays bounded."""
+    pending: deque[Any] = deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+        if len(pending) >= max_pending:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+# ---- progress and summary ----------------------------------------------------------------------
+
+
+class _Progress:
+    """A tqdm bar on a terminal; elsewhere a log line every `log_interval` pairs."""
+
+    def __init__(self, total: int | None, log_interval: int) -> None:
+        self.bar = tqdm(total=total, unit="pairs", file=sys.stderr, disable=None, dynamic_ncols=True)
+        self.log_interval = log_interval
+        self.start = time.perf_counter()
+        self.done = 0
+        self.next_log = log_interval
+
+    def update(self, records: int, skipped: int) -> None:
+        self.done += records
+        self.bar.update(records)
+        if skipped:
+            self.bar.set_postfix(skipped=skipped, refresh=False)
+        if self.bar.disable and self.done >= self.next_log:
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            print(f"processed {self.done} pairs ({rate:.0f} pairs/s), skipped {skipped}", file=sys.stderr)
+            self.next_log += self.log_interval
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _summary(prefix: str, meta: dict[str, Any], lengths: np.ndarray, skipped: Counter[str], seconds: float) -> str:
+    lines = [
+        f"wrote {meta['num_pairs']} pairs, {meta['num_tokens']} tokens ({meta['dtype']}) to "
+        f"{prefix}.bin/.idx/.meta.json in {seconds:.1f} s ({meta['num_pairs'] / max(seconds, 1e-9):.0f} pairs/s)"
+    ]
+    if skipped:
+        reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
+        lines.append(f"skipped {sum(skipped.values())} pairs: {reasons}")
+    lines.append(f"{'tokens':<10}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}")
+    for i, name in enumerate(("prompt", "chosen", "rejected")):
+        p50, p90, p99 = np.percentile(lengths[i::3], [50, 90, 99])
+        lines.append(f"{name:<10}{p50:>8.0f}{p90:>8.0f}{p99:>8.0f}{lengths[i::3].max():>8}")
+    return "\n".join(lines)
+
+
+# ---- the command -------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("input data")
+    group.add_argument("--input", required=True, help="JSON Lines, a .json array, or .parquet")
+    group.add_argument(
+        "--json-keys",
+        nargs=3,
+        default=["prompt", "chosen", "rejected"],
+        metavar=("PROMPT", "CHOSEN", "REJECTED"),
+        help="names of the prompt, chosen and rejected fields",
+    )
+    group.add_argument("--skip-invalid", action="store_true", help="skip invalid pairs (counted by reason)")
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
+    group.add_argument(
+        "--tokenizer-model", required=True, help="SentencePiece .model file, or HF directory or tokenizer.json"
+    )
+    group.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template (overrides the tokenizer's)")
+    group.add_argument(
+        "--append-eod",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="end each response with EOS unless it already ends with it",
+    )
+    group = parser.add_argument_group("output data")
+    group.add_argument("--output-prefix", required=True, help="writes PREFIX.bin, PREFIX.idx, PREFIX.meta.json")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    group.add_argument("--log-interval", type=int, default=10000, help="pairs between log lines (without a terminal)")
+    args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
+    if args.log_interval < 1:
+        parser.error("--log-interval must be at least 1")
+    return args
+
+
+def run(args: argparse.Namespace) -> str:
+    """Preprocess as `args` say; returns the summary. Raises InputError."""
+    start = time.perf_counter()
+    chat_template = None
+    if args.chat_template:
+        try:
+            with open(args.chat_template, encoding="utf-8") as f:
+                chat_template = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{args.chat_template}: cannot read the chat template: {e}") from None
+    try:
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, chat_template)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot load the tokenizer: {e}") from None
+    if args.append_eod and tokenizer.eos_id is None:
+        raise InputError(f"tokenizer {args.tokenizer_model!r} has no EOS token; pass --no-append-eod")
+    keys = tuple(args.json_keys)
+    config = EncoderConfig(args.tokenizer_type, args.tokenizer_model, chat_template, keys, args.append_eod)
+    encoder = PairEncoder(tokenizer, keys, args.append_eod)
+    chunks, total, location = _read_input(args.input, keys)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+
+    skipped: Counter[str] = Counter()
+    metadata = {"source": args.input, "json_keys": list(keys), "append_eod": args.append_eod}
+    # The worker pool starts before the writer opens its files, so no worker inherits them.
+    with (
+        _encoded_chunks(chunks, encoder, config, args.workers) as encoded,
+        PreferencePairWriter(args.output_prefix, tokenizer.describe(), metadata) as writer,
+    ):
+        progress = _Progress(total, args.log_interval)
+        try:
+            for result in encoded:
+                for failure in result.failures:
+                    if failure.fatal or not args.skip_invalid:
+                        hint = "" if failure.fatal else " (--skip-invalid skips such pairs)"
+                        raise InputError(f"{location.format(failure.location)}: {failure.message}{hint}")
+                    skipped[failure.reason] += 1
+                if len(result.offsets) > 1:
+                    writer.add_batch(result.tokens, result.offsets)
+                progress.update(result.records, sum(skipped.values()))
+        finally:
+            progress.close()
+        if writer.num_pairs == 0:
+            raise InputError(f"{args.input}: no valid pairs to write")
+        writer.metadata["skipped"] = dict(skipped)
+        lengths = writer.sequence_lengths()
+        meta = writer.close()
+    return _summary(args.output_prefix, meta, lengths, skipped, time.perf_counter() - start)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command line; returns the exit code (0 success, 1 bad input, 130 interrupted)."""
+    args = parse_args(argv)
+    try:
+        print(run(args))
+    except InputError as e:
+        print(f"error: {e}; nothing written", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwinds through the writer, which removes its files
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    sys.exit(main())
