@@ -5,8 +5,11 @@
 """
 
 import sys
+import warnings
 
-from simpo_megatron.training.loop import main
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed", category=UserWarning)
+
+from simpo_megatron.training.loop import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -271,9 +271,15 @@ class SimPOConfig:
 
         try:
             get_loss(self.loss)
+        except ValueError as e:
+            raise ConfigError(f"--loss: {e}") from None
+        try:
             _check_simpo_args(self.beta, self.loss_type, self.label_smoothing, self.sft_weight)
         except ValueError as e:
-            raise ConfigError(str(e).replace(e.args[0].split()[0], _flag(e.args[0].split()[0]), 1)) from None
+            # The messages start with the argument's name ("beta must be > 0, ..."): name the flag.
+            name = e.args[0].split()[0]
+            message = str(e).replace(name, _flag(name), 1).replace("loss_type=", "--loss-type ")
+            raise ConfigError(message) from None
         return self
 
 

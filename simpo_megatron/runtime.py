@@ -14,6 +14,7 @@ import datetime
 import logging
 import os
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,6 +112,8 @@ def enable_cpu_support() -> None:
         return
     _CPU_SUPPORT_ENABLED = True
 
+    # Advice for CUDA streams, which do not exist here.
+    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     cuda = torch.cuda
     cuda.current_device = lambda: 0
     cuda.set_device = lambda *a, **k: None

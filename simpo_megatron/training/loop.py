@@ -18,6 +18,8 @@ from megatron.core import parallel_state
 from simpo_megatron.config import ConfigError, SimPOConfig, load_config
 from simpo_megatron.data.provider import DataMismatchError, build_datasets, micro_batches
 from simpo_megatron.model.fp8 import FP8UnavailableError, check_transformer_engine
+from simpo_megatron.model.hf import HFConversionError, hf_model_overrides, is_hf_checkpoint
+from simpo_megatron.model.hf_convert import ensure_megatron_checkpoint
 from simpo_megatron.runtime import ParallelLayout, destroy_distributed, initialize_distributed
 from simpo_megatron.training.checkpointing import CheckpointError, config_to_dict, load_checkpoint, read_tracker, save_checkpoint
 from simpo_megatron.training.monitor import (
@@ -108,8 +110,14 @@ def _resolve_vocab(cfg: SimPOConfig, data_vocab: int) -> SimPOConfig:
 
 
 def pretrain(cfg: SimPOConfig) -> dict:
-    """Train (or with --eval-only, evaluate) as ``cfg`` says; returns a summary on every rank."""
+    """Train (or with --eval-only, evaluate) as ``cfg`` says; returns a summary on every rank.
+
+    ``--load`` may name a Hugging Face model directory: the model shape is then taken from
+    its config.json, and its weights are converted once and loaded as a fresh start.
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.load and is_hf_checkpoint(cfg.load):
+        cfg = dataclasses.replace(cfg, **hf_model_overrides(cfg.load, seq_length=cfg.seq_length))
     cfg.validate(world_size)
     if cfg.transformer_impl == "transformer_engine":
         check_transformer_engine(cfg)  # before any process group: fail fast, on every rank
@@ -124,6 +132,10 @@ def pretrain(cfg: SimPOConfig) -> dict:
     data = build_datasets(cfg)
     cfg = _resolve_vocab(cfg, data.vocab_size)
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
+    if cfg.load and is_hf_checkpoint(cfg.load):
+        resume = cfg.save and read_tracker(cfg.save) is not None
+        # Resume a run that started from the HF model, rather than start it again.
+        cfg = dataclasses.replace(cfg, load=cfg.save if resume else ensure_megatron_checkpoint(cfg.load, cfg))
     if cfg.load and read_tracker(cfg.load) is None:
         # As Megatron-LM: --load on a directory without a checkpoint starts from scratch
         # (so --save and --load can name the same directory from the first run on).
@@ -165,6 +177,12 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
     consecutive_skips = 0
     window = {"time": 0.0, "tokens": 0, "pairs": 0, "iters": 0}
     last_train, last_valid, interrupted = None, None, False
+    if cfg.eval_interval and data.valid is not None and state.iteration == 0:
+        # A baseline before the first update, so the curves show where learning started.
+        last_valid = evaluate(cfg, state, data.valid, data.pad_id)
+        if writer is not None and last_valid is not None:
+            writer.write("valid", 0, last_valid)
+            print_rank_last(format_eval_line(0, last_valid))
     try:
         while state.iteration < cfg.train_iters:
             batches = [next(stream) for _ in range(num_micro_batches)]
@@ -249,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
         pretrain(cfg)
-    except (ConfigError, FP8UnavailableError, DataMismatchError, CheckpointError) as e:
+    except (ConfigError, FP8UnavailableError, DataMismatchError, CheckpointError, HFConversionError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
