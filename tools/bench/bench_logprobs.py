@@ -1,0 +1,87 @@
+"""The log-prob head against a naive full-vocabulary log_softmax: time and peak memory.
+
+Both compute the log-prob of each label (forward and backward) from logits [s, b, V]: ours
+through megatron-core's vocab-parallel cross entropy (at TP=1 here; it works in place on the
+fp32 logits and never materializes a second [s, b, V] tensor of log-probs), the naive one as
+``log_softmax(logits.float()).gather(labels)``, as TRL and the SimPO repository do. Each case
+runs in a fresh process, so the peak resident memory above its baseline is its own. One JSON
+line per case, then the ratios.
+
+    python tools/bench/bench_logprobs.py [--seq 512] [--batch 8] [--vocab 32000] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+from simpo_megatron.testing import run_distributed  # noqa: E402
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _case(method: str, seq: int, batch: int, vocab: int, dtype_name: str, repeats: int) -> dict:
+    import torch
+
+    from simpo_megatron.logprobs import vocab_parallel_token_logps
+    from simpo_megatron.runtime import ParallelLayout, initialize_distributed
+
+    initialize_distributed(ParallelLayout())
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, vocab, (seq, batch), generator=gen)
+    base = torch.randn(seq, batch, vocab, generator=gen).to(dtype)
+    times = []
+    before = _peak_mib()
+    for _ in range(repeats):
+        logits = base.clone().requires_grad_(True)
+        start = time.perf_counter()
+        if method == "vocab_parallel":
+            logps = vocab_parallel_token_logps(logits, labels, vocab_size=vocab)
+        else:
+            logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        logps.sum().backward()
+        times.append(time.perf_counter() - start)
+        del logits, logps
+    return {
+        "bench": "logprob_head",
+        "case": method,
+        "shape": [seq, batch, vocab],
+        "dtype": dtype_name,
+        "median_s": round(sorted(times)[len(times) // 2], 4),
+        "peak_extra_mib": round(_peak_mib() - before, 1),
+        "logits_mib": round(base.numel() * base.element_size() / 2**20, 1),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    shape = (args.seq, args.batch, args.vocab, args.dtype, args.repeats)
+    ours = run_distributed(_case, 1, "vocab_parallel", *shape)[0]
+    naive = run_distributed(_case, 1, "naive_log_softmax", *shape)[0]
+    print(json.dumps(ours), flush=True)
+    print(json.dumps(naive), flush=True)
+    print(json.dumps({
+        "bench": "logprob_head", "case": "ratio",
+        "naive_over_ours_time": round(naive["median_s"] / ours["median_s"], 3),
+        "naive_over_ours_peak_memory": round(naive["peak_extra_mib"] / max(ours["peak_extra_mib"], 1e-9), 3),
+    }), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
