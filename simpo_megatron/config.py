@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -291,10 +292,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+@functools.cache
+def _type_hints() -> dict[str, Any]:
+    return typing.get_type_hints(SimPOConfig)
+
+
 def _field_type(f: dataclasses.Field) -> tuple[type, bool]:
     """The scalar type of a field and whether it is a list."""
-    hints = typing.get_type_hints(SimPOConfig)
-    tp = hints[f.name]
+    tp = _type_hints()[f.name]
     origin = typing.get_origin(tp)
     if origin is list:
         return typing.get_args(tp)[0], True

@@ -1,0 +1,163 @@
+"""examples/configs/*.yaml: every recipe parses and validates; the paper recipes carry the
+hyperparameters the SimPO repository publishes and the model shapes of their architectures.
+
+validate() only checks the flags, so a fake --data-path (or --mock-data) is enough: nothing
+is read, no process group is started.
+"""
+
+import functools
+import glob
+import os
+
+import pytest
+
+from simpo_megatron.config import SimPOConfig, load_config
+from simpo_megatron.model.hf import MODEL_FIELDS, HFConversionError, hf_config_to_overrides
+
+CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs")
+ALL = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
+FAKE_DATA = ["--data-path", "/nonexistent/train_prefix", "--valid-data-path", "/nonexistent/valid_prefix",
+             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "/nonexistent/tokenizer"]
+
+# The SimPO repository's training_configs/*.yaml (princeton-nlp/SimPO), in this project's flags.
+# Common to all three: bf16, cosine decay, warmup_ratio 0.1, one epoch, max_length 2048,
+# max_prompt_length 1800, 2 pairs x 16 accumulation steps x 4 processes = 128 pairs per step.
+PUBLISHED = {
+    "llama3-8b-instruct.yaml": dict(source="training_configs/llama-3-8b-instruct-simpo-v2.yaml",
+                                    beta=10.0, gamma_beta_ratio=0.3, lr=1e-6),
+    "mistral-7b-instruct.yaml": dict(source="training_configs/mistral-7b-instruct-simpo.yaml",
+                                     beta=2.5, gamma_beta_ratio=0.1, lr=5e-7),
+    "gemma2-9b-it.yaml": dict(source="training_configs/gemma-2-9b-it-simpo.yaml",
+                              beta=10.0, gamma_beta_ratio=0.5, lr=8e-7),
+}
+PAPER = sorted(PUBLISHED)
+
+# config.json of the Hugging Face models the recipes start from (the fields that matter).
+HF_CONFIGS = {
+    "llama3-8b-instruct.yaml": {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
+        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+        "rope_scaling": None, "tie_word_embeddings": False, "attention_bias": False,
+    },
+    "mistral-7b-instruct.yaml": {
+        "model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_act": "silu",
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
+        "sliding_window": None, "tie_word_embeddings": False,
+    },
+}
+GEMMA2_HF_CONFIG = {
+    "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000, "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0, "sliding_window": 4096, "query_pre_attn_scalar": 256,
+}
+
+
+@functools.lru_cache(maxsize=None)
+def recipe(name: str, *extra: str) -> SimPOConfig:
+    """The parsed recipe (cached: parsing is the slow part; no test changes a config)."""
+    return load_config(["--config", os.path.join(CONFIGS, name), *extra])
+
+
+def model_parallel(cfg: SimPOConfig) -> int:
+    return cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
+
+
+def test_the_recipes_exist():
+    names = {os.path.basename(p) for p in ALL}
+    assert {"tiny.yaml", *PUBLISHED} <= names
+
+
+@pytest.mark.parametrize("path", ALL, ids=os.path.basename)
+@pytest.mark.parametrize("data", [["--mock-data"], FAKE_DATA], ids=["mock", "data_path"])
+def test_every_recipe_parses_and_validates_on_its_model_parallel_size(path, data):
+    cfg = recipe(os.path.basename(path), *data)
+    assert cfg.validate(model_parallel(cfg)) is cfg
+
+
+@pytest.mark.parametrize("name", PAPER)
+@pytest.mark.parametrize("dp", [1, 2, 4, 8, 16, 32])
+def test_paper_recipes_validate_on_multi_node_worlds(name, dp):
+    cfg = recipe(name, *FAKE_DATA)
+    world = dp * model_parallel(cfg)  # e.g. 8 x TP x PP GPUs
+    cfg.validate(world)
+    assert cfg.data_parallel_size(world) == dp
+    assert cfg.num_micro_batches(world) * cfg.micro_batch_size * dp == 128
+
+
+def test_tiny_recipe_validates_as_the_launcher_runs_it():
+    cfg = recipe("tiny.yaml", "--mock-data")
+    cfg.validate(2)  # bash examples/pretrain_simpo.sh: 2 processes, TP=2
+    assert cfg.tensor_model_parallel_size == 2
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_recipes_carry_the_published_hyperparameters(name):
+    cfg = recipe(name, "--mock-data")
+    published = PUBLISHED[name]
+    assert cfg.loss == "simpo" and cfg.loss_type == "sigmoid"
+    assert cfg.beta == published["beta"]
+    assert cfg.gamma_beta_ratio == published["gamma_beta_ratio"]
+    assert cfg.lr == published["lr"]
+    assert cfg.label_smoothing == 0.0 and cfg.sft_weight == 0.0 and cfg.average_log_prob
+    assert cfg.global_batch_size == 128
+    assert (cfg.seq_length, cfg.max_prompt_length) == (2048, 1800)
+    assert cfg.bf16 and not cfg.fp16
+    assert cfg.lr_decay_style == "cosine" and cfg.min_lr == 0.0
+    assert cfg.lr_warmup_fraction == 0.1 and cfg.lr_warmup_iters == 0
+    # HF AdamW (adamw_torch) defaults and Trainer's gradient clipping.
+    assert (cfg.optimizer, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps) == ("adam", 0.9, 0.999, 1e-8)
+    assert cfg.weight_decay == 0.0 and cfg.clip_grad == 1.0
+    assert cfg.seed == 42
+    # One epoch of ~60k UltraFeedback pairs.
+    assert 0.95 <= cfg.train_iters * cfg.global_batch_size / 60_000 <= 1.0
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_recipes_cite_their_source(name):
+    header = open(os.path.join(CONFIGS, name)).read().split("\n\n")[0]
+    assert "princeton-nlp/SimPO" in header
+    assert PUBLISHED[name]["source"] in header
+
+
+@pytest.mark.parametrize("name", sorted(HF_CONFIGS))
+def test_llama_family_recipes_match_what_the_hf_importer_reads(name):
+    """The model shape in the recipe is the one --load of the HF model directory sets."""
+    cfg = recipe(name, "--mock-data")
+    overrides = hf_config_to_overrides(HF_CONFIGS[name], seq_length=cfg.seq_length)
+    assert {k: getattr(cfg, k) for k in MODEL_FIELDS} == {k: overrides[k] for k in MODEL_FIELDS}
+    # Megatron pads the vocabulary to a multiple of 128 x TP; these need no padding.
+    assert cfg.padded_vocab_size() == cfg.vocab_size
+
+
+def test_gemma2_recipe_parses_but_the_architecture_is_not_supported():
+    """The Gemma-2 recipe holds the published hyperparameters (tested above) and Gemma-2's sizes,
+    but the model builder and HF importer are Llama-family only: its header says so, and the
+    importer refuses a Gemma-2 config.json rather than building a wrong model."""
+    path = os.path.join(CONFIGS, "gemma2-9b-it.yaml")
+    cfg = recipe("gemma2-9b-it.yaml", *FAKE_DATA)
+    cfg.validate(8 * model_parallel(cfg))
+    # Gemma-2-9B sizes (head_dim 256 != hidden / heads; tied embeddings).
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups,
+            cfg.kv_channels, cfg.vocab_size) == (42, 3584, 16, 8, 256, 256000)
+    assert cfg.untie_embeddings_and_output_weights is False
+
+    header = open(path).read().split("\n\n")[0]
+    assert "CANNOT TRAIN GEMMA-2" in header
+    for gap in ("soft-caps", "GeGLU", "sandwich norms", "NOT Gemma-2"):
+        assert gap in header, gap
+    with pytest.raises(HFConversionError, match="model_type 'gemma2'"):
+        hf_config_to_overrides(GEMMA2_HF_CONFIG, seq_length=cfg.seq_length)
+
+
+def test_command_line_overrides_a_recipe():
+    cfg = recipe("llama3-8b-instruct.yaml", "--mock-data", "--beta", "2.5", "--gamma-beta-ratio", "0.55",
+                 "--tensor-model-parallel-size", "4")
+    assert (cfg.beta, cfg.gamma_beta_ratio, cfg.tensor_model_parallel_size) == (2.5, 0.55, 4)
+    assert cfg.lr == 1e-6
+    cfg.validate(32)
