@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 from megatron.core.datasets.indexed_dataset import DType, get_bin_path, get_idx_path
 
+from simpo_megatron.fsutil import fsync_directory
+
 try:
     from simpo_megatron import _pair_builder
 except ImportError as e:  # the C++ extension is built at install
@@ -162,7 +164,7 @@ class PreferencePairWriter:
                 os.remove(self._final["idx"])
             for key in ("bin", "meta", "idx"):
                 os.replace(self._temp[key], self._final[key])
-            _fsync_directory(os.path.dirname(os.path.abspath(self.output_prefix)))
+            fsync_directory(os.path.dirname(os.path.abspath(self.output_prefix)))
         except BaseException:
             self.abort()
             raise
@@ -242,9 +244,3 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_directory(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

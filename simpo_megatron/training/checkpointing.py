@@ -25,6 +25,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from simpo_megatron.fsutil import atomic_write_text, fsync_directory
+
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 
@@ -158,24 +160,10 @@ def save_checkpoint(
         if os.path.isdir(final):
             shutil.rmtree(final)
         os.rename(tmp, final)
-        _fsync_dir(root)
-        tracker_tmp = os.path.join(root, TRACKER_FILE + ".tmp")
-        with open(tracker_tmp, "w") as fh:
-            fh.write(str(iteration))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER_FILE))
-        _fsync_dir(root)
+        fsync_directory(root)
+        atomic_write_text(os.path.join(root, TRACKER_FILE), str(iteration))
     dist.barrier()
     return final
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def load_checkpoint(

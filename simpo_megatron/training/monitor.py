@@ -7,6 +7,7 @@ stage, metrics already reduced over data-parallel ranks); every other rank gets 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Any
@@ -43,9 +44,11 @@ class MetricsWriter:
             self._tb = SummaryWriter(log_dir=tensorboard_dir)
 
     def write(self, split: str, iteration: int, values: dict[str, Any]) -> None:
+        """Append one record; non-finite numbers become null (strict JSON has no NaN)."""
+        values = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
         record = {"split": split, "iteration": iteration, **values}
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
+            self._file.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tb is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and value is not None:
