@@ -8,6 +8,7 @@ import sys
 import warnings
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed", category=UserWarning)
+warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
 
 from simpo_megatron.training.loop import main  # noqa: E402
 

@@ -72,6 +72,7 @@ if __name__ == "__main__":
     # megatron-core warns at import that Apex / Transformer Engine are absent; on the CPU
     # that is expected, and where they matter the run itself says so.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed", category=UserWarning)
+    warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
     sys.path.insert(0, ROOT)
     from simpo_megatron.training.loop import main
 

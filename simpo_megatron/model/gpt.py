@@ -67,7 +67,14 @@ def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        deallocate_pipeline_outputs=True,
+        # Frees a stage's output once sent: safe with NCCL (stream-ordered), not with gloo,
+        # whose asynchronous sends may still be reading the tensor.
+        deallocate_pipeline_outputs=on_gpu,
+        # Batched isend/irecv relies on NCCL's group semantics. Gloo matches messages between
+        # two ranks in posting order, and the batched order (send_prev before send_next) does
+        # not match the receiver's when both neighbors are the same rank (interleaved PP=2):
+        # activations and gradients would swap. The unbatched ops are ordered to match.
+        batch_p2p_comm=on_gpu,
         **fp8_config_kwargs(cfg),
     )
 
