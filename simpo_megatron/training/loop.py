@@ -197,8 +197,9 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
 
             consecutive_skips = consecutive_skips + 1 if result["skipped"] else 0
             if result["skipped"]:
+                reason = "loss-scale overflow or non-finite gradient" if cfg.fp16 else "non-finite loss or gradient"
                 print_rank_last(
-                    f" iteration {state.iteration}: non-finite loss or gradient, update skipped "
+                    f" iteration {state.iteration}: {reason}, update skipped "
                     f"({consecutive_skips} in a row, limit --max-skipped-iters {cfg.max_skipped_iters})"
                 )
             if consecutive_skips >= cfg.max_skipped_iters:

@@ -164,7 +164,9 @@ def train_step(cfg: SimPOConfig, state: TrainState, batches: list[dict]) -> dict
     state.optimizer.zero_grad()
     outputs = _run_schedule(cfg, state.model, batches, forward_only=False)
     grad_norm = None
-    finite = _grads_are_finite(state.model)
+    # With --fp16 the dynamic loss scaler detects inf/NaN itself, and it must see every
+    # overflow to lower the scale; the explicit check is for fp32 and bf16.
+    finite = cfg.fp16 or _grads_are_finite(state.model)
     if finite:
         update_successful, grad_norm, _ = state.optimizer.step()
         finite = update_successful and (grad_norm is None or math.isfinite(grad_norm))
