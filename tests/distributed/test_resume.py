@@ -205,6 +205,18 @@ def _assert_bitwise_equal(resumed: list[dict], reference: dict[int, dict], first
 
 
 # ---------------------------------------------------------------------------- 1. kill -9
+def _resume_to_end(run, tmp_path, save, resume_at: int, reference) -> None:
+    """Resume with --load through the launcher; the rest of the run equals the reference bitwise."""
+    job = _bash(*run, "--metrics-file", tmp_path / "resumed.jsonl", log=tmp_path / "resumed.txt")
+    try:
+        out = _finish(job)
+    finally:
+        job.close()
+    assert f"loaded {save} at iteration {resume_at}" in out
+    _assert_bitwise_equal(_records(tmp_path / "resumed.jsonl"), reference, resume_at + 1)
+    assert _tracker(save) == TRAIN_ITERS
+
+
 def test_kill9_mid_run_resumes_bitwise(tmp_path, reference):
     save = tmp_path / "ckpt"
     run = ["--train-iters", TRAIN_ITERS, "--save-interval", SAVE_INTERVAL, "--save", save, "--load", save]
@@ -228,14 +240,7 @@ def test_kill9_mid_run_resumes_bitwise(tmp_path, reference):
     for record in _records(tmp_path / "killed.jsonl"):
         assert record == reference[record["iteration"]]
 
-    job = _bash(*run, "--metrics-file", tmp_path / "resumed.jsonl", log=tmp_path / "resumed.txt")
-    try:
-        out = _finish(job)
-    finally:
-        job.close()
-    assert f"loaded {save} at iteration {resume_at}" in out
-    _assert_bitwise_equal(_records(tmp_path / "resumed.jsonl"), reference, resume_at + 1)
-    assert _tracker(save) == TRAIN_ITERS
+    _resume_to_end(run, tmp_path, save, resume_at, reference)
     assert not [d for d in _iter_dirs(save) if d.endswith(".tmp")]
 
 
@@ -259,15 +264,8 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path, reference):
     assert (save / f"iter_{second:07d}.tmp" / "__0_0.distcp").exists()
     assert max(r["iteration"] for r in _records(tmp_path / "crashed.jsonl")) == second
 
-    job = _bash(*run, "--metrics-file", tmp_path / "resumed.jsonl", log=tmp_path / "resumed.txt")
-    try:
-        out = _finish(job)
-    finally:
-        job.close()
-    assert f"loaded {save} at iteration {SAVE_INTERVAL}" in out
-    _assert_bitwise_equal(_records(tmp_path / "resumed.jsonl"), reference, SAVE_INTERVAL + 1)
+    _resume_to_end(run, tmp_path, save, SAVE_INTERVAL, reference)
     # The stale .tmp was replaced by the real save of that iteration.
-    assert _tracker(save) == TRAIN_ITERS
     assert _iter_dirs(save) == [f"iter_{i:07d}" for i in range(SAVE_INTERVAL, TRAIN_ITERS + 1, SAVE_INTERVAL)]
 
 
