@@ -5,12 +5,8 @@
 """
 
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed", category=UserWarning)
-warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
-
-from simpo_megatron.training.loop import main  # noqa: E402
+from simpo_megatron.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

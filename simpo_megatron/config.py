@@ -137,8 +137,8 @@ class SimPOConfig:
     fp8_format: str | None = _opt(None, "FP8 format; enables FP8.", (None, "e4m3", "hybrid"))
     fp8_recipe: str = _opt("delayed", "FP8 scaling recipe.", ("delayed", "tensorwise", "mxfp8", "blockwise"))
     fp8_margin: int = _opt(0, "FP8 scaling margin.")
-    fp8_amax_history_len: int = _opt(1024, "FP8 amax history length (delayed scaling).")
-    fp8_amax_compute_algo: str = _opt("max", "FP8 amax reduction over the history.", ("max", "most_recent"))
+    fp8_amax_history_len: int = _opt(1, "FP8 amax history length (delayed scaling).")
+    fp8_amax_compute_algo: str = _opt("most_recent", "FP8 amax reduction over the history.", ("max", "most_recent"))
     fp8_param_gather: bool = _opt(False, "Keep parameters in FP8 and all-gather them in FP8.")
 
     # ---------------------------------------------------------------- derived values

@@ -2,9 +2,9 @@
 
 megatron-core 0.16.1 assumes CUDA in a number of places (``device="cuda"`` literals,
 ``torch.cuda.current_device()``, ``param.type() == 'torch.cuda.FloatTensor'`` checks, the
-CUDA RNG tracker). ``enable_cpu_support()`` meets those assumptions on a CPU-only machine
-so that the unmodified megatron-core schedules, optimizers and tensor-parallel layers run
-over gloo. It is active only without CUDA; with CUDA nothing is patched.
+CUDA RNG tracker). On a machine without CUDA, ``initialize_distributed`` meets those
+assumptions so that the unmodified megatron-core schedules, optimizers and tensor-parallel
+layers run over gloo, and ``destroy_distributed`` undoes it; with CUDA nothing is patched.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
-_CPU_SUPPORT_ENABLED = False
 
 
 def _to_cpu_device(device):
@@ -101,46 +100,100 @@ class _NullStream:
         return 0.0
 
 
-def enable_cpu_support() -> None:
-    """Let megatron-core 0.16.1 run on the CPU; a no-op when CUDA is available.
+class _CpuSupport:
+    """Meets megatron-core's CUDA assumptions on the CPU, between ``enter()`` and ``exit()``.
 
-    Idempotent. Enters a process-wide TorchFunctionMode and replaces the handful of
-    ``torch.cuda`` functions megatron-core calls unconditionally with CPU equivalents.
+    Enters a TorchFunctionMode and replaces the handful of ``torch.cuda`` functions (and two
+    of megatron's RNG helpers) that megatron-core calls unconditionally with CPU equivalents;
+    ``exit()`` puts every one of them back. ``initialize_distributed`` enters it on a machine
+    without CUDA and ``destroy_distributed`` leaves it, so it is active only while a
+    megatron-core world exists.
     """
-    global _CPU_SUPPORT_ENABLED
-    if torch.cuda.is_available() or _CPU_SUPPORT_ENABLED:
-        return
-    _CPU_SUPPORT_ENABLED = True
 
-    # Advice for CUDA streams, which do not exist here.
-    warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
-    cuda = torch.cuda
-    cuda.current_device = lambda: 0
-    cuda.set_device = lambda *a, **k: None
-    cuda.device_count = lambda: 0
-    cuda.synchronize = lambda *a, **k: None
-    cuda.empty_cache = lambda: None
-    cuda.current_stream = lambda *a, **k: _NullStream()
-    cuda.default_stream = lambda *a, **k: _NullStream()
-    cuda.Stream = _NullStream
-    cuda.Event = _NullStream
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()
-    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    cuda.memory_allocated = lambda *a, **k: 0
-    cuda.max_memory_allocated = lambda *a, **k: 0
+    _CUDA_STAND_INS = {
+        "current_device": lambda: 0,
+        "set_device": lambda *a, **k: None,
+        "device_count": lambda: 0,
+        "synchronize": lambda *a, **k: None,
+        "empty_cache": lambda: None,
+        "current_stream": lambda *a, **k: _NullStream(),
+        "default_stream": lambda *a, **k: _NullStream(),
+        "Stream": _NullStream,
+        "Event": _NullStream,
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+        "get_rng_state": lambda *a, **k: torch.get_rng_state(),
+        "set_rng_state": lambda state, *a, **k: torch.set_rng_state(state),
+        "manual_seed": lambda seed: torch.manual_seed(seed),
+        "memory_allocated": lambda *a, **k: 0,
+        "max_memory_allocated": lambda *a, **k: 0,
+    }
 
-    from megatron.core.tensor_parallel import random as tp_random
+    def __init__(self):
+        self._saved: list[tuple[object, str, object]] = []
+        self._mode: _CudaToCpuMode | None = None
+        self._log_filter = None
+        self._warnings_filters = None
 
-    # The "CUDA" generator is the CPU one here, so the tracker's fork does change it, by design.
-    logging.getLogger(tp_random.__name__).addFilter(
-        lambda record: "CPU RNG state changed" not in record.getMessage()
-    )
-    tp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    @property
+    def active(self) -> bool:
+        return self._mode is not None
 
-    _CudaToCpuMode().__enter__()
+    def _replace(self, owner, name: str, value) -> None:
+        self._saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    def enter(self) -> None:
+        if self.active:
+            return
+        from megatron.core.tensor_parallel import random as tp_random
+
+        self._warnings_filters = warnings.filters[:]
+        # Advice for CUDA streams, which do not exist here.
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
+        for name, value in self._CUDA_STAND_INS.items():
+            self._replace(torch.cuda, name, value)
+        self._replace(tp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
+        self._replace(tp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+        # The "CUDA" generator is the CPU one here, so the tracker's fork does change it, by design.
+        self._log_filter = lambda record: "CPU RNG state changed" not in record.getMessage()
+        logging.getLogger(tp_random.__name__).addFilter(self._log_filter)
+        self._mode = _CudaToCpuMode()
+        self._mode.__enter__()
+
+    def exit(self) -> None:
+        if not self.active:
+            return
+        from megatron.core.tensor_parallel import random as tp_random
+
+        self._mode.__exit__(None, None, None)
+        self._mode = None
+        for owner, name, value in reversed(self._saved):
+            setattr(owner, name, value)
+        self._saved.clear()
+        logging.getLogger(tp_random.__name__).removeFilter(self._log_filter)
+        warnings.filters[:] = self._warnings_filters
+
+
+_CPU_SUPPORT = _CpuSupport()
+
+
+def cpu_support_active() -> bool:
+    """Whether the CPU stand-ins for megatron-core's CUDA calls are in place (tests check this)."""
+    return _CPU_SUPPORT.active
+
+
+def pipeline_communication_settings() -> dict[str, bool]:
+    """TransformerConfig's pipeline p2p fields for the process group's backend.
+
+    NCCL (Megatron-LM's defaults): batched isend/irecv, and a stage's output freed once sent
+    (stream-ordered, so safe). Gloo matches messages between two ranks in posting order, and
+    the batched order (send_prev before send_next) does not match the receiver's when both
+    neighbours are the same rank (interleaved PP=2): activations and gradients would swap; its
+    sends are asynchronous and may still read the output, so outputs are kept.
+    """
+    backend = dist.get_backend() if dist.is_initialized() else ("nccl" if torch.cuda.is_available() else "gloo")
+    nccl = backend == "nccl"
+    return {"batch_p2p_comm": nccl, "deallocate_pipeline_outputs": nccl}
 
 
 @dataclass(frozen=True)
@@ -167,7 +220,7 @@ def initialize_distributed(
 
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
-        enable_cpu_support()
+        _CPU_SUPPORT.enter()
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -199,7 +252,7 @@ def set_seed(seed: int) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
     stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
-    # Seeds the CUDA generator, which enable_cpu_support() maps to the CPU one: seed it first.
+    # Seeds the CUDA generator, which the CPU support maps to the CPU one: seed it first.
     tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
     random.seed(stage_seed)
     np.random.seed(stage_seed)
@@ -213,6 +266,7 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    _CPU_SUPPORT.exit()
 
 
 def _free_port() -> int:

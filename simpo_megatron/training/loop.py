@@ -159,6 +159,12 @@ def pretrain(cfg: SimPOConfig) -> dict:
                 writer.write("valid", state.iteration, metrics)
                 print_rank_last(format_eval_line(state.iteration, metrics))
             return {"iteration": state.iteration, "valid": metrics, "metrics_file": metrics_file}
+        if state.iteration >= cfg.train_iters:
+            print_rank_last(
+                f"already trained: {cfg.load} is at iteration {state.iteration} and --train-iters is "
+                f"{cfg.train_iters}; raise --train-iters to train on"
+            )
+            return {"iteration": state.iteration, "checkpoint": None, "metrics_file": metrics_file, "done": True}
         return _train(cfg, state, data, writer, metrics_file)
     finally:
         if writer is not None:

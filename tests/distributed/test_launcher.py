@@ -82,3 +82,104 @@ def test_configuration_error_exits_cleanly(clone):
     assert proc.returncode != 0  # the rank exits 2; torchrun reports any failure as 1
     assert "error: world size 1 is not divisible by --tensor-model-parallel-size (2)" in proc.stderr
     assert "ConfigError" not in proc.stderr  # a message, not a traceback from the trainer
+
+
+def test_flags_apply_on_top_of_the_example_and_a_finished_run_says_so(clone, tmp_path):
+    out = tmp_path / "short"
+    env = _clean_env(OUTPUT_DIR=str(out))
+    run = ["bash", "examples/pretrain_simpo.sh", "--train-iters", "2", "--log-interval", "1"]
+    proc = subprocess.run(run, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "iteration 2/2" in proc.stdout and f"saved checkpoint {out}/iter_0000002" in proc.stdout
+    again = subprocess.run(run, cwd=clone, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"already trained: {out} is at iteration 2 and --train-iters is 2" in again.stdout
+    assert "saved checkpoint" not in again.stdout
+
+
+# ------------------------------------------------------------ the shell halves, with stand-ins
+STUB = """#!/usr/bin/env bash
+printf '%s\\n' "$(basename "$0")" "$@" > "$STUB_LOG.$(basename "$0").${SLURM_NODEID:-x}"
+"""
+
+
+def _stub_bin(tmp_path, *names, srun=False) -> str:
+    """A directory of stand-in commands that record their arguments (srun runs its command)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name in names:
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+    if srun:
+        # One task per node: run the task's command once per node with its SLURM_NODEID.
+        (bin_dir / "srun").write_text(
+            "#!/usr/bin/env bash\n"
+            "while [[ \"$1\" == --* ]]; do shift; done\n"
+            "for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node \"$@\" || exit 1; done\n"
+        )
+        (bin_dir / "srun").chmod(0o755)
+        (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'node-a\\nnode-b\\n'\n")
+        (bin_dir / "scontrol").chmod(0o755)
+    return str(bin_dir)
+
+
+def _recorded(tmp_path, name: str, node: str = "x") -> list[str]:
+    return (tmp_path / f"log.{name}.{node}").read_text().splitlines()[1:]
+
+
+@pytest.mark.parametrize("script", ["examples/pretrain_simpo.sh", "examples/slurm/sbatch_simpo.sh"])
+def test_shell_scripts_parse(script):
+    proc = subprocess.run(["bash", "-n", os.path.join(REPO, script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def _launch(tmp_path, *args, path_dirs, **env):
+    base = {"PATH": os.pathsep.join([*path_dirs, "/usr/bin", "/bin"]), "STUB_LOG": str(tmp_path / "log")}
+    proc = subprocess.run(["bash", os.path.join(REPO, "examples/pretrain_simpo.sh"), *args],
+                          env=base | env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_launcher_multi_node_rendezvous(tmp_path):
+    stubs = _stub_bin(tmp_path, "torchrun")
+    _launch(tmp_path, "--mock-data", "--train-iters", "3", path_dirs=[stubs],
+            NNODES="4", NODE_RANK="2", MASTER_ADDR="head", MASTER_PORT="7000", GPUS_PER_NODE="8")
+    argv = _recorded(tmp_path, "torchrun")
+    assert argv[:10] == ["--nproc-per-node", "8", "--nnodes", "4", "--node-rank", "2",
+                         "--master-addr", "head", "--master-port", "7000"]
+    assert argv[-4:] == [os.path.join(REPO, "examples/pretrain_simpo.sh"), "--mock-data", "--train-iters", "3"]
+
+
+@pytest.mark.parametrize("visible, expected", [("0,1,2", "3"), ("", "1"), (None, "1")])
+def test_launcher_counts_the_visible_gpus(tmp_path, visible, expected):
+    stubs = _stub_bin(tmp_path, "torchrun")
+    env = {} if visible is None else {"CUDA_VISIBLE_DEVICES": visible}
+    _launch(tmp_path, "--mock-data", path_dirs=[stubs], **env)  # no nvidia-smi on this PATH
+    argv = _recorded(tmp_path, "torchrun")
+    assert argv[:3] == ["--nproc-per-node", expected, "--standalone"]
+
+
+def test_launcher_without_torchrun_uses_the_module(tmp_path):
+    stubs = _stub_bin(tmp_path, "python-stub")
+    _launch(tmp_path, "--mock-data", path_dirs=[stubs], PYTHON=os.path.join(stubs, "python-stub"))
+    argv = _recorded(tmp_path, "python-stub")
+    assert argv[:4] == ["-m", "torch.distributed.run", "--nproc-per-node", "1"]
+
+
+def test_slurm_script_starts_one_launcher_per_node(tmp_path):
+    stubs = _stub_bin(tmp_path, "torchrun", srun=True)
+    env = {"PATH": os.pathsep.join([stubs, "/usr/bin", "/bin"]), "STUB_LOG": str(tmp_path / "log"),
+           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "41",
+           "SLURM_GPUS_ON_NODE": "8", "SLURM_SUBMIT_DIR": REPO, "CKPT_DIR": str(tmp_path / "ckpt"),
+           "HF_MODEL": "/models/llama", "TRAIN_DATA": "0.7 /data/a 0.3 /data/b", "VALID_DATA": ""}
+    proc = subprocess.run(["bash", os.path.join(REPO, "examples/slurm/sbatch_simpo.sh"), "--train-iters", "5"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    for node in ("0", "1"):
+        argv = _recorded(tmp_path, "torchrun", node)
+        assert argv[:10] == ["--nproc-per-node", "8", "--nnodes", "2", "--node-rank", node,
+                             "--master-addr", "node-a", "--master-port", str(20000 + 41)]
+        flags = argv[11:]
+        assert flags[flags.index("--data-path") + 1:][:4] == ["0.7", "/data/a", "0.3", "/data/b"]
+        assert "--valid-data-path" not in flags and flags[-2:] == ["--train-iters", "5"]
+        assert flags[flags.index("--load") + 1] == "/models/llama"

@@ -74,9 +74,17 @@ def test_fp8_flags_map_to_transformer_config(fmt, recipe, param_gather):
 
 
 def test_fp8_defaults_are_megatron_lm_defaults():
+    """Megatron-LM's FP8 flags default to megatron-core's TransformerConfig values (not TE's
+    DelayedScaling defaults of history 1024 and "max"): pin ours to megatron-core's own."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    mcore = {name: f.default for name, f in TransformerConfig.__dataclass_fields__.items()}
     kwargs = fp8_config_kwargs(fp8_cfg())
-    assert kwargs == {"fp8": "hybrid", "fp8_recipe": "delayed", "fp8_margin": 0, "fp8_amax_history_len": 1024,
-                      "fp8_amax_compute_algo": "max", "fp8_param": False}
+    for ours, theirs in (("fp8_margin", "fp8_margin"), ("fp8_amax_history_len", "fp8_amax_history_len"),
+                         ("fp8_amax_compute_algo", "fp8_amax_compute_algo"), ("fp8_param", "fp8_param")):
+        assert kwargs[ours] == mcore[theirs], ours
+    assert kwargs["fp8_amax_history_len"] == 1 and kwargs["fp8_amax_compute_algo"] == "most_recent"
+    assert kwargs["fp8"] == "hybrid" and kwargs["fp8_recipe"] == "delayed"
 
 
 def test_fp8_flags_from_the_command_line():
