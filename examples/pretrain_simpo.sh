@@ -54,8 +54,10 @@ exec "${TORCHRUN[@]}" --nproc-per-node "$GPUS_PER_NODE" "${RENDEZVOUS[@]}" "$0" 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from simpo_megatron.cli import main  # noqa: E402
+# Guarded: process pools (spawn) re-import this file as their main module.
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from simpo_megatron.cli import main
 
-sys.exit(main(sys.argv[1:], example_defaults=True))
+    sys.exit(main(sys.argv[1:], example_defaults=True))
 # bash -n reads on to here: the quote that ends this line closes the string bash opened above '
