@@ -1,10 +1,15 @@
-"""One typed configuration for a SimPO run: Megatron-LM flag names, a YAML file, validation.
+"""The configuration of a SimPO run, in sections: Megatron-LM flag names, a YAML file, validation.
 
-Every field of ``SimPOConfig`` is a command-line flag named as in Megatron-LM (``hidden_size``
-is ``--hidden-size``); the SimPO knobs follow the SimPO repository (``--beta``,
+A run's ``SimPOConfig`` holds one section per concern: ``model`` (architecture and numerics),
+``parallel``, ``data`` (batches, sequences, datasets, tokenizer), ``loss`` (the SimPO knobs),
+``optimizer`` (optimizer, schedule, iterations), ``checkpoint`` and ``logging`` (logging and
+evaluation). Every field of every section is a command-line flag named as in Megatron-LM
+(``hidden_size`` is ``--hidden-size``); the SimPO knobs follow the SimPO repository (``--beta``,
 ``--gamma-beta-ratio``, ``--loss-type``, ``--label-smoothing``, ``--sft-weight``).
-``--config FILE.yaml`` sets the same keys; flags given on the command line override it.
-``validate()`` checks everything once, before any work, with messages that name the flag.
+``--config FILE.yaml`` sets the same keys, flat or under a section's name; flags given on the
+command line override it. Each section validates itself, and ``SimPOConfig.validate`` checks
+the sections against each other and the world size, once, before any work, with messages that
+name the flag.
 """
 
 from __future__ import annotations
@@ -16,9 +21,17 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid combination of settings; the message names the flag."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def _opt(default: Any, help: str, choices: Sequence[Any] | None = None):
@@ -29,11 +42,17 @@ def _list_opt(help: str):
     return field(default_factory=list, metadata={"help": help, "choices": None})
 
 
-@dataclass
-class SimPOConfig:
-    """All settings of a run. Field ``x_y`` is the flag ``--x-y`` and the YAML key ``x_y``."""
+def _require_positive(section, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(section, name)}")
 
-    # --- model (Llama family) ---
+
+# ==================================================================== sections
+@dataclass
+class ModelConfig:
+    """The model: a Llama-family decoder, its numerics, and the layer implementation."""
+
     num_layers: int = _opt(4, "Number of transformer layers.")
     hidden_size: int = _opt(256, "Transformer hidden size.")
     ffn_hidden_size: int | None = _opt(None, "MLP hidden size (default: about 8/3 hidden, x64).")
@@ -59,28 +78,107 @@ class SimPOConfig:
         "local", "Layer implementation: megatron-core local layers or Transformer Engine.",
         ("local", "transformer_engine"),
     )
+    bf16: bool = _opt(False, "bf16 parameters and compute (GPU).")
+    fp16: bool = _opt(False, "fp16 parameters and compute with dynamic loss scaling (GPU).")
+    fp8_format: str | None = _opt(None, "FP8 format; enables FP8.", (None, "e4m3", "hybrid"))
+    fp8_recipe: str = _opt("delayed", "FP8 scaling recipe.", ("delayed", "tensorwise", "mxfp8", "blockwise"))
+    fp8_margin: int = _opt(0, "FP8 scaling margin.")
+    fp8_amax_history_len: int = _opt(1, "FP8 amax history length (delayed scaling).")
+    fp8_amax_compute_algo: str = _opt("most_recent", "FP8 amax reduction over the history.", ("max", "most_recent"))
+    fp8_param_gather: bool = _opt(False, "Keep parameters in FP8 and all-gather them in FP8.")
 
-    # --- parallelism ---
+    def derived_ffn_hidden_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        if not self.swiglu:
+            return 4 * self.hidden_size
+        return int(math.ceil(8 * self.hidden_size / 3 / 64) * 64)
+
+    def validate(self) -> None:
+        _require_positive(self, "num_layers", "hidden_size", "num_attention_heads")
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups != 0:
+            raise ConfigError(
+                f"--num-attention-heads ({self.num_attention_heads}) is not divisible by "
+                f"--num-query-groups ({groups})"
+            )
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ConfigError(
+                f"--hidden-size ({self.hidden_size}) is not divisible by --num-attention-heads "
+                f"({self.num_attention_heads}); set --kv-channels"
+            )
+        if self.bf16 and self.fp16:
+            raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+        if self.fp8_format is not None and self.transformer_impl != "transformer_engine":
+            raise ConfigError("--fp8-format needs --transformer-impl transformer_engine")
+        if self.fp8_param_gather and self.fp8_format is None:
+            raise ConfigError("--fp8-param-gather needs --fp8-format")
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and the batch are split over the world."""
+
     tensor_model_parallel_size: int = _opt(1, "Tensor-parallel size.")
     pipeline_model_parallel_size: int = _opt(1, "Pipeline-parallel size.")
     num_layers_per_virtual_pipeline_stage: int | None = _opt(None, "Layers per virtual pipeline stage (interleaved 1F1B).")
     sequence_parallel: bool = _opt(False, "Sequence parallelism (needs TP > 1 and Transformer Engine or Apex norms).")
     context_parallel_size: int = _opt(1, "Context-parallel size (only 1 is supported).")
     use_distributed_optimizer: bool = _opt(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
-    dist_ckpt_optim_fully_reshardable: bool = _opt(
-        False, "Save distributed-optimizer state so that it loads on any TP/PP/DP layout "
-        "(gathers it at save time); by default it reshards over data-parallel ranks only."
-    )
     overlap_grad_reduce: bool = _opt(False, "Overlap the data-parallel gradient reduce with backward.")
     overlap_param_gather: bool = _opt(False, "Overlap the distributed optimizer's parameter all-gather.")
 
-    # --- batches ---
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // self.model_parallel_size
+
+    def validate(self) -> None:
+        _require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
+        if self.context_parallel_size != 1:
+            raise ConfigError("--context-parallel-size > 1 is not supported yet")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if self.num_layers_per_virtual_pipeline_stage is not None and self.pipeline_model_parallel_size < 2:
+            raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
+
+
+@dataclass
+class DataConfig:
+    """Batches, sequences, the preprocessed datasets and their tokenizer."""
+
     micro_batch_size: int = _opt(4, "Preference pairs per micro-batch (2x sequences).")
     global_batch_size: int = _opt(8, "Preference pairs per optimizer step, over all data-parallel ranks.")
     seq_length: int = _opt(256, "Tokens per sequence (prompt + response).")
     max_prompt_length: int | None = _opt(None, "Keep at most this many prompt tokens when truncating.")
+    data_path: list[str] = _list_opt("Preprocessed prefixes, optionally weighted: 'A' or '0.7 A 0.3 B'.")
+    valid_data_path: list[str] = _list_opt("Separate validation prefixes (instead of --split).")
+    split: str = _opt("98,2,0", "Train/valid/test split of --data-path, in proportions.")
+    tokenizer_type: str | None = _opt(None, "Tokenizer type.", (None, "SentencePieceTokenizer", "HuggingFaceTokenizer"))
+    tokenizer_model: str | None = _opt(None, "Tokenizer model file or directory.")
+    mock_data: bool = _opt(False, "Train on built-in synthetic preference pairs (no --data-path).")
+    num_workers: int = _opt(0, "DataLoader worker processes.")
 
-    # --- SimPO ---
+    def validate(self) -> None:
+        _require_positive(self, "micro_batch_size", "global_batch_size", "seq_length")
+        if self.seq_length < 2:
+            raise ConfigError("--seq-length must be >= 2 (a prompt token and a response token)")
+        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.seq_length:
+            raise ConfigError(f"--max-prompt-length ({self.max_prompt_length}) must be in [1, --seq-length)")
+        if self.mock_data == bool(self.data_path):
+            raise ConfigError("give exactly one of --data-path and --mock-data")
+        if self.data_path and not self.tokenizer_model:
+            raise ConfigError("--data-path needs --tokenizer-type and --tokenizer-model")
+
+
+@dataclass
+class LossConfig:
+    """The preference loss and its knobs (the SimPO repository's names); the one place they are defined."""
+
     loss: str = _opt("simpo", "Preference loss, by registry name.")
     beta: float = _opt(2.0, "SimPO beta: scale of the reward (beta * average log-prob).")
     gamma_beta_ratio: float = _opt(0.5, "SimPO target margin gamma/beta (as in the SimPO repository).")
@@ -89,7 +187,21 @@ class SimPOConfig:
     sft_weight: float = _opt(0.0, "Weight of the SFT term (-logp of the chosen response).")
     average_log_prob: bool = _opt(True, "Length-normalized log-probs (SimPO); --no-average-log-prob sums.")
 
-    # --- optimizer and schedule ---
+    def validate(self) -> None:
+        from simpo_megatron.losses import check_simpo_args, get_loss
+
+        try:
+            get_loss(self.loss)
+            check_simpo_args(self.beta, self.loss_type, self.label_smoothing, self.sft_weight, name=_flag)
+        except ValueError as e:
+            message = str(e)
+            raise ConfigError(message if message.startswith("--") else f"--loss: {message}") from None
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer, the learning-rate schedule and how long to train."""
+
     optimizer: str = _opt("adam", "Optimizer.", ("adam", "sgd"))
     lr: float = _opt(1e-4, "Peak learning rate.")
     min_lr: float = _opt(0.0, "Learning rate at the end of the decay.")
@@ -103,233 +215,234 @@ class SimPOConfig:
     adam_eps: float = _opt(1e-8, "Adam epsilon.")
     sgd_momentum: float = _opt(0.0, "SGD momentum.")
     clip_grad: float = _opt(1.0, "Clip the global gradient norm to this (0 disables).")
-    bf16: bool = _opt(False, "bf16 parameters and compute (GPU).")
-    fp16: bool = _opt(False, "fp16 parameters and compute with dynamic loss scaling (GPU).")
     initial_loss_scale: float = _opt(2.0**16, "Initial dynamic loss scale for --fp16.")
     train_iters: int = _opt(100, "Optimizer steps to train for.")
+    max_skipped_iters: int = _opt(10, "Stop after this many consecutive non-finite updates.")
     seed: int = _opt(1234, "Random seed.")
 
-    # --- data ---
-    data_path: list[str] = _list_opt("Preprocessed prefixes, optionally weighted: 'A' or '0.7 A 0.3 B'.")
-    valid_data_path: list[str] = _list_opt("Separate validation prefixes (instead of --split).")
-    split: str = _opt("98,2,0", "Train/valid/test split of --data-path, in proportions.")
-    tokenizer_type: str | None = _opt(None, "Tokenizer type.", (None, "SentencePieceTokenizer", "HuggingFaceTokenizer"))
-    tokenizer_model: str | None = _opt(None, "Tokenizer model file or directory.")
-    mock_data: bool = _opt(False, "Train on built-in synthetic preference pairs (no --data-path).")
-    num_workers: int = _opt(0, "DataLoader worker processes.")
-
-    # --- checkpoints, evaluation, logging ---
-    save: str | None = _opt(None, "Directory to save checkpoints to.")
-    load: str | None = _opt(None, "Directory (or HF model directory) to load from.")
-    save_interval: int | None = _opt(None, "Save every this many iterations.")
-    no_load_optim: bool = _opt(False, "Do not load optimizer state.")
-    no_load_rng: bool = _opt(False, "Do not load RNG state.")
-    finetune: bool = _opt(False, "Load weights only and start at iteration 0.")
-    eval_interval: int | None = _opt(None, "Evaluate every this many iterations.")
-    eval_iters: int = _opt(10, "Batches per evaluation.")
-    eval_only: bool = _opt(False, "Evaluate the loaded checkpoint and exit.")
-    log_interval: int = _opt(10, "Print metrics every this many iterations.")
-    tensorboard_dir: str | None = _opt(None, "Write TensorBoard events here.")
-    metrics_file: str | None = _opt(None, "Metrics JSONL (default: SAVE/metrics.jsonl when --save is set).")
-    max_skipped_iters: int = _opt(10, "Stop after this many consecutive non-finite updates.")
-
-    # --- FP8 (Transformer Engine) ---
-    fp8_format: str | None = _opt(None, "FP8 format; enables FP8.", (None, "e4m3", "hybrid"))
-    fp8_recipe: str = _opt("delayed", "FP8 scaling recipe.", ("delayed", "tensorwise", "mxfp8", "blockwise"))
-    fp8_margin: int = _opt(0, "FP8 scaling margin.")
-    fp8_amax_history_len: int = _opt(1, "FP8 amax history length (delayed scaling).")
-    fp8_amax_compute_algo: str = _opt("most_recent", "FP8 amax reduction over the history.", ("max", "most_recent"))
-    fp8_param_gather: bool = _opt(False, "Keep parameters in FP8 and all-gather them in FP8.")
-
-    # ---------------------------------------------------------------- derived values
-    def padded_vocab_size(self, world_tp: int | None = None) -> int:
-        """The vocabulary padded to a multiple of make_vocab_size_divisible_by x TP (Megatron)."""
-        tp = world_tp or self.tensor_model_parallel_size
-        multiple = self.make_vocab_size_divisible_by * tp
-        return int(math.ceil(self.vocab_size / multiple) * multiple)
-
-    def derived_ffn_hidden_size(self) -> int:
-        if self.ffn_hidden_size is not None:
-            return self.ffn_hidden_size
-        if not self.swiglu:
-            return 4 * self.hidden_size
-        return int(math.ceil(8 * self.hidden_size / 3 / 64) * 64)
-
-    def data_parallel_size(self, world_size: int) -> int:
-        return world_size // (
-            self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
-        )
-
-    def num_micro_batches(self, world_size: int) -> int:
-        return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size(world_size))
-
-    def virtual_pipeline_model_parallel_size(self) -> int | None:
-        if self.num_layers_per_virtual_pipeline_stage is None:
-            return None
-        return self.num_layers // (self.pipeline_model_parallel_size * self.num_layers_per_virtual_pipeline_stage)
-
-    # ---------------------------------------------------------------- validation
-    def validate(self, world_size: int) -> "SimPOConfig":
-        """Check the settings against each other and the world size; raise ConfigError naming the flag."""
-        tp, pp, cp = self.tensor_model_parallel_size, self.pipeline_model_parallel_size, self.context_parallel_size
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-                     "micro_batch_size", "global_batch_size", "num_layers", "hidden_size",
-                     "num_attention_heads", "seq_length", "train_iters", "log_interval"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        if cp != 1:
-            raise ConfigError("--context-parallel-size > 1 is not supported yet")
-        if world_size % (tp * pp * cp) != 0:
-            raise ConfigError(
-                f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) "
-                f"x --pipeline-model-parallel-size ({pp})"
-            )
-        dp = self.data_parallel_size(world_size)
-        if self.num_attention_heads % tp != 0:
-            raise ConfigError(
-                f"--num-attention-heads ({self.num_attention_heads}) is not divisible by "
-                f"--tensor-model-parallel-size ({tp})"
-            )
-        groups = self.num_query_groups or self.num_attention_heads
-        if self.num_attention_heads % groups != 0:
-            raise ConfigError(
-                f"--num-attention-heads ({self.num_attention_heads}) is not divisible by "
-                f"--num-query-groups ({groups})"
-            )
-        if groups % tp != 0:
-            raise ConfigError(
-                f"--num-query-groups ({groups}) is not divisible by --tensor-model-parallel-size ({tp})"
-            )
-        if self.kv_channels is None and self.hidden_size % self.num_attention_heads != 0:
-            raise ConfigError(
-                f"--hidden-size ({self.hidden_size}) is not divisible by --num-attention-heads "
-                f"({self.num_attention_heads}); set --kv-channels"
-            )
-        if self.num_layers % pp != 0:
-            raise ConfigError(
-                f"--num-layers ({self.num_layers}) is not divisible by "
-                f"--pipeline-model-parallel-size ({pp})"
-            )
-        if self.num_layers_per_virtual_pipeline_stage is not None:
-            per_stage = self.num_layers // pp
-            if pp < 2:
-                raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
-            if per_stage % self.num_layers_per_virtual_pipeline_stage != 0:
-                raise ConfigError(
-                    f"layers per pipeline stage ({per_stage}) is not divisible by "
-                    f"--num-layers-per-virtual-pipeline-stage ({self.num_layers_per_virtual_pipeline_stage})"
-                )
-        if self.global_batch_size % (self.micro_batch_size * dp) != 0:
-            raise ConfigError(
-                f"--global-batch-size ({self.global_batch_size}) is not divisible by "
-                f"--micro-batch-size ({self.micro_batch_size}) x data-parallel size ({dp})"
-            )
-        if (self.virtual_pipeline_model_parallel_size() is not None
-                and self.num_micro_batches(world_size) % pp != 0):
-            raise ConfigError(
-                f"the interleaved schedule needs the number of micro-batches "
-                f"({self.num_micro_batches(world_size)}) to be a multiple of "
-                f"--pipeline-model-parallel-size ({pp})"
-            )
-        if self.sequence_parallel and tp == 1:
-            raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
-        if self.sequence_parallel and self.seq_length % tp != 0:
-            raise ConfigError(
-                f"--seq-length ({self.seq_length}) must be divisible by --tensor-model-parallel-size "
-                f"({tp}) with --sequence-parallel"
-            )
-        if self.bf16 and self.fp16:
-            raise ConfigError("--bf16 and --fp16 are mutually exclusive")
-        if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.seq_length:
-            raise ConfigError(
-                f"--max-prompt-length ({self.max_prompt_length}) must be in [1, --seq-length)"
-            )
-        if self.seq_length < 2:
-            raise ConfigError("--seq-length must be >= 2 (a prompt token and a response token)")
+    def validate(self) -> None:
+        _require_positive(self, "train_iters")
         if self.lr_warmup_fraction is not None and self.lr_warmup_iters:
             raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr ({self.min_lr}) exceeds --lr ({self.lr})")
         if self.clip_grad < 0:
             raise ConfigError(f"--clip-grad must be >= 0, got {self.clip_grad}")
-        if self.use_distributed_optimizer and self.optimizer != "adam":
-            raise ConfigError("--use-distributed-optimizer supports --optimizer adam only (megatron-core)")
-        if self.overlap_param_gather and not self.use_distributed_optimizer:
-            raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
-        if self.fp8_format is not None and self.transformer_impl != "transformer_engine":
-            raise ConfigError("--fp8-format needs --transformer-impl transformer_engine")
-        if self.fp8_param_gather and self.fp8_format is None:
-            raise ConfigError("--fp8-param-gather needs --fp8-format")
-        if self.mock_data == bool(self.data_path):
-            raise ConfigError("give exactly one of --data-path and --mock-data")
-        if self.data_path and not self.tokenizer_model:
-            raise ConfigError("--data-path needs --tokenizer-type and --tokenizer-model")
+
+
+@dataclass
+class CheckpointConfig:
+    """Where checkpoints go and what a load restores."""
+
+    save: str | None = _opt(None, "Directory to save checkpoints to.")
+    load: str | None = _opt(None, "Directory (or HF model directory) to load from.")
+    save_interval: int | None = _opt(None, "Save every this many iterations.")
+    no_load_optim: bool = _opt(False, "Do not load optimizer state.")
+    no_load_rng: bool = _opt(False, "Do not load RNG state.")
+    finetune: bool = _opt(False, "Load weights only and start at iteration 0.")
+    dist_ckpt_optim_fully_reshardable: bool = _opt(
+        False, "Save distributed-optimizer state so that it loads on any TP/PP/DP layout "
+        "(gathers it at save time); by default it reshards over data-parallel ranks only."
+    )
+
+    def validate(self) -> None:
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError(f"--save-interval must be >= 1, got {self.save_interval}")
-        if self.eval_only and not self.load:
-            raise ConfigError("--eval-only needs --load")
-        from simpo_megatron.losses import _check_simpo_args, get_loss
-
-        try:
-            get_loss(self.loss)
-        except ValueError as e:
-            raise ConfigError(f"--loss: {e}") from None
-        try:
-            _check_simpo_args(self.beta, self.loss_type, self.label_smoothing, self.sft_weight)
-        except ValueError as e:
-            # The messages start with the argument's name ("beta must be > 0, ..."): name the flag.
-            name = e.args[0].split()[0]
-            message = str(e).replace(name, _flag(name), 1).replace("loss_type=", "--loss-type ")
-            raise ConfigError(message) from None
-        return self
 
 
-class ConfigError(ValueError):
-    """An invalid combination of settings; the message names the flag."""
+@dataclass
+class LoggingConfig:
+    """Console, metrics and TensorBoard output, and evaluation on the validation data."""
+
+    log_interval: int = _opt(10, "Print metrics every this many iterations.")
+    tensorboard_dir: str | None = _opt(None, "Write TensorBoard events here.")
+    metrics_file: str | None = _opt(None, "Metrics JSONL (default: SAVE/metrics.jsonl when --save is set).")
+    eval_interval: int | None = _opt(None, "Evaluate every this many iterations.")
+    eval_iters: int = _opt(10, "Batches per evaluation.")
+    eval_only: bool = _opt(False, "Evaluate the loaded checkpoint and exit.")
+
+    def validate(self) -> None:
+        _require_positive(self, "log_interval")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "data": DataConfig,
+    "loss": LossConfig,
+    "optimizer": OptimizerConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
 
 
 @functools.cache
-def _type_hints() -> dict[str, Any]:
-    return typing.get_type_hints(SimPOConfig)
+def _section_of() -> dict[str, str]:
+    """Field name -> the name of the section that holds it (names are unique across sections)."""
+    owner: dict[str, str] = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in owner:
+                raise TypeError(f"field {f.name!r} is in sections {owner[f.name]!r} and {section!r}")
+            owner[f.name] = section
+    return owner
 
 
-def _field_type(f: dataclasses.Field) -> tuple[type, bool]:
-    """The scalar type of a field and whether it is a list."""
-    tp = _type_hints()[f.name]
-    origin = typing.get_origin(tp)
-    if origin is list:
-        return typing.get_args(tp)[0], True
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0], False
-    return tp, False
+# ==================================================================== the job
+@dataclass
+class SimPOConfig:
+    """All settings of a run, by section. ``cfg.model.hidden_size`` is the flag ``--hidden-size``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any] | None = None, **kwargs: Any) -> "SimPOConfig":
+        """A config from flat settings (flag names with underscores), the rest defaults."""
+        return cls().replace(**{**(values or {}), **kwargs})
+
+    def replace(self, **values: Any) -> "SimPOConfig":
+        """A copy with the given flat settings changed."""
+        owner = _section_of()
+        unknown = sorted(set(values) - set(owner))
+        if unknown:
+            raise TypeError(f"unknown settings: {', '.join(unknown)}")
+        changes: dict[str, dict[str, Any]] = {}
+        for name, value in values.items():
+            changes.setdefault(owner[name], {})[name] = value
+        return dataclasses.replace(
+            self, **{s: dataclasses.replace(getattr(self, s), **v) for s, v in changes.items()}
+        )
+
+    def to_flat(self) -> dict[str, Any]:
+        """Every setting by its flat name (what checkpoints record)."""
+        return {k: v for s in SECTIONS for k, v in dataclasses.asdict(getattr(self, s)).items()}
+
+    # ---------------------------------------------------------------- derived values
+    def padded_vocab_size(self, world_tp: int | None = None) -> int:
+        """The vocabulary padded to a multiple of make_vocab_size_divisible_by x TP (Megatron)."""
+        tp = world_tp or self.parallel.tensor_model_parallel_size
+        multiple = self.model.make_vocab_size_divisible_by * tp
+        return int(math.ceil(self.model.vocab_size / multiple) * multiple)
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return self.parallel.data_parallel_size(world_size)
+
+    def num_micro_batches(self, world_size: int) -> int:
+        return self.data.global_batch_size // (self.data.micro_batch_size * self.data_parallel_size(world_size))
+
+    def virtual_pipeline_model_parallel_size(self) -> int | None:
+        per_vstage = self.parallel.num_layers_per_virtual_pipeline_stage
+        if per_vstage is None:
+            return None
+        return self.model.num_layers // (self.parallel.pipeline_model_parallel_size * per_vstage)
+
+    # ---------------------------------------------------------------- validation
+    def validate(self, world_size: int) -> "SimPOConfig":
+        """Each section, then the sections against each other and the world size; raise ConfigError."""
+        for section in SECTIONS:
+            getattr(self, section).validate()
+        model, par, data = self.model, self.parallel, self.data
+        tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+        if world_size % par.model_parallel_size != 0:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) "
+                f"x --pipeline-model-parallel-size ({pp})"
+            )
+        if model.num_attention_heads % tp != 0:
+            raise ConfigError(
+                f"--num-attention-heads ({model.num_attention_heads}) is not divisible by "
+                f"--tensor-model-parallel-size ({tp})"
+            )
+        groups = model.num_query_groups or model.num_attention_heads
+        if groups % tp != 0:
+            raise ConfigError(f"--num-query-groups ({groups}) is not divisible by --tensor-model-parallel-size ({tp})")
+        if model.num_layers % pp != 0:
+            raise ConfigError(
+                f"--num-layers ({model.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})"
+            )
+        per_vstage = par.num_layers_per_virtual_pipeline_stage
+        if per_vstage is not None and (model.num_layers // pp) % per_vstage != 0:
+            raise ConfigError(
+                f"layers per pipeline stage ({model.num_layers // pp}) is not divisible by "
+                f"--num-layers-per-virtual-pipeline-stage ({per_vstage})"
+            )
+        dp = self.data_parallel_size(world_size)
+        if data.global_batch_size % (data.micro_batch_size * dp) != 0:
+            raise ConfigError(
+                f"--global-batch-size ({data.global_batch_size}) is not divisible by "
+                f"--micro-batch-size ({data.micro_batch_size}) x data-parallel size ({dp})"
+            )
+        if self.virtual_pipeline_model_parallel_size() is not None and self.num_micro_batches(world_size) % pp != 0:
+            raise ConfigError(
+                f"the interleaved schedule needs the number of micro-batches "
+                f"({self.num_micro_batches(world_size)}) to be a multiple of --pipeline-model-parallel-size ({pp})"
+            )
+        if par.sequence_parallel and data.seq_length % tp != 0:
+            raise ConfigError(
+                f"--seq-length ({data.seq_length}) must be divisible by --tensor-model-parallel-size "
+                f"({tp}) with --sequence-parallel"
+            )
+        if par.use_distributed_optimizer and self.optimizer.optimizer != "adam":
+            raise ConfigError("--use-distributed-optimizer supports --optimizer adam only (megatron-core)")
+        if self.logging.eval_only and not self.checkpoint.load:
+            raise ConfigError("--eval-only needs --load")
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        # Transitional flat read access (cfg.seq_length); prefer cfg.data.seq_length.
+        section = _section_of().get(name)
+        if section is None:
+            raise AttributeError(f"{type(self).__name__!r} has no setting {name!r}")
+        return getattr(object.__getattribute__(self, section), name)
+
+
+# ==================================================================== flags and YAML
+@functools.cache
+def _fields() -> dict[str, tuple[dataclasses.Field, type, bool]]:
+    """Every setting: (its field, its scalar type, whether it is a list)."""
+    out = {}
+    for cls in SECTIONS.values():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            origin = typing.get_origin(tp)
+            if origin is list:
+                out[f.name] = (f, typing.get_args(tp)[0], True)
+            elif origin in (typing.Union, types.UnionType):
+                out[f.name] = (f, next(a for a in typing.get_args(tp) if a is not type(None)), False)
+            else:
+                out[f.name] = (f, tp, False)
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """An argparse parser with one flag per config field; defaults are left out (SUPPRESS)."""
+    """An argparse parser with one flag per setting, grouped by section; defaults left out (SUPPRESS)."""
     parser = argparse.ArgumentParser(
         description="SimPO preference optimization on Megatron-Core.",
         argument_default=argparse.SUPPRESS,
     )
     parser.add_argument("--config", help="YAML file of settings; command-line flags override it.")
-    for f in dataclasses.fields(SimPOConfig):
-        scalar, is_list = _field_type(f)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata['help']} (default: {default})"
-        if scalar is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
-            continue
-        choices = f.metadata.get("choices")
-        if choices is not None:
-            choices = [c for c in choices if c is not None]
-        parser.add_argument(
-            _flag(f.name), type=scalar, nargs="+" if is_list else None, choices=choices,
-            help=help_text,
-        )
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section, (cls.__doc__ or "").strip())
+        for f in dataclasses.fields(cls):
+            _, scalar, is_list = _fields()[f.name]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            help_text = f"{f.metadata['help']} (default: {default})"
+            if scalar is bool:
+                group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
+                continue
+            choices = f.metadata.get("choices")
+            if choices is not None:
+                choices = [c for c in choices if c is not None]
+            group.add_argument(
+                _flag(f.name), type=scalar, nargs="+" if is_list else None, choices=choices, help=help_text
+            )
     return parser
 
 
@@ -341,22 +454,30 @@ def load_config(argv: Sequence[str] | None = None) -> SimPOConfig:
     if config_file:
         values.update(read_yaml(config_file))
     values.update(given)
-    return SimPOConfig(**values)
+    return SimPOConfig.from_flat(values)
 
 
 def read_yaml(path: str) -> dict[str, Any]:
-    """Settings from a YAML mapping; keys may use dashes or underscores; unknown keys are errors."""
+    """Flat settings from a YAML mapping: keys may use dashes or underscores, and may sit under
+    their section's name (``model: {hidden_size: 4096}``); unknown keys are errors."""
     with open(path) as fh:
         raw = yaml.safe_load(fh) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of settings, got {type(raw).__name__}")
-    known = {f.name: f for f in dataclasses.fields(SimPOConfig)}
-    values = {}
+    items: list[tuple[str, Any]] = []
     for key, value in raw.items():
-        name = str(key).replace("-", "_")
-        if name not in known:
+        if str(key) in SECTIONS and isinstance(value, dict):
+            items.extend((f"{key}.{k}", v) for k, v in value.items())
+        else:
+            items.append((str(key), value))
+    known = _fields()
+    values = {}
+    for key, value in items:
+        section, _, short = key.rpartition(".")
+        name = short.replace("-", "_")
+        if name not in known or (section and _section_of()[name] != section):
             raise ConfigError(f"{path}: unknown setting {key!r}")
-        scalar, is_list = _field_type(known[name])
+        _, scalar, is_list = known[name]
         if is_list:
             value = [str(v) for v in (value if isinstance(value, list) else str(value).split())]
         elif value is not None and scalar is float:

@@ -15,17 +15,30 @@ import torch.nn.functional as F
 LOSS_TYPES = ("sigmoid", "hinge")
 
 
-def _check_simpo_args(beta: float, loss_type: str, label_smoothing: float, sft_weight: float):
+def check_simpo_args(
+    beta: float,
+    loss_type: str,
+    label_smoothing: float,
+    sft_weight: float,
+    name: Callable[[str], str] = str,
+) -> None:
+    """Raise ValueError unless the SimPO knobs are valid; messages start with the knob's name.
+
+    ``name`` spells an argument in messages: the argument itself by default, a flag for the
+    command line (``lambda arg: "--" + arg.replace("_", "-")``).
+    """
     if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        raise ValueError(f"{name('loss_type')} must be one of {LOSS_TYPES}, got {loss_type!r}")
     if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
+        raise ValueError(f"{name('beta')} must be > 0, got {beta}")
     if not 0.0 <= label_smoothing <= 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5], got {label_smoothing}")
+        raise ValueError(f"{name('label_smoothing')} must be in [0, 0.5], got {label_smoothing}")
     if loss_type == "hinge" and label_smoothing != 0.0:
-        raise ValueError("label_smoothing applies to loss_type='sigmoid' only; got it with 'hinge'")
+        raise ValueError(
+            f"{name('label_smoothing')} applies to {name('loss_type')} 'sigmoid' only; got it with 'hinge'"
+        )
     if sft_weight < 0:
-        raise ValueError(f"sft_weight must be >= 0, got {sft_weight}")
+        raise ValueError(f"{name('sft_weight')} must be >= 0, got {sft_weight}")
 
 
 def simpo_loss(
@@ -47,7 +60,7 @@ def simpo_loss(
     paper's gamma/beta (as in the SimPO repository), not TRL's absolute ``simpo_gamma``.
     Rewards are ``beta * logp``, detached. Computed in fp32 whatever the input dtype.
     """
-    _check_simpo_args(beta, loss_type, label_smoothing, sft_weight)
+    check_simpo_args(beta, loss_type, label_smoothing, sft_weight)
     if policy_chosen_logps.shape != policy_rejected_logps.shape:
         raise ValueError(
             "policy_chosen_logps and policy_rejected_logps must have the same shape, got "

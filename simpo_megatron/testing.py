@@ -40,7 +40,7 @@ def tiny_config(**overrides) -> SimPOConfig:
         train_iters=10,
     )
     values.update(overrides)
-    return SimPOConfig(**values)
+    return SimPOConfig.from_flat(values)
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:

@@ -32,7 +32,7 @@ def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.derived_ffn_hidden_size(),
+        ffn_hidden_size=cfg.model.derived_ffn_hidden_size(),
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups or cfg.num_attention_heads,
         kv_channels=cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads,

@@ -171,7 +171,7 @@ def model_config(values: Mapping[str, Any]) -> SimPOConfig:
     missing = [name for name in required if values.get(name) is None]
     if missing:
         raise HFConversionError(f"stored model config lacks {', '.join(missing)}")
-    return SimPOConfig(**{name: values[name] for name in MODEL_FIELDS if name in values})
+    return SimPOConfig.from_flat({name: values[name] for name in MODEL_FIELDS if name in values})
 
 
 def model_config_dict(cfg: SimPOConfig) -> dict[str, Any]:
@@ -226,7 +226,7 @@ def overrides_to_hf_config(
         architectures=[ARCHITECTURES[model_type]],
         model_type=model_type,
         hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.derived_ffn_hidden_size(),
+        intermediate_size=cfg.model.derived_ffn_hidden_size(),
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=heads,
         num_key_value_heads=cfg.num_query_groups or heads,
@@ -257,7 +257,7 @@ def overrides_to_hf_config(
 
 def _dims(cfg: SimPOConfig) -> tuple[int, int, int, int, int]:
     heads = cfg.num_attention_heads
-    return cfg.hidden_size, cfg.derived_ffn_hidden_size(), heads, cfg.num_query_groups or heads, (
+    return cfg.hidden_size, cfg.model.derived_ffn_hidden_size(), heads, cfg.num_query_groups or heads, (
         cfg.kv_channels or cfg.hidden_size // heads
     )
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
@@ -140,13 +139,13 @@ def import_hf_checkpoint(
     loads on any TP/PP layout with the same padded size). Returns ``output``.
     """
     hf_config = read_hf_config(hf_dir)
-    cfg = SimPOConfig(
-        **hf_config_to_overrides(hf_config),
+    cfg = SimPOConfig.from_flat(
+        hf_config_to_overrides(hf_config),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         tensor_model_parallel_size=tensor_model_parallel_size,
     )
     padded_vocab_size = cfg.padded_vocab_size()
-    cfg = dataclasses.replace(cfg, tensor_model_parallel_size=1)
+    cfg = cfg.replace(tensor_model_parallel_size=1)
     state = hf_to_megatron(load_safetensors(hf_dir), cfg, padded_vocab_size)
     window = sliding_window(hf_config)
     if window is not None and window < (cfg.max_position_embeddings or 0):
@@ -248,7 +247,7 @@ def ensure_megatron_checkpoint(load_path: str, cfg: SimPOConfig) -> str:
     if not is_hf_checkpoint(load_path):
         return load_path
     overrides = hf_config_to_overrides(read_hf_config(load_path), seq_length=cfg.seq_length)
-    padded_vocab_size = dataclasses.replace(cfg, **overrides).padded_vocab_size()
+    padded_vocab_size = cfg.replace(**overrides).padded_vocab_size()
     distributed = dist.is_initialized()
     result: list[str | None] = [None, None]  # [output, error]
     if not distributed or dist.get_rank() == 0:

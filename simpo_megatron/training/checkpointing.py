@@ -12,7 +12,6 @@ loads on another. RNG states are per (PP, TP) rank and are restored only on the 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import shutil
@@ -242,5 +241,5 @@ def load_checkpoint(
 
 
 def config_to_dict(cfg) -> dict:
-    """A plain-dict copy of a dataclass config, to store beside the checkpoint."""
-    return dataclasses.asdict(cfg)
+    """The run's settings by flat name, to store beside the checkpoint."""
+    return cfg.to_flat()

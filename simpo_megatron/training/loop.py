@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import sys
@@ -103,7 +102,7 @@ def evaluate(cfg: SimPOConfig, state: TrainState, dataset, pad_id: int) -> dict 
 
 def _resolve_vocab(cfg: SimPOConfig, data_vocab: int) -> SimPOConfig:
     if cfg.vocab_size is None:
-        return dataclasses.replace(cfg, vocab_size=data_vocab)
+        return cfg.replace(vocab_size=data_vocab)
     if cfg.vocab_size < data_vocab:
         raise ConfigError(f"--vocab-size ({cfg.vocab_size}) is smaller than the tokenizer's ({data_vocab})")
     return cfg
@@ -117,7 +116,7 @@ def pretrain(cfg: SimPOConfig) -> dict:
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.load and is_hf_checkpoint(cfg.load):
-        cfg = dataclasses.replace(cfg, **hf_model_overrides(cfg.load, seq_length=cfg.seq_length))
+        cfg = cfg.replace(**hf_model_overrides(cfg.load, seq_length=cfg.seq_length))
     cfg.validate(world_size)
     if cfg.transformer_impl == "transformer_engine":
         check_transformer_engine(cfg)  # before any process group: fail fast, on every rank
@@ -135,7 +134,7 @@ def pretrain(cfg: SimPOConfig) -> dict:
     if cfg.load and is_hf_checkpoint(cfg.load):
         resume = cfg.save and read_tracker(cfg.save) is not None
         # Resume a run that started from the HF model, rather than start it again.
-        cfg = dataclasses.replace(cfg, load=cfg.save if resume else ensure_megatron_checkpoint(cfg.load, cfg))
+        cfg = cfg.replace(load=cfg.save if resume else ensure_megatron_checkpoint(cfg.load, cfg))
     if cfg.load and read_tracker(cfg.load) is None:
         # As Megatron-LM: --load on a directory without a checkpoint starts from scratch
         # (so --save and --load can name the same directory from the first run on).

@@ -10,13 +10,13 @@ loss is the exact mean over the pairs of the global batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
 
 import torch
 
 from simpo_megatron.logprobs import sequence_logps, vocab_parallel_token_logps
+from simpo_megatron.config import LossConfig
 from simpo_megatron.losses import get_loss
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
@@ -31,25 +31,8 @@ METRIC_SUMS = (
 METRICS_KEY = "simpo"
 
 
-@dataclass(frozen=True)
-class LossSettings:
-    """The preference-loss knobs ``loss_func`` needs, taken from the run's config."""
-
-    loss: str = "simpo"
-    beta: float = 2.0
-    gamma_beta_ratio: float = 0.5
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    sft_weight: float = 0.0
-    average_log_prob: bool = True
-
-    @classmethod
-    def from_config(cls, cfg) -> "LossSettings":
-        return cls(**{name: getattr(cfg, name) for name in cls.__dataclass_fields__})
-
-
 def loss_func(
-    settings: LossSettings,
+    settings: LossConfig,
     vocab_size: int,
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
@@ -88,7 +71,7 @@ def loss_func(
     return loss_sum, torch.tensor(num_pairs, dtype=torch.int, device=loss_sum.device), {METRICS_KEY: sums}
 
 
-def forward_step(settings: LossSettings, vocab_size: int, data_iterator: Iterator[dict], model):
+def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[dict], model):
     """One micro-batch through this stage's model chunk; megatron-core's ``forward_step_func``.
 
     Bind the loss settings and the true (unpadded) vocabulary size first:

@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from simpo_megatron.config import SimPOConfig
 from simpo_megatron.model import build_model
 from simpo_megatron.model.gpt import params_dtype
-from simpo_megatron.training.step import LossSettings, forward_step, reduce_metrics
+from simpo_megatron.training.step import forward_step, reduce_metrics
 
 
 @dataclass
@@ -70,7 +70,7 @@ def setup_model_and_optimizer(cfg: SimPOConfig, padded_vocab_size: int) -> Train
 
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
-            optimizer=cfg.optimizer,
+            optimizer=cfg.optimizer.optimizer,
             lr=cfg.lr,
             min_lr=cfg.min_lr,
             weight_decay=cfg.weight_decay,
@@ -116,12 +116,11 @@ def build_scheduler(cfg: SimPOConfig, optimizer) -> OptimizerParamScheduler:
 
 def _run_schedule(cfg: SimPOConfig, model, batches: list[dict], forward_only: bool):
     """Run megatron-core's schedule over one global batch's micro-batches on this rank."""
-    settings = LossSettings.from_config(cfg)
     # Every model chunk (virtual stage) walks the same micro-batches with its own iterator.
     iterators = [iter(batches) for _ in model]
     seq_length = batches[0]["tokens"].shape[1]
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, settings, cfg.vocab_size),
+        forward_step_func=partial(forward_step, cfg.loss, cfg.model.vocab_size),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(batches),

@@ -11,12 +11,14 @@ import itertools
 import sys
 import types
 
+import dataclasses
+
 import pytest
 import torch
 from megatron.core.enums import Fp8Recipe
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from simpo_megatron.config import ConfigError, SimPOConfig
+from simpo_megatron.config import ConfigError, ModelConfig, SimPOConfig
 from simpo_megatron.model import fp8 as fp8_module
 from simpo_megatron.model.fp8 import FP8UnavailableError, check_transformer_engine, fp8_config_kwargs
 from simpo_megatron.model.gpt import layer_spec, transformer_config
@@ -34,7 +36,7 @@ def fp8_cfg(**overrides) -> SimPOConfig:
 
 
 def test_the_flag_choices_are_the_combinations_tested_here():
-    fields = {f.name: f for f in SimPOConfig.__dataclass_fields__.values()}
+    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     assert [c for c in fields["fp8_format"].metadata["choices"] if c] == list(FORMATS)
     assert list(fields["fp8_recipe"].metadata["choices"]) == list(RECIPES)
     # every recipe flag is a megatron-core Fp8Recipe

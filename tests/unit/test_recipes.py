@@ -100,7 +100,7 @@ def test_tiny_recipe_validates_as_the_launcher_runs_it():
 def test_paper_recipes_carry_the_published_hyperparameters(name):
     cfg = recipe(name, "--mock-data")
     published = PUBLISHED[name]
-    assert cfg.loss == "simpo" and cfg.loss_type == "sigmoid"
+    assert cfg.loss.loss == "simpo" and cfg.loss_type == "sigmoid"
     assert cfg.beta == published["beta"]
     assert cfg.gamma_beta_ratio == published["gamma_beta_ratio"]
     assert cfg.lr == published["lr"]
@@ -111,7 +111,7 @@ def test_paper_recipes_carry_the_published_hyperparameters(name):
     assert cfg.lr_decay_style == "cosine" and cfg.min_lr == 0.0
     assert cfg.lr_warmup_fraction == 0.1 and cfg.lr_warmup_iters == 0
     # HF AdamW (adamw_torch) defaults and Trainer's gradient clipping.
-    assert (cfg.optimizer, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps) == ("adam", 0.9, 0.999, 1e-8)
+    assert (cfg.optimizer.optimizer, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps) == ("adam", 0.9, 0.999, 1e-8)
     assert cfg.weight_decay == 0.0 and cfg.clip_grad == 1.0
     assert cfg.seed == 42
     # One epoch of ~60k UltraFeedback pairs.
