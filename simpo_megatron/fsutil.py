@@ -1,8 +1,18 @@
-"""Durable file-system steps shared by every writer that must never leave a partial output."""
+"""Atomic publication of outputs: every file or directory the product writes appears whole or not at all.
+
+The one scheme: write to a temporary path beside the output, make its contents durable
+(fsync every file), rename it into place, and make the rename durable (fsync the parent
+directory). ``staged(path)`` does all of it for one process; ``publish(tmp, path)`` is the
+last two steps, for writers that stage elsewhere (several ranks writing one checkpoint).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import socket
+from typing import Iterator
 
 
 def fsync_directory(path: str) -> None:
@@ -14,12 +24,60 @@ def fsync_directory(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: all or nothing."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
+def fsync_tree(path: str) -> None:
+    """fsync a file, or every file and directory under ``path``."""
+    if not os.path.isdir(path):
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+        return
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_directory(root)
+
+
+def temporary_path(path: str) -> str:
+    """A name beside ``path`` that no other process uses: ``PATH.tmp-HOST-PID``."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def publish(tmp: str, path: str, durable: bool = True) -> None:
+    """Move the finished ``tmp`` (a file or a directory) to ``path`` atomically.
+
+    A directory replaces an existing ``path`` only if that is an empty directory (rename's
+    rule); a file replaces an existing file. ``durable=False`` skips the fsyncs of ``tmp``'s
+    contents when the writer made them durable itself.
+    """
+    if durable:
+        fsync_tree(tmp)
     os.replace(tmp, path)
     fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def remove(path: str) -> None:
+    """Remove a file or directory tree if it exists."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def staged(path: str) -> Iterator[str]:
+    """Yield a temporary path to write ``path``'s contents to (a file, or a directory the caller
+    creates); on success publish it, on any failure remove it and leave ``path`` untouched."""
+    tmp = temporary_path(path)
+    remove(tmp)
+    try:
+        yield tmp
+        publish(tmp, path)
+    except BaseException:
+        remove(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path``: all or nothing."""
+    with staged(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)

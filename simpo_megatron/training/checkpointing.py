@@ -24,7 +24,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-from simpo_megatron.fsutil import atomic_write_text, fsync_directory
+from simpo_megatron.fsutil import atomic_write_text, publish
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -158,8 +158,7 @@ def save_checkpoint(
     if dist.get_rank() == 0:
         if os.path.isdir(final):
             shutil.rmtree(final)
-        os.rename(tmp, final)
-        fsync_directory(root)
+        publish(tmp, final)
         atomic_write_text(os.path.join(root, TRACKER_FILE), str(iteration))
     dist.barrier()
     return final

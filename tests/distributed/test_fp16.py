@@ -1,7 +1,9 @@
 """--fp16 with dynamic loss scaling: overflowing steps are skipped while the scaler lowers
-the scale, then training proceeds (the scaler must see every overflow to do so)."""
+the scale, then training proceeds (the scaler must see every overflow to do so), and the
+learning-rate schedule advances on real updates only."""
 
 import json
+import math
 
 from simpo_megatron.testing import run_distributed, tiny_config
 
@@ -27,4 +29,10 @@ def test_loss_scale_overflows_are_skipped_then_training_proceeds(tmp_path):
     assert first_update >= 1, "a 2**24 loss scale must overflow fp16 gradients at first"
     assert not any(skipped[first_update:]), skipped
     assert all(r["grad_norm"] is not None and r["loss"] is not None for r in train[first_update:])
-    assert train[-1]["lr"] < train[first_update]["lr"]  # the schedule advances on real updates only
+    # Cosine decay over 20 iterations of 4 pairs, no warmup, min lr 0: after u real updates the
+    # lr is 0.5 * lr * (1 + cos(pi * u / 20)); a skipped step leaves it where it was.
+    updates = 0
+    for record in train:
+        updates += not record["skipped"]
+        expected = 0.5 * 1e-3 * (1 + math.cos(math.pi * updates / 20))
+        assert math.isclose(record["lr"], expected, rel_tol=1e-9, abs_tol=1e-15), (record, updates)

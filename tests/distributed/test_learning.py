@@ -3,7 +3,6 @@ rejected ones odd ids), a hundred steps at PP=2 take held-out reward accuracy fr
 to at least 0.9, and the reward margin from about zero to clearly positive."""
 
 import json
-import os
 
 from simpo_megatron.testing import run_distributed, tiny_config
 
@@ -34,5 +33,6 @@ def test_held_out_accuracy_from_chance_to_090(tmp_path):
     assert after["rewards/margins"] > 1.0, after
     assert after["loss"] < before["loss"]
     train = [r for r in records if r["split"] == "train"]
-    assert len(train) == 100 and not any(r["skipped"] for r in train)
-    assert os.path.getsize(metrics_file) > 0
+    assert [r["iteration"] for r in train] == list(range(1, 101)) and not any(r["skipped"] for r in train)
+    first, last = (sum(r["loss"] for r in part) / 10 for part in (train[:10], train[-10:]))
+    assert last < 0.5 * first, (first, last)
