@@ -4,17 +4,26 @@ Each pair becomes one document of three sequences, prompt, chosen, rejected (des
 prompt starts with exactly one BOS (none is added when the text or chat template already
 starts with it) and each response ends with EOS (--no-append-eod leaves responses as they are).
 
+Tokenization is that of the whole conversation, as TRL's and the SimPO repository's
+`build_tokenized_answer` do it: prompt + response is tokenized as one text and split where the
+tokenized prompt ends, one token earlier when the prompt's last token merges with the
+response's first (a "boundary merge", counted in the summary and the sidecar). So prompt +
+chosen and prompt + rejected are exactly the tokenized texts. Prompts and full texts are
+encoded in batches with the tokenizer's own threads.
+
 Input: JSON Lines (any extension), a .json file holding one array, or .parquet (pyarrow).
 Records hold three fields (renamed with --json-keys) in one of two shapes:
 - strings: {"prompt": str, "chosen": str, "rejected": str}, tokenized as they are;
 - chat messages, as UltraFeedback-style data has them: the prompt a string or a list of
   {"role", "content"} messages; chosen/rejected a string, the assistant turn(s), or the full
   conversation repeating the prompt turns (those are stripped). Rendered with the tokenizer's
-  chat template or --chat-template FILE: the prompt is template(prompt, add_generation_prompt=True)
-  and a response is what template(prompt + response) renders after it.
+  own `apply_chat_template`, its template set by --chat-template where given: the prompt is
+  template(prompt, add_generation_prompt=True) and a response is what template(prompt +
+  response) renders after it, its end-of-turn token(s) and EOS included as the template renders
+  them (whitespace after a closing EOS is dropped, and no second EOS is added).
 
 Bad input (malformed JSON, invalid UTF-8, missing or non-string fields, an empty prompt or
-response, chosen identical to rejected, a template that cannot split the pair) stops the run
+response, chosen identical to rejected, a template or tokenization that cannot split the pair) stops the run
 with an error naming the file and line, and writes nothing; --skip-invalid skips such pairs
 and counts them by reason. Output files appear only when the run succeeds.
 
@@ -62,7 +71,7 @@ class InputError(Exception):
 
 class PairError(Exception):
     """One pair is unusable, for `reason`: malformed_json, invalid_utf8, bad_type, missing_field,
-    empty_prompt, empty_response, identical_responses or chat_template. `fatal` errors stop the
+    empty_prompt, empty_response, identical_responses, chat_template or token_boundary. `fatal` errors stop the
     run even with --skip-invalid."""
 
     def __init__(self, reason: str, message: str, fatal: bool = False) -> None:
@@ -81,6 +90,7 @@ class EncoderConfig:
     chat_template: str | None
     keys: tuple[str, str, str]
     append_eod: bool
+    num_threads: int
 
 
 @dataclass
@@ -102,16 +112,53 @@ class Failure(NamedTuple):
 
 @dataclass
 class EncodedChunk:
-    """The valid pairs of a chunk as the builder takes them, and the failures in input order."""
+    """The valid pairs of a chunk as the builder takes them, the failures in input order, and
+    the boundary merges (responses whose first token merged with the prompt's last; pairs where
+    only one of the two did)."""
 
     tokens: np.ndarray
     offsets: np.ndarray
     records: int
     failures: list[Failure]
+    merged_responses: int = 0
+    one_sided_merges: int = 0
+
+
+def response_start(prompt_ids: list[int], full_ids: list[int]) -> int:
+    """Where a response starts in the tokenized prompt + response, by TRL's and the SimPO
+    repository's `build_tokenized_answer`: after the prompt's tokens, or one token earlier when
+    the prompt's last token merged with the response's first (the merged token then belongs to
+    the response)."""
+    n = len(prompt_ids)
+    return n if full_ids[:n] == prompt_ids else n - 1
+
+
+def split_pair(
+    prompt_ids: list[int], chosen_full: list[int], rejected_full: list[int]
+) -> tuple[list[int], list[int], list[int], int]:
+    """(prompt, chosen, rejected, merged responses) from the tokenized prompt and the two tokenized
+    full texts, so that prompt + chosen and prompt + rejected are exactly those full tokenizations.
+
+    The shared prompt ends where the earlier of the two responses starts (`response_start`): when
+    only one response merged with the prompt, the other one starts with the prompt's last token
+    (TRL, which keeps one prompt per response, counts that token as prompt). Raises PairError when
+    the two full texts tokenize their prompt part differently beyond that.
+    """
+    starts = (response_start(prompt_ids, chosen_full), response_start(prompt_ids, rejected_full))
+    start = min(starts)
+    if chosen_full[:start] != rejected_full[:start]:
+        raise PairError(
+            "token_boundary",
+            "the prompt tokenizes differently before the chosen and the rejected response by more "
+            "than its last token, so the pair cannot share one prompt",
+        )
+    merged = sum(s < len(prompt_ids) for s in starts)
+    return chosen_full[:start], chosen_full[start:], rejected_full[start:], merged
 
 
 class PairEncoder:
-    """Validates a record, renders it (chat template if it holds messages) and tokenizes it."""
+    """Validates records, renders them (chat template if they hold messages) and tokenizes them:
+    prompt and prompt + response as one text each, split at the prompt's token boundary."""
 
     def __init__(self, tokenizer: BaseTokenizer, keys: tuple[str, str, str], append_eod: bool) -> None:
         self.tokenizer = tokenizer
@@ -120,36 +167,69 @@ class PairEncoder:
         self._eos_token = tokenizer.special_tokens.get("eos_token")
 
     def encode_chunk(self, chunk: Chunk) -> EncodedChunk:
-        tokens: list[int] = []
-        offsets = [0]
         failures: list[Failure] = []
+        texts: list[tuple[int, tuple[str, str, str]]] = []
         for location, record in zip(chunk.locations, chunk.records):
             try:
-                for seq in self.encode(record):
-                    tokens.extend(seq)
-                    offsets.append(len(tokens))
+                texts.append((location, self.texts(record)))
             except PairError as e:
                 failures.append(Failure(location, e.reason, e.message, e.fatal))
+        prompts = [p for _, (p, _, _) in texts]
+        ids = self.tokenizer.tokenize_batch(
+            prompts + [p + c for _, (p, c, _) in texts] + [p + r for _, (p, _, r) in texts]
+        )
+        k = len(texts)
+        tokens: list[int] = []
+        offsets = [0]
+        merged = one_sided = 0
+        for i, (location, _) in enumerate(texts):
+            try:
+                pair, merges = self._pair(ids[i], ids[k + i], ids[2 * k + i])
+            except PairError as e:
+                failures.append(Failure(location, e.reason, e.message, e.fatal))
+                continue
+            merged += merges
+            one_sided += merges == 1
+            for seq in pair:
+                tokens.extend(seq)
+                offsets.append(len(tokens))
+        failures.sort(key=lambda f: f.location)
         return EncodedChunk(
-            np.array(tokens, dtype=np.int32), np.array(offsets, dtype=np.int64), len(chunk.records), failures
+            np.array(tokens, dtype=np.int32),
+            np.array(offsets, dtype=np.int64),
+            len(chunk.records),
+            failures,
+            merged,
+            one_sided,
         )
 
     def encode(self, record: Any) -> tuple[list[int], list[int], list[int]]:
-        """Token ids of (prompt, chosen, rejected); raises PairError."""
+        """Token ids of (prompt, chosen, rejected) of one record; raises PairError."""
+        prompt, chosen, rejected = self.texts(record)
+        ids = self.tokenizer.tokenize_batch([prompt, prompt + chosen, prompt + rejected])
+        return self._pair(*ids)[0]
+
+    def texts(self, record: Any) -> tuple[str, str, str]:
+        """(prompt, chosen, rejected) texts of a record, rendered; raises PairError."""
         if isinstance(record, bytes):
             record = _parse_line(record)
         if not isinstance(record, dict):
             raise PairError("bad_type", f"expected a JSON object, got {_json_type(record)}")
         prompt, chosen, rejected = (_field(record, key) for key in self.keys)
-        try:
-            if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
-                texts = self._texts(prompt, chosen, rejected)
-            else:
-                texts = self._rendered(prompt, chosen, rejected)
-            return self._tokenize(*texts)
-        except UnicodeEncodeError as e:
-            bad = e.object[e.start : e.end].encode("unicode_escape").decode()
-            raise PairError("invalid_utf8", f"text holds {bad}, a lone surrogate, not valid UTF-8") from None
+        if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
+            texts = self._texts(prompt, chosen, rejected)
+        else:
+            texts = self._rendered(prompt, chosen, rejected)
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = e.object[e.start : e.end].encode("unicode_escape").decode()
+                raise PairError("invalid_utf8", f"text holds {bad}, a lone surrogate, not valid UTF-8") from None
+        if self._eos_token:
+            # The template closed the turn with EOS: end the response there.
+            texts = (texts[0], *(t.rstrip() if t.rstrip().endswith(self._eos_token) else t for t in texts[1:]))
+        return texts
 
     def _texts(self, prompt: str, chosen: str, rejected: str) -> tuple[str, str, str]:
         if not prompt.strip():
@@ -207,26 +287,24 @@ class PairEncoder:
             )
         return turns
 
-    def _tokenize(self, prompt: str, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
+    def _pair(
+        self, prompt_ids: list[int], chosen_full: list[int], rejected_full: list[int]
+    ) -> tuple[tuple[list[int], list[int], list[int]], int]:
+        """The stored pair (BOS placed once, EOS appended unless there) and its boundary merges."""
         tok = self.tokenizer
-        prompt_ids = tok.tokenize(prompt)
-        if tok.bos_id is not None and prompt_ids[:1] != [tok.bos_id]:
-            prompt_ids.insert(0, tok.bos_id)
-        if not prompt_ids:
+        prompt, chosen, rejected, merged = split_pair(prompt_ids, chosen_full, rejected_full)
+        if tok.bos_id is not None and prompt[:1] != [tok.bos_id]:
+            prompt.insert(0, tok.bos_id)
+        if not prompt:
             raise PairError("empty_prompt", f"field {self.keys[0]!r} tokenizes to nothing")
-        responses = []
-        for key, text in zip(self.keys[1:], (chosen, rejected)):
-            if self._eos_token and text.rstrip().endswith(self._eos_token):
-                text = text.rstrip()  # the template closed the turn with EOS: end the response there
-            ids = tok.tokenize(text)
+        for key, ids in zip(self.keys[1:], (chosen, rejected)):
             if self.append_eod and ids[-1:] != [tok.eos_id]:
                 ids.append(tok.eos_id)
             if not ids:
                 raise PairError("empty_response", f"field {key!r} tokenizes to nothing")
-            responses.append(ids)
-        if responses[0] == responses[1]:
+        if chosen == rejected:
             raise PairError("identical_responses", f"fields {self.keys[1]!r} and {self.keys[2]!r} are identical")
-        return prompt_ids, responses[0], responses[1]
+        return (prompt, chosen, rejected), merged
 
 
 def _parse_line(line: bytes) -> Any:
@@ -345,7 +423,7 @@ def _init_worker(config: EncoderConfig) -> None:
     global _worker_encoder
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model, config.chat_template)
+    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model, config.chat_template, config.num_threads)
     _worker_encoder = PairEncoder(tokenizer, config.keys, config.append_eod)
 
 
@@ -409,6 +487,14 @@ def _summary(prefix: str, meta: dict[str, Any], lengths: np.ndarray, skipped: Co
         f"wrote {meta['num_pairs']} pairs, {meta['num_tokens']} tokens ({meta['dtype']}) to "
         f"{prefix}.bin/.idx/.meta.json in {seconds:.1f} s ({meta['num_pairs'] / max(seconds, 1e-9):.0f} pairs/s)"
     ]
+    merges = meta["boundary_merges"]
+    if merges["responses"]:
+        lines.append(
+            f"boundary merges: {merges['responses']} of {2 * meta['num_pairs']} responses start with a token "
+            f"merged from the prompt's last token and their first (split as TRL does); in "
+            f"{merges['one_sided_pairs']} pairs only one response merged, and the other one starts "
+            f"with the prompt's last token"
+        )
     if skipped:
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
         lines.append(f"skipped {sum(skipped.values())} pairs: {reasons}")
@@ -439,7 +525,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     group.add_argument(
         "--tokenizer-model", required=True, help="SentencePiece .model file, or HF directory or tokenizer.json"
     )
-    group.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template (overrides the tokenizer's)")
+    group.add_argument(
+        "--chat-template",
+        metavar="FILE_OR_TEMPLATE",
+        help="Jinja2 chat template, a file or the template itself; sets the tokenizer's template",
+    )
     group.add_argument(
         "--append-eod",
         action=argparse.BooleanOptionalAction,
@@ -462,26 +552,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> str:
     """Preprocess as `args` say; returns the summary. Raises InputError."""
     start = time.perf_counter()
-    chat_template = None
-    if args.chat_template:
-        try:
-            with open(args.chat_template, encoding="utf-8") as f:
-                chat_template = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"{args.chat_template}: cannot read the chat template: {e}") from None
+    chat_template = _chat_template(args.chat_template)
+    cpus = len(os.sched_getaffinity(0))
+    threads = max(1, cpus // args.workers)  # the tokenizer's batch-encoding threads in each worker
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, chat_template)
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, chat_template, threads)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the tokenizer: {e}") from None
     if args.append_eod and tokenizer.eos_id is None:
         raise InputError(f"tokenizer {args.tokenizer_model!r} has no EOS token; pass --no-append-eod")
     keys = tuple(args.json_keys)
-    config = EncoderConfig(args.tokenizer_type, args.tokenizer_model, chat_template, keys, args.append_eod)
+    config = EncoderConfig(args.tokenizer_type, args.tokenizer_model, chat_template, keys, args.append_eod, threads)
     encoder = PairEncoder(tokenizer, keys, args.append_eod)
     chunks, total, location = _read_input(args.input, keys)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
 
     skipped: Counter[str] = Counter()
+    merges = Counter(responses=0, one_sided_pairs=0)
     metadata = {"source": args.input, "json_keys": list(keys), "append_eod": args.append_eod}
     # The worker pool starts before the writer opens its files, so no worker inherits them.
     with (
@@ -496,6 +583,7 @@ def run(args: argparse.Namespace) -> str:
                         hint = "" if failure.fatal else " (--skip-invalid skips such pairs)"
                         raise InputError(f"{location.format(failure.location)}: {failure.message}{hint}")
                     skipped[failure.reason] += 1
+                merges.update(responses=result.merged_responses, one_sided_pairs=result.one_sided_merges)
                 if len(result.offsets) > 1:
                     writer.add_batch(result.tokens, result.offsets)
                 progress.update(result.records, sum(skipped.values()))
@@ -504,9 +592,25 @@ def run(args: argparse.Namespace) -> str:
         if writer.num_pairs == 0:
             raise InputError(f"{args.input}: no valid pairs to write")
         writer.metadata["skipped"] = dict(skipped)
+        writer.metadata["boundary_merges"] = dict(merges)
         lengths = writer.sequence_lengths()
         meta = writer.close()
     return _summary(args.output_prefix, meta, lengths, skipped, time.perf_counter() - start)
+
+
+def _chat_template(value: str | None) -> str | None:
+    """--chat-template: a file holding the template, or the Jinja2 source itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{value}: cannot read the chat template: {e}") from None
+    if "{{" in value or "{%" in value:
+        return value
+    raise InputError(f"--chat-template {value!r} is neither a file nor a Jinja2 template")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
