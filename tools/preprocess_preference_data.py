@@ -23,7 +23,7 @@ Records hold three fields (renamed with --json-keys) in one of two shapes:
   them (whitespace after a closing EOS is dropped, and no second EOS is added).
 
 Bad input (malformed JSON, invalid UTF-8, missing or non-string fields, an empty prompt or
-response, chosen identical to rejected, a template or tokenization that cannot split the pair) stops the run
+response, chosen identical to rejected, a template that cannot split the pair) stops the run
 with an error naming the file and line, and writes nothing; --skip-invalid skips such pairs
 and counts them by reason. Output files appear only when the run succeeds.
 
@@ -71,7 +71,7 @@ class InputError(Exception):
 
 class PairError(Exception):
     """One pair is unusable, for `reason`: malformed_json, invalid_utf8, bad_type, missing_field,
-    empty_prompt, empty_response, identical_responses, chat_template or token_boundary. `fatal` errors stop the
+    empty_prompt, empty_response, identical_responses or chat_template. `fatal` errors stop the
     run even with --skip-invalid."""
 
     def __init__(self, reason: str, message: str, fatal: bool = False) -> None:
@@ -113,15 +113,14 @@ class Failure(NamedTuple):
 @dataclass
 class EncodedChunk:
     """The valid pairs of a chunk as the builder takes them, the failures in input order, and
-    the boundary merges (responses whose first token merged with the prompt's last; pairs where
-    only one of the two did)."""
+    the boundary merges ("responses" merged with the prompt's last token, "shifted" responses that
+    start before TRL's boundary: see split_pair)."""
 
     tokens: np.ndarray
     offsets: np.ndarray
     records: int
     failures: list[Failure]
-    merged_responses: int = 0
-    one_sided_merges: int = 0
+    merges: Counter[str]
 
 
 def response_start(prompt_ids: list[int], full_ids: list[int]) -> int:
@@ -135,25 +134,25 @@ def response_start(prompt_ids: list[int], full_ids: list[int]) -> int:
 
 def split_pair(
     prompt_ids: list[int], chosen_full: list[int], rejected_full: list[int]
-) -> tuple[list[int], list[int], list[int], int]:
-    """(prompt, chosen, rejected, merged responses) from the tokenized prompt and the two tokenized
+) -> tuple[list[int], list[int], list[int], int, int]:
+    """(prompt, chosen, rejected, merged, shifted) from the tokenized prompt and the two tokenized
     full texts, so that prompt + chosen and prompt + rejected are exactly those full tokenizations.
 
-    The shared prompt ends where the earlier of the two responses starts (`response_start`): when
-    only one response merged with the prompt, the other one starts with the prompt's last token
-    (TRL, which keeps one prompt per response, counts that token as prompt). Raises PairError when
-    the two full texts tokenize their prompt part differently beyond that.
+    Each response starts where TRL starts it (`response_start`); the one prompt both share ends at
+    the earlier of the two starts, and within their common prefix. `merged` counts the responses
+    whose first token merged with the prompt's; `shifted` those that start earlier than TRL's
+    boundary because of the other (TRL keeps one prompt per response and counts that token as
+    prompt; the layout here has one prompt per pair).
     """
     starts = (response_start(prompt_ids, chosen_full), response_start(prompt_ids, rejected_full))
     start = min(starts)
-    if chosen_full[:start] != rejected_full[:start]:
-        raise PairError(
-            "token_boundary",
-            "the prompt tokenizes differently before the chosen and the rejected response by more "
-            "than its last token, so the pair cannot share one prompt",
-        )
+    for common, (a, b) in enumerate(zip(chosen_full[:start], rejected_full[:start])):
+        if a != b:  # the prompt's tokens changed beyond its last one (TRL tolerates one such token)
+            start = common
+            break
     merged = sum(s < len(prompt_ids) for s in starts)
-    return chosen_full[:start], chosen_full[start:], rejected_full[start:], merged
+    shifted = sum(s > start for s in starts)
+    return chosen_full[:start], chosen_full[start:], rejected_full[start:], merged, shifted
 
 
 class PairEncoder:
@@ -181,15 +180,15 @@ class PairEncoder:
         k = len(texts)
         tokens: list[int] = []
         offsets = [0]
-        merged = one_sided = 0
+        merges: Counter[str] = Counter(responses=0, shifted=0)
         for i, (location, _) in enumerate(texts):
             try:
-                pair, merges = self._pair(ids[i], ids[k + i], ids[2 * k + i])
+                pair, merged, shifted = self._pair(ids[i], ids[k + i], ids[2 * k + i])
             except PairError as e:
                 failures.append(Failure(location, e.reason, e.message, e.fatal))
                 continue
-            merged += merges
-            one_sided += merges == 1
+            merges["responses"] += merged
+            merges["shifted"] += shifted
             for seq in pair:
                 tokens.extend(seq)
                 offsets.append(len(tokens))
@@ -199,8 +198,7 @@ class PairEncoder:
             np.array(offsets, dtype=np.int64),
             len(chunk.records),
             failures,
-            merged,
-            one_sided,
+            merges,
         )
 
     def encode(self, record: Any) -> tuple[list[int], list[int], list[int]]:
@@ -289,10 +287,10 @@ class PairEncoder:
 
     def _pair(
         self, prompt_ids: list[int], chosen_full: list[int], rejected_full: list[int]
-    ) -> tuple[tuple[list[int], list[int], list[int]], int]:
+    ) -> tuple[tuple[list[int], list[int], list[int]], int, int]:
         """The stored pair (BOS placed once, EOS appended unless there) and its boundary merges."""
         tok = self.tokenizer
-        prompt, chosen, rejected, merged = split_pair(prompt_ids, chosen_full, rejected_full)
+        prompt, chosen, rejected, merged, shifted = split_pair(prompt_ids, chosen_full, rejected_full)
         if tok.bos_id is not None and prompt[:1] != [tok.bos_id]:
             prompt.insert(0, tok.bos_id)
         if not prompt:
@@ -304,7 +302,7 @@ class PairEncoder:
                 raise PairError("empty_response", f"field {key!r} tokenizes to nothing")
         if chosen == rejected:
             raise PairError("identical_responses", f"fields {self.keys[1]!r} and {self.keys[2]!r} are identical")
-        return (prompt, chosen, rejected), merged
+        return (prompt, chosen, rejected), merged, shifted
 
 
 def _parse_line(line: bytes) -> Any:
@@ -491,9 +489,9 @@ def _summary(prefix: str, meta: dict[str, Any], lengths: np.ndarray, skipped: Co
     if merges["responses"]:
         lines.append(
             f"boundary merges: {merges['responses']} of {2 * meta['num_pairs']} responses start with a token "
-            f"merged from the prompt's last token and their first (split as TRL does); in "
-            f"{merges['one_sided_pairs']} pairs only one response merged, and the other one starts "
-            f"with the prompt's last token"
+            f"merged from the prompt's last token and their first (split as TRL does); "
+            f"{merges['shifted']} responses start earlier than TRL would start them, with prompt "
+            f"token(s) that the other response of the pair merged"
         )
     if skipped:
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
@@ -568,7 +566,7 @@ def run(args: argparse.Namespace) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
 
     skipped: Counter[str] = Counter()
-    merges = Counter(responses=0, one_sided_pairs=0)
+    merges: Counter[str] = Counter(responses=0, shifted=0)
     metadata = {"source": args.input, "json_keys": list(keys), "append_eod": args.append_eod}
     # The worker pool starts before the writer opens its files, so no worker inherits them.
     with (
@@ -583,7 +581,7 @@ def run(args: argparse.Namespace) -> str:
                         hint = "" if failure.fatal else " (--skip-invalid skips such pairs)"
                         raise InputError(f"{location.format(failure.location)}: {failure.message}{hint}")
                     skipped[failure.reason] += 1
-                merges.update(responses=result.merged_responses, one_sided_pairs=result.one_sided_merges)
+                merges.update(result.merges)
                 if len(result.offsets) > 1:
                     writer.add_batch(result.tokens, result.offsets)
                 progress.update(result.records, sum(skipped.values()))

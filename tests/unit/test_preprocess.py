@@ -66,15 +66,16 @@ def split_at_prompt(encode, prompt: str, response: str) -> tuple[list[int], list
 
 def expected_pair(encode, pair, bos: int | None, eos: int | None) -> tuple[list[int], list[int], list[int]]:
     """The stored pair by the reference rule: prompts split per response, then one shared prompt up
-    to the earlier split (the other response starts with the prompt's last token), BOS, EOS."""
+    to the earlier split (the other response starts with the prompt's last token); BOS and EOS
+    added where missing."""
     prompt_c, chosen = split_at_prompt(encode, pair["prompt"], pair["chosen"])
     prompt_r, rejected = split_at_prompt(encode, pair["prompt"], pair["rejected"])
     shared = min(len(prompt_c), len(prompt_r))
     assert prompt_c[:shared] == prompt_r[:shared]
     chosen, rejected = prompt_c[shared:] + chosen, prompt_r[shared:] + rejected
-    bos = [] if bos is None else [bos]
+    prompt = prompt_c[:shared] if bos is None or prompt_c[:1] == [bos] else [bos] + prompt_c[:shared]
     eos = [] if eos is None else [eos]
-    return bos + prompt_c[:shared], chosen + eos, rejected + eos
+    return prompt, chosen + ([] if chosen[-1:] == eos else eos), rejected + ([] if rejected[-1:] == eos else eos)
 
 
 def write_jsonl(path: Path, records) -> str:
@@ -113,7 +114,7 @@ def test_sentencepiece_ids_equal_sentencepiece(tmp_path, capsys):
     meta = read_sidecar(str(tmp_path / "o" / "out"))
     assert meta["num_pairs"] == 3 and meta["dtype"] == "uint16" and meta["skipped"] == {}
     assert meta["tokenizer"] == build_tokenizer("SentencePieceTokenizer", SP_MODEL).describe()
-    assert meta["boundary_merges"] == {"responses": 1, "one_sided_pairs": 1}
+    assert meta["boundary_merges"] == {"responses": 1, "shifted": 1}
     summary = capsys.readouterr().out
     assert "wrote 3 pairs" in summary and "p99" in summary and "rejected" in summary
     assert "boundary merges: 1 of 6 responses" in summary
