@@ -103,6 +103,18 @@ def outputs(tmp_path: Path) -> list[str]:
     return sorted(os.listdir(out)) if out.exists() else []
 
 
+def test_tool_imports_only_what_it_uses():
+    """No megatron-core, torch or transformers for a SentencePiece run: --help is quick and silent."""
+    code = ("import sys; sys.path.insert(0, 'tools'); import preprocess_preference_data as p; "
+            "p.build_tokenizer('SentencePieceTokenizer', 'examples/data/tokenizer.model'); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'megatron', 'torch', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]" and out.stderr == ""
+    helped = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_preference_data.py"), "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "--tokenizer-model" in helped.stdout and helped.stderr == ""
+
+
 def test_sentencepiece_ids_equal_sentencepiece(tmp_path, capsys):
     assert run(tmp_path, write_jsonl(tmp_path / "in.jsonl", PAIRS)) == 0
     sp = sentencepiece.SentencePieceProcessor(model_file=SP_MODEL)

@@ -9,6 +9,8 @@ the BPE tokenizer, against TRL's own CPOTrainer.tokenize_row.
 
 import json
 import re
+import subprocess
+import sys
 import types
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from test_preprocess import expected_pair, preprocess, read_pairs, run, write_jsonl
 
+from simpo_megatron.data.builder import read_sidecar
 from simpo_megatron.data.tokenizers import build_tokenizer, same_tokenizer
 
 LLAMA3 = (
@@ -225,6 +228,24 @@ def test_same_tokenizer_is_one_definition(tmp_path, bpe_file, sp_model):
     d = build_tokenizer("SentencePieceTokenizer", sp_model).describe()
     assert same_tokenizer(a, d) == "type"
     assert same_tokenizer(d, {**d, "fingerprint": "other"}) == "fingerprint"
+
+
+def test_training_checks_the_sidecar_with_the_same_rule(tmp_path, bpe_file):
+    """_check_sidecars accepts the tokenizer that wrote the data (another template is fine) and names
+    the first field that differs otherwise; the fingerprint is stable across processes."""
+    from simpo_megatron.data.provider import DataMismatchError, _check_sidecars
+
+    pairs = [{"prompt": "Sort ascending: 42 7 19", "chosen": " 7 19 42", "rejected": " 42 19 7"}]
+    mistral = hf_dir(tmp_path, bpe_file, "mistral")
+    assert run(tmp_path, write_jsonl(tmp_path / "in.jsonl", pairs), tokenizer=("HuggingFaceTokenizer", mistral)) == 0
+    prefix = str(tmp_path / "o" / "out")
+    _check_sidecars([prefix], build_tokenizer("HuggingFaceTokenizer", hf_dir(tmp_path, bpe_file, "gemma")))
+    with pytest.raises(DataMismatchError, match="bos_id"):
+        _check_sidecars([prefix], build_tokenizer("HuggingFaceTokenizer", hf_dir(tmp_path, bpe_file, "llama3")))
+    code = ("from simpo_megatron.data.tokenizers import build_tokenizer; "
+            f"print(build_tokenizer('HuggingFaceTokenizer', {mistral!r}).fingerprint)")
+    other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert other_process.stdout.strip() == read_sidecar(prefix)["tokenizer"]["fingerprint"]
 
 
 @pytest.mark.parametrize("chosen_full, rejected_full, expected", [
