@@ -43,6 +43,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -101,6 +102,19 @@ class Chunk:
     records: list[Any]
 
 
+@dataclass
+class Prepared:
+    """A chunk's valid records as texts to tokenize (prompt, prompt + chosen, prompt + rejected)."""
+
+    chunk: Chunk
+    locations: list[int]
+    prompts: list[str]
+    chosen: list[str]
+    rejected: list[str]
+    failures: list[Failure]
+    fast_path: bool = True
+
+
 class Failure(NamedTuple):
     """A PairError as data, to cross process boundaries (exceptions do not pickle faithfully)."""
 
@@ -144,14 +158,14 @@ def split_pair(
     boundary because of the other (TRL keeps one prompt per response and counts that token as
     prompt; the layout here has one prompt per pair).
     """
-    starts = (response_start(prompt_ids, chosen_full), response_start(prompt_ids, rejected_full))
-    start = min(starts)
-    for common, (a, b) in enumerate(zip(chosen_full[:start], rejected_full[:start])):
-        if a != b:  # the prompt's tokens changed beyond its last one (TRL tolerates one such token)
-            start = common
-            break
-    merged = sum(s < len(prompt_ids) for s in starts)
-    shifted = sum(s > start for s in starts)
+    n = len(prompt_ids)
+    chosen_start, rejected_start = response_start(prompt_ids, chosen_full), response_start(prompt_ids, rejected_full)
+    start = min(chosen_start, rejected_start)
+    if chosen_full[:start] != rejected_full[:start]:
+        # The prompt's tokens changed beyond its last one (TRL tolerates one such token).
+        start = next(i for i, (a, b) in enumerate(zip(chosen_full, rejected_full)) if a != b)
+    merged = (chosen_start < n) + (rejected_start < n)
+    shifted = (chosen_start > start) + (rejected_start > start)
     return chosen_full[:start], chosen_full[start:], rejected_full[start:], merged, shifted
 
 
@@ -166,46 +180,105 @@ class PairEncoder:
         self._eos_token = tokenizer.special_tokens.get("eos_token")
 
     def encode_chunk(self, chunk: Chunk) -> EncodedChunk:
-        failures: list[Failure] = []
-        texts: list[tuple[int, tuple[str, str, str]]] = []
+        """Validate, render, tokenize and split a chunk (the three stages below, in turn)."""
+        prepared = self.prepare(chunk)
+        return self.finish(prepared, self.tokenize(prepared))
+
+    def prepare(self, chunk: Chunk, strict: bool = False) -> Prepared:
+        """The texts of a chunk's valid records and the failures of the others.
+
+        Plain-text records take a fast path that leaves the Unicode check to the tokenizer;
+        `strict` checks every record fully (what `tokenize` falls back to when the tokenizer
+        rejects a text).
+        """
+        prepared = Prepared(chunk, [], [], [], [], [], fast_path=not strict)
+        eos_token = self._eos_token
+        k_prompt, k_chosen, k_rejected = self.keys
         for location, record in zip(chunk.locations, chunk.records):
-            try:
-                texts.append((location, self.texts(record)))
-            except PairError as e:
-                failures.append(Failure(location, e.reason, e.message, e.fatal))
-        prompts = [p for _, (p, _, _) in texts]
-        ids = self.tokenizer.tokenize_batch(
-            prompts + [p + c for _, (p, c, _) in texts] + [p + r for _, (p, _, r) in texts]
-        )
-        k = len(texts)
+            texts = None
+            if not strict and type(record) is bytes:
+                try:
+                    parsed = json.loads(record)
+                    prompt, chosen, rejected = parsed[k_prompt], parsed[k_chosen], parsed[k_rejected]
+                except (ValueError, TypeError, KeyError, IndexError):
+                    pass  # the slow path names the problem
+                else:
+                    if (
+                        type(prompt) is str and type(chosen) is str and type(rejected) is str
+                        and prompt.strip() and chosen.strip() and rejected.strip()
+                        and not (eos_token and (eos_token in chosen or eos_token in rejected))
+                    ):
+                        texts = (prompt, chosen, rejected)
+            if texts is None:
+                try:
+                    texts = self.texts(record)
+                except PairError as e:
+                    prepared.failures.append(Failure(location, e.reason, e.message, e.fatal))
+                    continue
+            prepared.locations.append(location)
+            prepared.prompts.append(texts[0])
+            prepared.chosen.append(texts[0] + texts[1])
+            prepared.rejected.append(texts[0] + texts[2])
+        return prepared
+
+    def tokenize(self, prepared: Prepared) -> list[list[int]]:
+        """Token ids of the prompts, then the full chosen texts, then the full rejected texts."""
+        try:
+            return self.tokenizer.tokenize_batch(prepared.prompts + prepared.chosen + prepared.rejected)
+        except (UnicodeEncodeError, RuntimeError, TypeError, ValueError):
+            if not prepared.fast_path:
+                raise
+            strict = self.prepare(prepared.chunk, strict=True)  # finds the text the tokenizer rejected
+            vars(prepared).update(vars(strict))
+            return self.tokenizer.tokenize_batch(prepared.prompts + prepared.chosen + prepared.rejected)
+
+    def finish(self, prepared: Prepared, ids: list[list[int]]) -> EncodedChunk:
+        """Split each pair at its prompt's token boundary, place BOS/EOS, and flatten the chunk."""
+        failures = prepared.failures
+        k = len(prepared.locations)
+        bos, eos, append_eod = self.tokenizer.bos_id, self.tokenizer.eos_id, self.append_eod
         tokens: list[int] = []
         offsets = [0]
         merges: Counter[str] = Counter(responses=0, shifted=0)
-        for i, (location, _) in enumerate(texts):
-            try:
-                pair, merged, shifted = self._pair(ids[i], ids[k + i], ids[2 * k + i])
-            except PairError as e:
-                failures.append(Failure(location, e.reason, e.message, e.fatal))
+        for i, location in enumerate(prepared.locations):
+            prompt, chosen, rejected, merged, shifted = split_pair(ids[i], ids[k + i], ids[2 * k + i])
+            if bos is not None and prompt[:1] != [bos]:
+                prompt.insert(0, bos)
+            if append_eod:
+                if chosen[-1:] != [eos]:
+                    chosen.append(eos)
+                if rejected[-1:] != [eos]:
+                    rejected.append(eos)
+            problem = self._problem(prompt, chosen, rejected)
+            if problem is not None:
+                failures.append(Failure(location, problem.reason, problem.message, problem.fatal))
                 continue
             merges["responses"] += merged
             merges["shifted"] += shifted
-            for seq in pair:
-                tokens.extend(seq)
-                offsets.append(len(tokens))
+            tokens += prompt
+            offsets.append(len(tokens))
+            tokens += chosen
+            offsets.append(len(tokens))
+            tokens += rejected
+            offsets.append(len(tokens))
         failures.sort(key=lambda f: f.location)
         return EncodedChunk(
             np.array(tokens, dtype=np.int32),
             np.array(offsets, dtype=np.int64),
-            len(chunk.records),
+            len(prepared.chunk.records),
             failures,
             merges,
         )
 
-    def encode(self, record: Any) -> tuple[list[int], list[int], list[int]]:
-        """Token ids of (prompt, chosen, rejected) of one record; raises PairError."""
-        prompt, chosen, rejected = self.texts(record)
-        ids = self.tokenizer.tokenize_batch([prompt, prompt + chosen, prompt + rejected])
-        return self._pair(*ids)[0]
+    def _problem(self, prompt: list[int], chosen: list[int], rejected: list[int]) -> PairError | None:
+        if not prompt:
+            return PairError("empty_prompt", f"field {self.keys[0]!r} tokenizes to nothing")
+        for key, ids in zip(self.keys[1:], (chosen, rejected)):
+            if not ids:
+                return PairError("empty_response", f"field {key!r} tokenizes to nothing")
+        if chosen == rejected:
+            return PairError("identical_responses", f"fields {self.keys[1]!r} and {self.keys[2]!r} are identical")
+        return None
 
     def texts(self, record: Any) -> tuple[str, str, str]:
         """(prompt, chosen, rejected) texts of a record, rendered; raises PairError."""
@@ -284,25 +357,6 @@ class PairEncoder:
                 f"(its first response turn has role {turns[0]['role']!r})",
             )
         return turns
-
-    def _pair(
-        self, prompt_ids: list[int], chosen_full: list[int], rejected_full: list[int]
-    ) -> tuple[tuple[list[int], list[int], list[int]], int, int]:
-        """The stored pair (BOS placed once, EOS appended unless there) and its boundary merges."""
-        tok = self.tokenizer
-        prompt, chosen, rejected, merged, shifted = split_pair(prompt_ids, chosen_full, rejected_full)
-        if tok.bos_id is not None and prompt[:1] != [tok.bos_id]:
-            prompt.insert(0, tok.bos_id)
-        if not prompt:
-            raise PairError("empty_prompt", f"field {self.keys[0]!r} tokenizes to nothing")
-        for key, ids in zip(self.keys[1:], (chosen, rejected)):
-            if self.append_eod and ids[-1:] != [tok.eos_id]:
-                ids.append(tok.eos_id)
-            if not ids:
-                raise PairError("empty_response", f"field {key!r} tokenizes to nothing")
-        if chosen == rejected:
-            raise PairError("identical_responses", f"fields {self.keys[1]!r} and {self.keys[2]!r} are identical")
-        return (prompt, chosen, rejected), merged, shifted
 
 
 def _parse_line(line: bytes) -> Any:
@@ -436,10 +490,25 @@ def _encoded_chunks(
 ) -> Iterator[Iterator[EncodedChunk]]:
     """The encoded chunks in input order; with workers > 1, encoded by a process pool."""
     if workers == 1:
-        yield (encoder.encode_chunk(chunk) for chunk in chunks)
+        with ThreadPoolExecutor(1) as thread:
+            yield _pipelined(chunks, encoder, thread)
         return
     with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
         yield _in_order(pool, chunks, max_pending=4 * workers)
+
+
+def _pipelined(chunks: Iterator[Chunk], encoder: PairEncoder, thread: ThreadPoolExecutor) -> Iterator[EncodedChunk]:
+    """Encode in one process: the tokenizer (which releases the GIL) runs on a thread while this
+    one reads, parses and splits the neighbouring chunks."""
+    pending: tuple[Prepared, Future[list[list[int]]]] | None = None
+    for chunk in chunks:
+        prepared = encoder.prepare(chunk)
+        future = thread.submit(encoder.tokenize, prepared)
+        if pending is not None:
+            yield encoder.finish(pending[0], pending[1].result())
+        pending = (prepared, future)
+    if pending is not None:
+        yield encoder.finish(pending[0], pending[1].result())
 
 
 def _in_order(pool: Any, chunks: Iterator[Chunk], max_pending: int) -> Iterator[EncodedChunk]:
