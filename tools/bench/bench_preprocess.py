@@ -7,9 +7,10 @@ For each case, runs as separate processes, in turn (A B C A B C ...):
   tokenizing prompt + response together, splitting and writing included).
 `ratio_vs_sentencepiece` is the median over rounds of baseline seconds / tool seconds (>1: the
 tool is faster than the baseline); CPU seconds (all threads and processes) say how much work
-each did, which a shared machine distorts less than wall time. Cases: "example" (--pairs of the example data's short pairs,
-cycled) and "long" (--pairs / 10 pairs with prompts of 150 words and responses of 100). Also times `--help` (start-up). The outputs of
-1 and 2 workers are checked to be identical. Prints one JSON line per case.
+each did, which a shared machine distorts less than wall time. Cases: "example" (--pairs of the
+example data's short pairs, cycled) and "long" (--pairs / 10 pairs with prompts of 150 words and
+responses of 100). Also times `--help` (start-up). The outputs of 1 and 2 workers are checked
+to be identical. Prints one JSON line per case.
 
     python tools/bench/bench_preprocess.py --pairs 150000
 """
@@ -96,7 +97,8 @@ def main() -> None:
                 f.write("\n".join(makers[case](args.pairs)) + "\n")
             baseline = [sys.executable, os.path.abspath(__file__), "--sentencepiece-baseline", path]
             tools = {
-                workers: [sys.executable, TOOL, "--input", path, "--output-prefix", os.path.join(tmp, f"{case}-{workers}"),
+                workers: [sys.executable, TOOL, "--input", path,
+                          "--output-prefix", os.path.join(tmp, f"{case}-{workers}"),
                           "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", TOKENIZER,
                           "--workers", str(workers)]
                 for workers in (1, 2)
