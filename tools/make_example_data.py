@@ -55,8 +55,9 @@ def make_pair(rng: random.Random) -> dict[str, str]:
         words = [str(n) for n in numbers]
     return {
         "prompt": prompt.format(" ".join(words)) + "\nAnswer:",
-        "chosen": " ".join(map(str, chosen)),
-        "rejected": " ".join(map(str, rejected)),
+        # A leading space, as the answer follows "Answer:" in the tokenized conversation.
+        "chosen": " " + " ".join(map(str, chosen)),
+        "rejected": " " + " ".join(map(str, rejected)),
     }
 
 

@@ -4,14 +4,23 @@ Each pair becomes one document of three sequences, prompt, chosen, rejected (des
 prompt starts with exactly one BOS (none is added when the text or chat template already
 starts with it) and each response ends with EOS (--no-append-eod leaves responses as they are).
 
+Tokenization is that of the whole conversation, as TRL's and the SimPO repository's
+`build_tokenized_answer` do it: prompt + response is tokenized as one text and split where the
+tokenized prompt ends, one token earlier when the prompt's last token merges with the
+response's first (a "boundary merge", counted in the summary and the sidecar). So prompt +
+chosen and prompt + rejected are exactly the tokenized texts. Prompts and full texts are
+encoded in batches with the tokenizer's own threads.
+
 Input: JSON Lines (any extension), a .json file holding one array, or .parquet (pyarrow).
 Records hold three fields (renamed with --json-keys) in one of two shapes:
 - strings: {"prompt": str, "chosen": str, "rejected": str}, tokenized as they are;
 - chat messages, as UltraFeedback-style data has them: the prompt a string or a list of
   {"role", "content"} messages; chosen/rejected a string, the assistant turn(s), or the full
   conversation repeating the prompt turns (those are stripped). Rendered with the tokenizer's
-  chat template or --chat-template FILE: the prompt is template(prompt, add_generation_prompt=True)
-  and a response is what template(prompt + response) renders after it.
+  own `apply_chat_template`, its template set by --chat-template where given: the prompt is
+  template(prompt, add_generation_prompt=True) and a response is what template(prompt +
+  response) renders after it, its end-of-turn token(s) and EOS included as the template renders
+  them (whitespace after a closing EOS is dropped, and no second EOS is added).
 
 Bad input (malformed JSON, invalid UTF-8, missing or non-string fields, an empty prompt or
 response, chosen identical to rejected, a template that cannot split the pair) stops the run
@@ -34,6 +43,7 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -81,6 +91,7 @@ class EncoderConfig:
     chat_template: str | None
     keys: tuple[str, str, str]
     append_eod: bool
+    num_threads: int
 
 
 @dataclass
@@ -89,6 +100,19 @@ class Chunk:
 
     locations: list[int]  # line numbers (JSONL) or record indices
     records: list[Any]
+
+
+@dataclass
+class Prepared:
+    """A chunk's valid records as texts to tokenize (prompt, prompt + chosen, prompt + rejected)."""
+
+    chunk: Chunk
+    locations: list[int]
+    prompts: list[str]
+    chosen: list[str]
+    rejected: list[str]
+    failures: list[Failure]
+    fast_path: bool = True
 
 
 class Failure(NamedTuple):
@@ -102,16 +126,52 @@ class Failure(NamedTuple):
 
 @dataclass
 class EncodedChunk:
-    """The valid pairs of a chunk as the builder takes them, and the failures in input order."""
+    """The valid pairs of a chunk as the builder takes them, the failures in input order, and
+    the boundary merges ("responses" merged with the prompt's last token, "shifted" responses that
+    start before TRL's boundary: see split_pair)."""
 
     tokens: np.ndarray
     offsets: np.ndarray
     records: int
     failures: list[Failure]
+    merges: Counter[str]
+
+
+def response_start(prompt_ids: list[int], full_ids: list[int]) -> int:
+    """Where a response starts in the tokenized prompt + response, by TRL's and the SimPO
+    repository's `build_tokenized_answer`: after the prompt's tokens, or one token earlier when
+    the prompt's last token merged with the response's first (the merged token then belongs to
+    the response)."""
+    n = len(prompt_ids)
+    return n if full_ids[:n] == prompt_ids else n - 1
+
+
+def split_pair(
+    prompt_ids: list[int], chosen_full: list[int], rejected_full: list[int]
+) -> tuple[list[int], list[int], list[int], int, int]:
+    """(prompt, chosen, rejected, merged, shifted) from the tokenized prompt and the two tokenized
+    full texts, so that prompt + chosen and prompt + rejected are exactly those full tokenizations.
+
+    Each response starts where TRL starts it (`response_start`); the one prompt both share ends at
+    the earlier of the two starts, and within their common prefix. `merged` counts the responses
+    whose first token merged with the prompt's; `shifted` those that start earlier than TRL's
+    boundary because of the other (TRL keeps one prompt per response and counts that token as
+    prompt; the layout here has one prompt per pair).
+    """
+    n = len(prompt_ids)
+    chosen_start, rejected_start = response_start(prompt_ids, chosen_full), response_start(prompt_ids, rejected_full)
+    start = min(chosen_start, rejected_start)
+    if chosen_full[:start] != rejected_full[:start]:
+        # The prompt's tokens changed beyond its last one (TRL tolerates one such token).
+        start = next(i for i, (a, b) in enumerate(zip(chosen_full, rejected_full)) if a != b)
+    merged = (chosen_start < n) + (rejected_start < n)
+    shifted = (chosen_start > start) + (rejected_start > start)
+    return chosen_full[:start], chosen_full[start:], rejected_full[start:], merged, shifted
 
 
 class PairEncoder:
-    """Validates a record, renders it (chat template if it holds messages) and tokenizes it."""
+    """Validates records, renders them (chat template if they hold messages) and tokenizes them:
+    prompt and prompt + response as one text each, split at the prompt's token boundary."""
 
     def __init__(self, tokenizer: BaseTokenizer, keys: tuple[str, str, str], append_eod: bool) -> None:
         self.tokenizer = tokenizer
@@ -120,36 +180,127 @@ class PairEncoder:
         self._eos_token = tokenizer.special_tokens.get("eos_token")
 
     def encode_chunk(self, chunk: Chunk) -> EncodedChunk:
+        """Validate, render, tokenize and split a chunk (the three stages below, in turn)."""
+        prepared = self.prepare(chunk)
+        return self.finish(prepared, self.tokenize(prepared))
+
+    def prepare(self, chunk: Chunk, strict: bool = False) -> Prepared:
+        """The texts of a chunk's valid records and the failures of the others.
+
+        Plain-text records take a fast path that leaves the Unicode check to the tokenizer;
+        `strict` checks every record fully (what `tokenize` falls back to when the tokenizer
+        rejects a text).
+        """
+        prepared = Prepared(chunk, [], [], [], [], [], fast_path=not strict)
+        eos_token = self._eos_token
+        k_prompt, k_chosen, k_rejected = self.keys
+        for location, record in zip(chunk.locations, chunk.records):
+            texts = None
+            if not strict and type(record) is bytes:
+                try:
+                    parsed = json.loads(record)
+                    prompt, chosen, rejected = parsed[k_prompt], parsed[k_chosen], parsed[k_rejected]
+                except (ValueError, TypeError, KeyError, IndexError):
+                    pass  # the slow path names the problem
+                else:
+                    if (
+                        type(prompt) is str and type(chosen) is str and type(rejected) is str
+                        and prompt.strip() and chosen.strip() and rejected.strip()
+                        and not (eos_token and (eos_token in chosen or eos_token in rejected))
+                    ):
+                        texts = (prompt, chosen, rejected)
+            if texts is None:
+                try:
+                    texts = self.texts(record)
+                except PairError as e:
+                    prepared.failures.append(Failure(location, e.reason, e.message, e.fatal))
+                    continue
+            prepared.locations.append(location)
+            prepared.prompts.append(texts[0])
+            prepared.chosen.append(texts[0] + texts[1])
+            prepared.rejected.append(texts[0] + texts[2])
+        return prepared
+
+    def tokenize(self, prepared: Prepared) -> list[list[int]]:
+        """Token ids of the prompts, then the full chosen texts, then the full rejected texts."""
+        try:
+            return self.tokenizer.tokenize_batch(prepared.prompts + prepared.chosen + prepared.rejected)
+        except (UnicodeEncodeError, RuntimeError, TypeError, ValueError):
+            if not prepared.fast_path:
+                raise
+            strict = self.prepare(prepared.chunk, strict=True)  # finds the text the tokenizer rejected
+            vars(prepared).update(vars(strict))
+            return self.tokenizer.tokenize_batch(prepared.prompts + prepared.chosen + prepared.rejected)
+
+    def finish(self, prepared: Prepared, ids: list[list[int]]) -> EncodedChunk:
+        """Split each pair at its prompt's token boundary, place BOS/EOS, and flatten the chunk."""
+        failures = prepared.failures
+        k = len(prepared.locations)
+        bos, eos, append_eod = self.tokenizer.bos_id, self.tokenizer.eos_id, self.append_eod
         tokens: list[int] = []
         offsets = [0]
-        failures: list[Failure] = []
-        for location, record in zip(chunk.locations, chunk.records):
-            try:
-                for seq in self.encode(record):
-                    tokens.extend(seq)
-                    offsets.append(len(tokens))
-            except PairError as e:
-                failures.append(Failure(location, e.reason, e.message, e.fatal))
+        merges: Counter[str] = Counter(responses=0, shifted=0)
+        for i, location in enumerate(prepared.locations):
+            prompt, chosen, rejected, merged, shifted = split_pair(ids[i], ids[k + i], ids[2 * k + i])
+            if bos is not None and prompt[:1] != [bos]:
+                prompt.insert(0, bos)
+            if append_eod:
+                if chosen[-1:] != [eos]:
+                    chosen.append(eos)
+                if rejected[-1:] != [eos]:
+                    rejected.append(eos)
+            problem = self._problem(prompt, chosen, rejected)
+            if problem is not None:
+                failures.append(Failure(location, problem.reason, problem.message, problem.fatal))
+                continue
+            merges["responses"] += merged
+            merges["shifted"] += shifted
+            tokens += prompt
+            offsets.append(len(tokens))
+            tokens += chosen
+            offsets.append(len(tokens))
+            tokens += rejected
+            offsets.append(len(tokens))
+        failures.sort(key=lambda f: f.location)
         return EncodedChunk(
-            np.array(tokens, dtype=np.int32), np.array(offsets, dtype=np.int64), len(chunk.records), failures
+            np.array(tokens, dtype=np.int32),
+            np.array(offsets, dtype=np.int64),
+            len(prepared.chunk.records),
+            failures,
+            merges,
         )
 
-    def encode(self, record: Any) -> tuple[list[int], list[int], list[int]]:
-        """Token ids of (prompt, chosen, rejected); raises PairError."""
+    def _problem(self, prompt: list[int], chosen: list[int], rejected: list[int]) -> PairError | None:
+        if not prompt:
+            return PairError("empty_prompt", f"field {self.keys[0]!r} tokenizes to nothing")
+        for key, ids in zip(self.keys[1:], (chosen, rejected)):
+            if not ids:
+                return PairError("empty_response", f"field {key!r} tokenizes to nothing")
+        if chosen == rejected:
+            return PairError("identical_responses", f"fields {self.keys[1]!r} and {self.keys[2]!r} are identical")
+        return None
+
+    def texts(self, record: Any) -> tuple[str, str, str]:
+        """(prompt, chosen, rejected) texts of a record, rendered; raises PairError."""
         if isinstance(record, bytes):
             record = _parse_line(record)
         if not isinstance(record, dict):
             raise PairError("bad_type", f"expected a JSON object, got {_json_type(record)}")
         prompt, chosen, rejected = (_field(record, key) for key in self.keys)
-        try:
-            if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
-                texts = self._texts(prompt, chosen, rejected)
-            else:
-                texts = self._rendered(prompt, chosen, rejected)
-            return self._tokenize(*texts)
-        except UnicodeEncodeError as e:
-            bad = e.object[e.start : e.end].encode("unicode_escape").decode()
-            raise PairError("invalid_utf8", f"text holds {bad}, a lone surrogate, not valid UTF-8") from None
+        if isinstance(prompt, str) and isinstance(chosen, str) and isinstance(rejected, str):
+            texts = self._texts(prompt, chosen, rejected)
+        else:
+            texts = self._rendered(prompt, chosen, rejected)
+        for text in texts:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = e.object[e.start : e.end].encode("unicode_escape").decode()
+                raise PairError("invalid_utf8", f"text holds {bad}, a lone surrogate, not valid UTF-8") from None
+        if self._eos_token:
+            # The template closed the turn with EOS: end the response there.
+            texts = (texts[0], *(t.rstrip() if t.rstrip().endswith(self._eos_token) else t for t in texts[1:]))
+        return texts
 
     def _texts(self, prompt: str, chosen: str, rejected: str) -> tuple[str, str, str]:
         if not prompt.strip():
@@ -206,27 +357,6 @@ class PairEncoder:
                 f"(its first response turn has role {turns[0]['role']!r})",
             )
         return turns
-
-    def _tokenize(self, prompt: str, chosen: str, rejected: str) -> tuple[list[int], list[int], list[int]]:
-        tok = self.tokenizer
-        prompt_ids = tok.tokenize(prompt)
-        if tok.bos_id is not None and prompt_ids[:1] != [tok.bos_id]:
-            prompt_ids.insert(0, tok.bos_id)
-        if not prompt_ids:
-            raise PairError("empty_prompt", f"field {self.keys[0]!r} tokenizes to nothing")
-        responses = []
-        for key, text in zip(self.keys[1:], (chosen, rejected)):
-            if self._eos_token and text.rstrip().endswith(self._eos_token):
-                text = text.rstrip()  # the template closed the turn with EOS: end the response there
-            ids = tok.tokenize(text)
-            if self.append_eod and ids[-1:] != [tok.eos_id]:
-                ids.append(tok.eos_id)
-            if not ids:
-                raise PairError("empty_response", f"field {key!r} tokenizes to nothing")
-            responses.append(ids)
-        if responses[0] == responses[1]:
-            raise PairError("identical_responses", f"fields {self.keys[1]!r} and {self.keys[2]!r} are identical")
-        return prompt_ids, responses[0], responses[1]
 
 
 def _parse_line(line: bytes) -> Any:
@@ -345,7 +475,7 @@ def _init_worker(config: EncoderConfig) -> None:
     global _worker_encoder
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model, config.chat_template)
+    tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model, config.chat_template, config.num_threads)
     _worker_encoder = PairEncoder(tokenizer, config.keys, config.append_eod)
 
 
@@ -360,10 +490,25 @@ def _encoded_chunks(
 ) -> Iterator[Iterator[EncodedChunk]]:
     """The encoded chunks in input order; with workers > 1, encoded by a process pool."""
     if workers == 1:
-        yield (encoder.encode_chunk(chunk) for chunk in chunks)
+        with ThreadPoolExecutor(1) as thread:
+            yield _pipelined(chunks, encoder, thread)
         return
     with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
         yield _in_order(pool, chunks, max_pending=4 * workers)
+
+
+def _pipelined(chunks: Iterator[Chunk], encoder: PairEncoder, thread: ThreadPoolExecutor) -> Iterator[EncodedChunk]:
+    """Encode in one process: the tokenizer (which releases the GIL) runs on a thread while this
+    one reads, parses and splits the neighbouring chunks."""
+    pending: tuple[Prepared, Future[list[list[int]]]] | None = None
+    for chunk in chunks:
+        prepared = encoder.prepare(chunk)
+        future = thread.submit(encoder.tokenize, prepared)
+        if pending is not None:
+            yield encoder.finish(pending[0], pending[1].result())
+        pending = (prepared, future)
+    if pending is not None:
+        yield encoder.finish(pending[0], pending[1].result())
 
 
 def _in_order(pool: Any, chunks: Iterator[Chunk], max_pending: int) -> Iterator[EncodedChunk]:
@@ -409,6 +554,14 @@ def _summary(prefix: str, meta: dict[str, Any], lengths: np.ndarray, skipped: Co
         f"wrote {meta['num_pairs']} pairs, {meta['num_tokens']} tokens ({meta['dtype']}) to "
         f"{prefix}.bin/.idx/.meta.json in {seconds:.1f} s ({meta['num_pairs'] / max(seconds, 1e-9):.0f} pairs/s)"
     ]
+    merges = meta["boundary_merges"]
+    if merges["responses"]:
+        lines.append(
+            f"boundary merges: {merges['responses']} of {2 * meta['num_pairs']} responses start with a token "
+            f"merged from the prompt's last token and their first (split as TRL does); "
+            f"{merges['shifted']} responses start earlier than TRL would start them, with prompt "
+            f"token(s) that the other response of the pair merged"
+        )
     if skipped:
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(skipped.items()))
         lines.append(f"skipped {sum(skipped.values())} pairs: {reasons}")
@@ -439,7 +592,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     group.add_argument(
         "--tokenizer-model", required=True, help="SentencePiece .model file, or HF directory or tokenizer.json"
     )
-    group.add_argument("--chat-template", metavar="FILE", help="Jinja2 chat template (overrides the tokenizer's)")
+    group.add_argument(
+        "--chat-template",
+        metavar="FILE_OR_TEMPLATE",
+        help="Jinja2 chat template, a file or the template itself; sets the tokenizer's template",
+    )
     group.add_argument(
         "--append-eod",
         action=argparse.BooleanOptionalAction,
@@ -462,26 +619,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> str:
     """Preprocess as `args` say; returns the summary. Raises InputError."""
     start = time.perf_counter()
-    chat_template = None
-    if args.chat_template:
-        try:
-            with open(args.chat_template, encoding="utf-8") as f:
-                chat_template = f.read()
-        except (OSError, UnicodeDecodeError) as e:
-            raise InputError(f"{args.chat_template}: cannot read the chat template: {e}") from None
+    chat_template = _chat_template(args.chat_template)
+    cpus = len(os.sched_getaffinity(0))
+    threads = max(1, cpus // args.workers)  # the tokenizer's batch-encoding threads in each worker
     try:
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, chat_template)
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, chat_template, threads)
     except (OSError, ValueError) as e:
         raise InputError(f"cannot load the tokenizer: {e}") from None
     if args.append_eod and tokenizer.eos_id is None:
         raise InputError(f"tokenizer {args.tokenizer_model!r} has no EOS token; pass --no-append-eod")
     keys = tuple(args.json_keys)
-    config = EncoderConfig(args.tokenizer_type, args.tokenizer_model, chat_template, keys, args.append_eod)
+    config = EncoderConfig(args.tokenizer_type, args.tokenizer_model, chat_template, keys, args.append_eod, threads)
     encoder = PairEncoder(tokenizer, keys, args.append_eod)
     chunks, total, location = _read_input(args.input, keys)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
 
     skipped: Counter[str] = Counter()
+    merges: Counter[str] = Counter(responses=0, shifted=0)
     metadata = {"source": args.input, "json_keys": list(keys), "append_eod": args.append_eod}
     # The worker pool starts before the writer opens its files, so no worker inherits them.
     with (
@@ -496,6 +650,7 @@ def run(args: argparse.Namespace) -> str:
                         hint = "" if failure.fatal else " (--skip-invalid skips such pairs)"
                         raise InputError(f"{location.format(failure.location)}: {failure.message}{hint}")
                     skipped[failure.reason] += 1
+                merges.update(result.merges)
                 if len(result.offsets) > 1:
                     writer.add_batch(result.tokens, result.offsets)
                 progress.update(result.records, sum(skipped.values()))
@@ -504,9 +659,25 @@ def run(args: argparse.Namespace) -> str:
         if writer.num_pairs == 0:
             raise InputError(f"{args.input}: no valid pairs to write")
         writer.metadata["skipped"] = dict(skipped)
+        writer.metadata["boundary_merges"] = dict(merges)
         lengths = writer.sequence_lengths()
         meta = writer.close()
     return _summary(args.output_prefix, meta, lengths, skipped, time.perf_counter() - start)
+
+
+def _chat_template(value: str | None) -> str | None:
+    """--chat-template: a file holding the template, or the Jinja2 source itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        try:
+            with open(value, encoding="utf-8") as f:
+                return f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"{value}: cannot read the chat template: {e}") from None
+    if "{{" in value or "{%" in value:
+        return value
+    raise InputError(f"--chat-template {value!r} is neither a file nor a Jinja2 template")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

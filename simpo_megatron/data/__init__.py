@@ -1,5 +1,23 @@
-"""Preference-pair data: the indexed dataset read path, sampling and collation."""
+"""Preference-pair data: the indexed dataset read path, sampling and collation.
 
-from simpo_megatron.data.blended import BlendedPairDataset, build_pair_datasets, parse_data_path
-from simpo_megatron.data.pair_dataset import PreferencePairDataset, collate_pairs
-from simpo_megatron.data.sampler import PairBatchSampler
+The names below load on first use, so that the preprocessing tool, which imports only
+`data.tokenizers` and `data.builder`, does not pay for megatron-core (the read path needs it).
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "BlendedPairDataset": "blended",
+    "build_pair_datasets": "blended",
+    "parse_data_path": "blended",
+    "PreferencePairDataset": "pair_dataset",
+    "collate_pairs": "pair_dataset",
+    "PairBatchSampler": "sampler",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -25,8 +25,8 @@ from types import TracebackType
 from typing import Any
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import DType, get_bin_path, get_idx_path
 
+from simpo_megatron.data.tokenizers import same_tokenizer
 from simpo_megatron.fsutil import fsync_directory
 
 try:
@@ -40,8 +40,22 @@ except ImportError as e:  # the C++ extension is built at install
 FORMAT_VERSION = 1
 LAYOUT = "prompt,chosen,rejected"
 _SEQUENCES_PER_PAIR = 3
-# Tokenizer fields that must agree for two datasets' token ids to mean the same thing.
-_TOKENIZER_IDENTITY = ("type", "vocab_size", "bos_id", "eos_id", "pad_id", "fingerprint")
+# megatron-core's `DType` codes in the .idx header (indexed_dataset.py), kept here so that writing
+# a dataset does not import megatron-core; tests/unit/test_builder.py pins them to megatron's.
+DTYPE_CODES = {np.uint16: 8, np.int32: 4}
+
+
+def optimal_dtype(vocab_size: int) -> type[np.number]:
+    """The token dtype megatron-core's `DType.optimal_dtype` picks: uint16 below 65500 ids, else int32."""
+    return np.uint16 if vocab_size < 65500 else np.int32
+
+
+def get_bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def get_idx_path(prefix: str) -> str:
+    return prefix + ".idx"
 
 
 def sidecar_path(prefix: str) -> str:
@@ -78,9 +92,9 @@ class PreferencePairWriter:
             writer.add_batch(tokens, seq_offsets)
 
     `tokenizer_info` is a tokenizer's `describe()` (it must hold "vocab_size"); the token dtype
-    follows from the vocabulary size as megatron-core chooses it (`DType.optimal_dtype`: uint16
-    below 65500 ids, else int32). `metadata` adds fields to the sidecar; it can still be
-    updated through `writer.metadata` until the writer closes.
+    follows from the vocabulary size as megatron-core chooses it (`optimal_dtype`). `metadata`
+    adds fields to the sidecar; it can still be updated through `writer.metadata` until the
+    writer closes.
     """
 
     def __init__(
@@ -93,7 +107,7 @@ class PreferencePairWriter:
         self.tokenizer_info = dict(tokenizer_info)
         self.metadata: dict[str, Any] = dict(metadata or {})
         vocab_size = int(self.tokenizer_info["vocab_size"])
-        self.dtype: type[np.number] = DType.optimal_dtype(vocab_size)
+        self.dtype: type[np.number] = optimal_dtype(vocab_size)
         _remove_stale_temporaries(output_prefix)
         suffix = f".tmp-{socket.gethostname()}-{os.getpid()}"
         self._final = {
@@ -103,7 +117,7 @@ class PreferencePairWriter:
         }
         self._temp = {key: path + suffix for key, path in self._final.items()}
         self._builder = _pair_builder.PairBuilder(
-            self._temp["bin"], DType.code_from_dtype(self.dtype), vocab_size
+            self._temp["bin"], DTYPE_CODES[self.dtype], vocab_size
         )
         self._closed = False
 
@@ -126,12 +140,12 @@ class PreferencePairWriter:
     def add_dataset(self, prefix: str) -> None:
         """Append every pair of the pair dataset at PREFIX, whose tokenizer must match ours."""
         other = read_sidecar(prefix)["tokenizer"]
-        for key in _TOKENIZER_IDENTITY:
-            if other.get(key) != self.tokenizer_info.get(key):
-                raise ValueError(
-                    f"cannot merge {prefix}: its tokenizer {key} is {other.get(key)!r}, "
-                    f"the output's is {self.tokenizer_info.get(key)!r}"
-                )
+        key = same_tokenizer(other, self.tokenizer_info)
+        if key is not None:
+            raise ValueError(
+                f"cannot merge {prefix}: its tokenizer {key} is {other.get(key)!r}, "
+                f"the output's is {self.tokenizer_info.get(key)!r}"
+            )
         self._builder.add_index(get_idx_path(prefix), get_bin_path(prefix))
 
     @property

@@ -37,18 +37,20 @@ class DataMismatchError(ValueError):
 
 
 def _check_sidecars(prefixes: list[str], tokenizer) -> None:
+    """Every prefix was written by the run's tokenizer (`same_tokenizer`, as merging datasets checks)."""
     from simpo_megatron.data.builder import read_sidecar
+    from simpo_megatron.data.tokenizers import same_tokenizer
 
     mine = tokenizer.describe()
     for prefix in prefixes:
         theirs = read_sidecar(prefix)["tokenizer"]
-        for key in ("vocab_size", "bos_id", "eos_id", "fingerprint"):
-            if theirs.get(key) != mine.get(key):
-                raise DataMismatchError(
-                    f"{prefix} was preprocessed with tokenizer {theirs.get('model')!r} "
-                    f"({key}={theirs.get(key)!r}), but --tokenizer-model {tokenizer.model!r} has "
-                    f"{key}={mine.get(key)!r}: preprocess again or pass the matching tokenizer"
-                )
+        key = same_tokenizer(theirs, mine)
+        if key is not None:
+            raise DataMismatchError(
+                f"{prefix} was preprocessed with tokenizer {theirs.get('model')!r} "
+                f"({key}={theirs.get(key)!r}), but --tokenizer-model {tokenizer.model!r} has "
+                f"{key}={mine.get(key)!r}: preprocess again or pass the matching tokenizer"
+            )
 
 
 def build_datasets(cfg) -> DataSetup:

@@ -1,45 +1,53 @@
-"""Tokenizers for preference data: SentencePiece models and Hugging Face `tokenizer.json` files.
+"""Tokenizers for preference data: thin wrappers over sentencepiece and transformers.
 
-Self-contained (sentencepiece, tokenizers and jinja2; no transformers, no megatron) so that the
-preprocessing tool and the trainer build the same tokenizer from the same two flags,
-`--tokenizer-type` and `--tokenizer-model`, and compare it with a dataset's sidecar through
-`describe()`.
+The preprocessing tool and the trainer build the same tokenizer from the same two flags,
+`--tokenizer-type` and `--tokenizer-model`, and `same_tokenizer` compares a dataset's sidecar
+(`describe()`) with the run's: one definition of "the same tokenizer" for both.
 
-Conventions:
-- `tokenize(text)` adds no special tokens; the caller places BOS and EOS. Special-token strings
-  that appear in the text ("<s>", "<|im_end|>", ...) map to their ids, as Hugging Face tokenizers
-  do, so that text rendered by a chat template tokenizes as the template meant.
-- `tokenize` raises UnicodeEncodeError for text that is not valid Unicode (a lone surrogate,
-  which a JSON "\\ud800" escape can produce).
-- Chat templates are Jinja2, rendered the way transformers' `apply_chat_template` renders them
-  (sandboxed, trim_blocks, lstrip_blocks, `raise_exception`, a non-escaping `tojson`).
+- `SentencePieceTokenizer`: a SentencePiece `.model` file, as Megatron-LM's
+  `--tokenizer-type SentencePieceTokenizer` takes it. Its control pieces ("<s>", "</s>") written
+  in text map to their ids, as Hugging Face tokenizers do with special tokens, so text rendered
+  by a chat template tokenizes as the template meant. Chat templates render with transformers'
+  own renderer (`render_jinja_template`, what `apply_chat_template` calls).
+- `HuggingFaceTokenizer`: `transformers.AutoTokenizer` from a local directory (or the directory
+  of a `tokenizer.json`); tokenization is `tokenizer(text, add_special_tokens=False)` and chat
+  templates are its own `apply_chat_template`, as TRL uses them.
+
+`tokenize` adds no special tokens; the caller places BOS and EOS. Text that is not valid
+Unicode (a lone surrogate, which a JSON "\\ud800" escape can produce) raises UnicodeEncodeError.
+Only the standard library is imported here at module level: sentencepiece and transformers load
+with the tokenizer that needs them, so the preprocessing tool starts fast.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from abc import ABC, abstractmethod
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
-import jinja2
-import jinja2.ext
-import jinja2.nodes
-import sentencepiece
-import tokenizers
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer")
+# What must agree for two tokenizers' ids to mean the same thing: the preprocessing tool's
+# sidecar and training's check both compare these (the pad id and the chat template do not
+# change what a stored id means).
+IDENTITY_KEYS = ("type", "vocab_size", "bos_id", "eos_id", "fingerprint")
 
 Message = dict[str, Any]
 
 
 class ChatTemplateError(ValueError):
-    """The chat template is missing, or failed to render the given messages."""
+    """The chat template is missing, does not parse, or failed to render the given messages."""
+
+
+def same_tokenizer(theirs: Mapping[str, Any], mine: Mapping[str, Any]) -> str | None:
+    """The first `IDENTITY_KEYS` field where two `describe()` records differ, or None if they agree."""
+    for key in IDENTITY_KEYS:
+        if theirs.get(key) != mine.get(key):
+            return key
+    return None
 
 
 class BaseTokenizer(ABC):
@@ -51,16 +59,10 @@ class BaseTokenizer(ABC):
     """
 
     name: str
+    chat_template: str | None
 
     def __init__(self, model: str) -> None:
         self.model = model
-        self.chat_template: str | None = None
-        self._template: jinja2.Template | None = None
-
-    def _set_chat_template(self, source: str | None) -> None:
-        """Use `source` (Jinja2) as the chat template; a template that does not parse fails here."""
-        self.chat_template = source
-        self._template = None if source is None else _compile_chat_template(source)
 
     @property
     @abstractmethod
@@ -82,19 +84,23 @@ class BaseTokenizer(ABC):
     @property
     @abstractmethod
     def special_tokens(self) -> dict[str, str]:
-        """The special tokens as strings (bos_token, eos_token, ...); chat templates see these."""
-
-    @property
-    @abstractmethod
-    def _model_file(self) -> str:
-        """The file whose contents define the tokenization (for the fingerprint)."""
+        """The special tokens as strings (bos_token, eos_token, ...), as chat templates see them."""
 
     @abstractmethod
-    def _encode(self, text: str) -> list[int]: ...
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, no BOS/EOS added; one batched call (the tokenizer's threads)."""
 
     @abstractmethod
-    def detokenize(self, ids: list[int]) -> str:
+    def detokenize(self, ids: Sequence[int]) -> str:
         """The text of `ids`, special tokens kept."""
+
+    @abstractmethod
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        """Render `messages` (dicts with "role" and "content") with the chat template, as text."""
+
+    @abstractmethod
+    def _fingerprint_bytes(self) -> bytes:
+        """The serialized tokenizer whose contents define the tokenization."""
 
     @property
     def pad_id(self) -> int:
@@ -105,34 +111,17 @@ class BaseTokenizer(ABC):
 
     def tokenize(self, text: str) -> list[int]:
         """Token ids of `text`, with no BOS/EOS added."""
-        try:
-            return self._encode(text)
-        except (RuntimeError, TypeError):
-            text.encode("utf-8")  # raises UnicodeEncodeError when that is the cause
-            raise
+        return self.tokenize_batch([text])[0]
 
-    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool) -> str:
-        """Render `messages` (dicts with "role" and "content") with the chat template."""
-        if self._template is None:
-            raise ChatTemplateError(
-                f"tokenizer {self.model!r} has no chat template; pass one (--chat-template FILE)"
-            )
-        try:
-            return self._template.render(
-                messages=messages,
-                tools=None,
-                documents=None,
-                add_generation_prompt=add_generation_prompt,
-                **self.special_tokens,
-            )
-        except jinja2.TemplateError as e:
-            raise ChatTemplateError(f"chat template failed: {e}") from e
+    def _no_template(self) -> ChatTemplateError:
+        return ChatTemplateError(
+            f"tokenizer {self.model!r} has no chat template; pass one (--chat-template FILE)"
+        )
 
     @cached_property
     def fingerprint(self) -> str:
-        """sha256 of the model file: equal fingerprints mean equal tokenization."""
-        with open(self._model_file, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+        """sha256 of the serialized tokenizer: equal fingerprints mean equal tokenization."""
+        return hashlib.sha256(self._fingerprint_bytes()).hexdigest()
 
     def describe(self) -> dict[str, Any]:
         """What a dataset's sidecar records about the tokenizer that wrote it."""
@@ -154,11 +143,13 @@ class BaseTokenizer(ABC):
 
 
 class SentencePieceTokenizer(BaseTokenizer):
-    """A SentencePiece `.model` file. Its control pieces (<s>, </s>, ...) in text map to their ids."""
+    """A SentencePiece `.model` file. `num_threads` is what batch encoding may use (-1: all cores)."""
 
     name = "SentencePieceTokenizer"
 
-    def __init__(self, model_file: str, chat_template: str | None = None) -> None:
+    def __init__(self, model_file: str, chat_template: str | None = None, num_threads: int = -1) -> None:
+        import sentencepiece
+
         super().__init__(model_file)
         if not os.path.isfile(model_file):
             raise FileNotFoundError(f"SentencePiece model {model_file!r} does not exist")
@@ -166,22 +157,21 @@ class SentencePieceTokenizer(BaseTokenizer):
             self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
         except (RuntimeError, OSError) as e:
             raise ValueError(f"cannot load SentencePiece model {model_file!r}: {e}") from e
-        controls = [
-            self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size()) if self._sp.is_control(i)
-        ]
-        self._control_ids = {piece: self._sp.piece_to_id(piece) for piece in controls}
-        self._control_re = (
-            re.compile("(" + "|".join(re.escape(p) for p in sorted(controls, key=len, reverse=True)) + ")")
-            if controls
-            else None
-        )
-        self._set_chat_template(chat_template)
+        self.num_threads = num_threads
+        sp = self._sp
+        self._control_ids = {sp.id_to_piece(i): i for i in range(sp.get_piece_size()) if sp.is_control(i)}
+        pattern = "|".join(re.escape(p) for p in sorted(self._control_ids, key=len, reverse=True))
+        self._control_re = re.compile(f"({pattern})") if pattern else None
+        if chat_template is not None:
+            _check_template_parses(chat_template)
+        self.chat_template = chat_template
 
     @property
     def vocab_size(self) -> int:
         return self._sp.get_piece_size()
 
-    def _id_or_none(self, i: int) -> int | None:
+    @staticmethod
+    def _id_or_none(i: int) -> int | None:
         return i if i >= 0 else None
 
     @property
@@ -198,17 +188,22 @@ class SentencePieceTokenizer(BaseTokenizer):
 
     @property
     def special_tokens(self) -> dict[str, str]:
-        names = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self._own_pad_id}
-        names["unk_token"] = self._id_or_none(self._sp.unk_id())
-        return {k: self._sp.id_to_piece(i) for k, i in names.items() if i is not None}
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self._own_pad_id,
+               "unk_token": self._id_or_none(self._sp.unk_id())}
+        return {key: self._sp.id_to_piece(i) for key, i in ids.items() if i is not None}
 
-    @property
-    def _model_file(self) -> str:
-        return self.model
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        has_control = [self._control_re is not None and self._control_re.search(t) is not None for t in texts]
+        plain = [t for t, control in zip(texts, has_control) if not control]
+        try:
+            encoded = iter(self._sp.encode(plain, num_threads=self.num_threads) if plain else [])
+        except (RuntimeError, TypeError):
+            for text in plain:
+                text.encode("utf-8")  # raises UnicodeEncodeError when that is the cause
+            raise
+        return [self._encode_with_controls(t) if control else next(encoded) for t, control in zip(texts, has_control)]
 
-    def _encode(self, text: str) -> list[int]:
-        if self._control_re is None or self._control_re.search(text) is None:
-            return self._sp.encode(text)
+    def _encode_with_controls(self, text: str) -> list[int]:
         ids: list[int] = []
         for part in self._control_re.split(text):
             if part in self._control_ids:
@@ -217,15 +212,34 @@ class SentencePieceTokenizer(BaseTokenizer):
                 ids.extend(self._sp.encode(part))
         return ids
 
-    def detokenize(self, ids: list[int]) -> str:
-        return self._sp.decode(ids)
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._sp.decode(list(ids))
+
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        if self.chat_template is None:
+            raise self._no_template()
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[messages],
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+            )
+        except Exception as e:  # jinja2 errors and the template's own raise_exception
+            raise ChatTemplateError(f"chat template failed: {e}") from e
+        return rendered[0]
+
+    def _fingerprint_bytes(self) -> bytes:
+        return self._sp.serialized_model_proto()
 
 
 class HuggingFaceTokenizer(BaseTokenizer):
-    """A Hugging Face fast tokenizer: a directory holding tokenizer.json, or that file itself.
+    """A Hugging Face tokenizer directory (tokenizer.json, tokenizer_config.json, ...), or its tokenizer.json.
 
-    Special tokens and the chat template come from tokenizer_config.json beside it (and from
-    chat_template.jinja, where newer transformers versions save the template).
+    Loaded with `transformers.AutoTokenizer` from local files only; `chat_template` (Jinja2
+    source) replaces the tokenizer's own template.
     """
 
     name = "HuggingFaceTokenizer"
@@ -233,137 +247,106 @@ class HuggingFaceTokenizer(BaseTokenizer):
     def __init__(self, model: str, chat_template: str | None = None) -> None:
         super().__init__(model)
         if os.path.isdir(model):
-            directory, json_path = model, os.path.join(model, "tokenizer.json")
+            directory = model
+        elif os.path.basename(model) == "tokenizer.json":
+            directory = os.path.dirname(model) or "."
         else:
-            directory, json_path = os.path.dirname(model), model
-        if not os.path.isfile(json_path):
+            directory = None
+        if directory is None or not os.path.isfile(os.path.join(directory, "tokenizer.json")):
             raise FileNotFoundError(
                 f"no Hugging Face tokenizer at {model!r}: expected a directory with tokenizer.json "
                 f"or a tokenizer.json file (slow tokenizers need converting with transformers)"
             )
-        try:
-            self._tok = tokenizers.Tokenizer.from_file(json_path)
-        except Exception as e:  # the Rust side raises a plain Exception
-            raise ValueError(f"cannot load Hugging Face tokenizer {json_path!r}: {e}") from e
-        self._json_path = json_path
-        config_path = os.path.join(directory, "tokenizer_config.json")
-        config: dict[str, Any] = {}
-        if os.path.isfile(config_path):
-            with open(config_path, encoding="utf-8") as f:
-                config = json.load(f)
-        self._tokens = {
-            key: token
-            for key in ("bos_token", "eos_token", "pad_token", "unk_token")
-            if (token := _token_content(config.get(key))) is not None
-        }
-        for key, token in self._tokens.items():
-            if self._tok.token_to_id(token) is None:
-                raise ValueError(f"{config_path}: {key} {token!r} is not in the vocabulary")
-        self._set_chat_template(chat_template if chat_template is not None else _template_from(directory, config))
+        from transformers import AutoTokenizer
 
-    def _token_id(self, key: str) -> int | None:
-        token = self._tokens.get(key)
-        return None if token is None else self._tok.token_to_id(token)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except Exception as e:  # transformers and the Rust side raise assorted errors
+            raise ValueError(f"cannot load Hugging Face tokenizer {model!r}: {e}") from e
+        if not getattr(self._tok, "is_fast", False):
+            raise ValueError(f"{model!r} loads as a slow tokenizer; convert it to tokenizer.json")
+        if chat_template is not None:
+            _check_template_parses(chat_template)
+            self._tok.chat_template = chat_template
+
+    @property
+    def chat_template(self) -> str | None:  # type: ignore[override]
+        template = self._tok.chat_template
+        if isinstance(template, dict):  # named templates
+            template = template.get("default")
+        return template
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        return len(self._tok)
 
     @property
     def bos_id(self) -> int | None:
-        return self._token_id("bos_token")
+        return self._tok.bos_token_id
 
     @property
     def eos_id(self) -> int | None:
-        return self._token_id("eos_token")
+        return self._tok.eos_token_id
 
     @property
     def _own_pad_id(self) -> int | None:
-        return self._token_id("pad_token")
+        return self._tok.pad_token_id
 
     @property
     def special_tokens(self) -> dict[str, str]:
-        return dict(self._tokens)
+        return {k: v for k, v in self._tok.special_tokens_map.items() if isinstance(v, str)}
 
-    @property
-    def _model_file(self) -> str:
-        return self._json_path
+    def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        try:
+            return self._tok(list(texts), add_special_tokens=False)["input_ids"]
+        except (TypeError, ValueError):
+            for text in texts:
+                text.encode("utf-8")  # raises UnicodeEncodeError when that is the cause
+            raise
 
-    def _encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def detokenize(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
 
-    def detokenize(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=False)
+    def apply_chat_template(self, messages: list[Message], add_generation_prompt: bool) -> str:
+        if self.chat_template is None:
+            raise self._no_template()
+        try:
+            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja2 errors and the template's own raise_exception
+            raise ChatTemplateError(f"chat template failed: {e}") from e
+
+    def _fingerprint_bytes(self) -> bytes:
+        return self._tok.backend_tokenizer.to_str().encode("utf-8")
 
 
 def build_tokenizer(
-    tokenizer_type: str, tokenizer_model: str, chat_template: str | None = None
+    tokenizer_type: str, tokenizer_model: str, chat_template: str | None = None, num_threads: int = -1
 ) -> BaseTokenizer:
     """The tokenizer named by Megatron-style `--tokenizer-type` / `--tokenizer-model` flags.
 
-    `chat_template` is Jinja2 source; it overrides the tokenizer's own template.
+    `chat_template` is Jinja2 source; it overrides the tokenizer's own template. `num_threads`
+    bounds SentencePiece's batch-encoding threads (Hugging Face tokenizers use their own pool).
     Raises ValueError for an unknown type, a file that does not load or a chat template that
     does not parse (ChatTemplateError), FileNotFoundError for a missing file.
     """
     if tokenizer_type == "SentencePieceTokenizer":
-        return SentencePieceTokenizer(tokenizer_model, chat_template)
+        return SentencePieceTokenizer(tokenizer_model, chat_template, num_threads)
     if tokenizer_type == "HuggingFaceTokenizer":
         return HuggingFaceTokenizer(tokenizer_model, chat_template)
     raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; supported: {', '.join(TOKENIZER_TYPES)}")
 
 
-def _token_content(value: Any) -> str | None:
-    """A special token from tokenizer_config.json: a string, or a serialized AddedToken."""
-    if isinstance(value, dict):
-        value = value.get("content")
-    return value if isinstance(value, str) else None
+def _check_template_parses(source: str) -> None:
+    """Fail at load, not at the first pair, for a template that does not compile.
 
+    Compiles with transformers' own (cached) compiler, the one `apply_chat_template` uses.
+    """
+    from jinja2 import TemplateSyntaxError
+    from transformers.utils.chat_template_utils import _compile_jinja_template
 
-def _template_from(directory: str, config: dict[str, Any]) -> str | None:
-    """The chat template saved with a Hugging Face tokenizer, if any."""
-    jinja_path = os.path.join(directory, "chat_template.jinja")
-    if os.path.isfile(jinja_path):
-        with open(jinja_path, encoding="utf-8") as f:
-            return f.read()
-    template = config.get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
-
-
-class _GenerationTag(jinja2.ext.Extension):
-    """`{% generation %}...{% endgeneration %}` (assistant-mask markers): renders its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> jinja2.nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return jinja2.nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-    def _render(self, caller: Any) -> str:
-        return caller()
-
-
-def _raise_exception(message: str) -> None:
-    raise jinja2.TemplateError(message)
-
-
-def _tojson(
-    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
-) -> str:
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _compile_chat_template(source: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, _GenerationTag]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
+        _compile_jinja_template(source)
+    except TemplateSyntaxError as e:
         raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {e.message}") from e

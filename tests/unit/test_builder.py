@@ -9,13 +9,15 @@ import sys
 
 import numpy as np
 import pytest
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, IndexedDatasetBuilder
 
 from simpo_megatron._pair_builder import PairBuilder
 from simpo_megatron.data.builder import (
+    DTYPE_CODES,
     LAYOUT,
     PreferencePairWriter,
     merge_pair_datasets,
+    optimal_dtype,
     read_sidecar,
 )
 
@@ -190,3 +192,11 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     remaining = set(os.listdir(tmp_path))
     assert stale.name not in remaining
     assert {alive.name, other_host.name, "d.bin", "d.idx", "d.meta.json"} == remaining
+
+
+def test_dtype_rules_equal_megatron():
+    """The builder avoids importing megatron-core; its dtype choice and codes are megatron's."""
+    for dtype, code in DTYPE_CODES.items():
+        assert DType.code_from_dtype(dtype) == code
+    for vocab_size in (1, 65499, 65500, 200_000):
+        assert optimal_dtype(vocab_size) == DType.optimal_dtype(vocab_size)

@@ -28,10 +28,11 @@ ZEPHYR_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 PAIRS = [
-    {"prompt": "Reverse the words: apple river stone\nAnswer:", "chosen": "stone river apple",
-     "rejected": "apple river stone"},
-    {"prompt": "Sort ascending: 42 7 19\nAnswer:", "chosen": "7 19 42", "rejected": "42 19 7"},
-    {"prompt": "Largest of: 3 88 12\nAnswer:", "chosen": "88", "rejected": "3"},
+    {"prompt": "Reverse the words: apple river stone\nAnswer:", "chosen": " stone river apple",
+     "rejected": " apple river stone"},
+    {"prompt": "Sort ascending: 42 7 19\nAnswer:", "chosen": " 7 19 42", "rejected": " 42 19 7"},
+    # "▁8" + "8" merge into "▁88" when tokenized together; " 3" does not merge.
+    {"prompt": "Largest of: 3 88 12\nAnswer: 8", "chosen": "8", "rejected": " 3"},
 ]
 
 
@@ -53,6 +54,28 @@ def hf_dir(tmp_path_factory) -> str:
     config = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": ZEPHYR_TEMPLATE}
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return str(path)
+
+
+def split_at_prompt(encode, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """The reference rule (TRL's build_tokenized_answer): tokenize prompt + response as one text,
+    split where the tokenized prompt ends, one token earlier when the last prompt token merged."""
+    prompt_ids, full = encode(prompt), encode(prompt + response)
+    start = len(prompt_ids) if full[: len(prompt_ids)] == prompt_ids else len(prompt_ids) - 1
+    return full[:start], full[start:]
+
+
+def expected_pair(encode, pair, bos: int | None, eos: int | None) -> tuple[list[int], list[int], list[int]]:
+    """The stored pair by the reference rule: prompts split per response, then one shared prompt up
+    to the earlier split (the other response starts with the prompt's last token); BOS and EOS
+    added where missing."""
+    prompt_c, chosen = split_at_prompt(encode, pair["prompt"], pair["chosen"])
+    prompt_r, rejected = split_at_prompt(encode, pair["prompt"], pair["rejected"])
+    shared = min(len(prompt_c), len(prompt_r))
+    assert prompt_c[:shared] == prompt_r[:shared]
+    chosen, rejected = prompt_c[shared:] + chosen, prompt_r[shared:] + rejected
+    prompt = prompt_c[:shared] if bos is None or prompt_c[:1] == [bos] else [bos] + prompt_c[:shared]
+    eos = [] if eos is None else [eos]
+    return prompt, chosen + ([] if chosen[-1:] == eos else eos), rejected + ([] if rejected[-1:] == eos else eos)
 
 
 def write_jsonl(path: Path, records) -> str:
@@ -80,17 +103,33 @@ def outputs(tmp_path: Path) -> list[str]:
     return sorted(os.listdir(out)) if out.exists() else []
 
 
+def test_tool_imports_only_what_it_uses():
+    """No megatron-core, torch or transformers for a SentencePiece run: --help is quick and silent."""
+    code = ("import sys; sys.path.insert(0, 'tools'); import preprocess_preference_data as p; "
+            "p.build_tokenizer('SentencePieceTokenizer', 'examples/data/tokenizer.model'); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'megatron', 'torch', 'transformers'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]" and out.stderr == ""
+    helped = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_preference_data.py"), "--help"],
+                            capture_output=True, text=True, check=True)
+    assert "--tokenizer-model" in helped.stdout and helped.stderr == ""
+
+
 def test_sentencepiece_ids_equal_sentencepiece(tmp_path, capsys):
     assert run(tmp_path, write_jsonl(tmp_path / "in.jsonl", PAIRS)) == 0
     sp = sentencepiece.SentencePieceProcessor(model_file=SP_MODEL)
-    expected = [([sp.bos_id()] + sp.encode(p["prompt"]), sp.encode(p["chosen"]) + [sp.eos_id()],
-                 sp.encode(p["rejected"]) + [sp.eos_id()]) for p in PAIRS]
+    expected = [expected_pair(sp.encode, p, sp.bos_id(), sp.eos_id()) for p in PAIRS]
     assert read_pairs(tmp_path / "o" / "out") == expected
+    assert expected[0][1] == sp.encode(PAIRS[0]["chosen"]) + [sp.eos_id()]  # no merge: as tokenized alone
+    assert [sp.id_to_piece(i) for i in expected[2][1]] == ["▁88", "</s>"]  # the merged token
+    assert [sp.id_to_piece(i) for i in expected[2][2]] == ["▁8", "▁3", "</s>"]  # starts with the prompt's last
     meta = read_sidecar(str(tmp_path / "o" / "out"))
     assert meta["num_pairs"] == 3 and meta["dtype"] == "uint16" and meta["skipped"] == {}
     assert meta["tokenizer"] == build_tokenizer("SentencePieceTokenizer", SP_MODEL).describe()
+    assert meta["boundary_merges"] == {"responses": 1, "shifted": 1}
     summary = capsys.readouterr().out
     assert "wrote 3 pairs" in summary and "p99" in summary and "rejected" in summary
+    assert "boundary merges: 1 of 6 responses" in summary
 
 
 def test_huggingface_ids_equal_tokenizers(tmp_path, hf_dir):
@@ -99,7 +138,7 @@ def test_huggingface_ids_equal_tokenizers(tmp_path, hf_dir):
                tokenizer=("HuggingFaceTokenizer", hf_dir)) == 0
     tok = tokenizers.Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
     ids = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
-    expected = [([1] + ids(p["prompt"]), ids(p["chosen"]), ids(p["rejected"])) for p in PAIRS + pairs]
+    expected = [expected_pair(ids, p, 1, None) for p in PAIRS + pairs]
     assert read_pairs(tmp_path / "o" / "out") == expected
     assert expected[-1][0].count(1) == 2  # "<s>" inside the text is the BOS token, as in HF
 
@@ -134,10 +173,12 @@ def test_chat_messages_render_with_template(tmp_path, hf_dir):
     first, second = read_pairs(tmp_path / "o" / "out")
     assert first == second
     prompt_ids, chosen_ids, rejected_ids = first
-    assert prompt_ids == tok.tokenize(f"<s><|user|>\n{prompt}</s>\n<|assistant|>\n")
+    prompt_text = f"<s><|user|>\n{prompt}</s>\n<|assistant|>\n"
+    assert prompt_ids == tok.tokenize(prompt_text)
     assert prompt_ids.count(tok.bos_id) == 1 and prompt_ids[0] == tok.bos_id  # the template's BOS, once
-    assert chosen_ids == tok.tokenize("c b a</s>")  # ends with the template's EOS, not two
-    assert rejected_ids == tok.tokenize("a b c</s>") and rejected_ids.count(tok.eos_id) == 1
+    assert prompt_ids + chosen_ids == tok.tokenize(prompt_text + "c b a</s>")  # the template's EOS, not two
+    assert prompt_ids + rejected_ids == tok.tokenize(prompt_text + "a b c</s>")
+    assert rejected_ids.count(tok.eos_id) == 1
 
 
 def test_chat_template_file_with_sentencepiece(tmp_path):
@@ -149,8 +190,9 @@ def test_chat_template_file_with_sentencepiece(tmp_path):
     assert run(tmp_path, write_jsonl(tmp_path / "in.jsonl", [pair]), "--chat-template", str(template)) == 0
     sp = sentencepiece.SentencePieceProcessor(model_file=SP_MODEL)
     [(prompt_ids, chosen_ids, _)] = read_pairs(tmp_path / "o" / "out")
-    assert prompt_ids == [sp.bos_id()] + sp.encode("user: Sort ascending: 3 1 2\nassistant:")
-    assert chosen_ids == sp.encode(" 1 2 3\n") + [sp.eos_id()]
+    prompt_text = "user: Sort ascending: 3 1 2\nassistant:"
+    assert prompt_ids == [sp.bos_id()] + sp.encode(prompt_text)
+    assert prompt_ids + chosen_ids == [sp.bos_id()] + sp.encode(prompt_text + " 1 2 3\n") + [sp.eos_id()]
     meta = read_sidecar(str(tmp_path / "o" / "out"))
     assert meta["tokenizer"]["chat_template_sha256"] is not None
 
@@ -233,8 +275,8 @@ def test_json_array_parquet_and_renamed_keys_match_jsonl(tmp_path):
 
 
 def test_two_workers_preserve_order(tmp_path):
-    records = [{"prompt": f"Sort ascending: {i} {i + 7}\nAnswer:", "chosen": f"{i} {i + 7}",
-                "rejected": f"{i + 7} {i}"} for i in range(5 * preprocess.CHUNK_PAIRS + 17)]
+    records = [{"prompt": f"Sort ascending: {i} {i + 7}\nAnswer:", "chosen": f" {i} {i + 7}",
+                "rejected": f" {i + 7} {i}"} for i in range(5 * preprocess.CHUNK_PAIRS + 17)]
     records[1500] = b"{broken\n"
     path = write_jsonl(tmp_path / "in.jsonl", records)
     assert run(tmp_path, path, "--skip-invalid", prefix="one") == 0
@@ -300,6 +342,8 @@ def test_example_data_preprocesses(tmp_path):
         assert len(pairs) == count
         first = json.loads((data / f"{split}.jsonl").read_text().splitlines()[0])
         sp = sentencepiece.SentencePieceProcessor(model_file=SP_MODEL)
-        assert [sp.decode(ids) for ids in pairs[0]] == [first["prompt"], first["chosen"], first["rejected"]]
+        prompt, chosen, rejected = pairs[0]
+        assert [sp.decode(prompt + ids) for ids in (chosen, rejected)] == [
+            first["prompt"] + first["chosen"], first["prompt"] + first["rejected"]]
         assert all(p[0][0] == sp.bos_id() and p[1][-1] == p[2][-1] == sp.eos_id() for p in pairs)
     assert np.all(IndexedDataset(str(tmp_path / "o" / "train")).sequence_lengths > 0)
