@@ -96,7 +96,10 @@ class SimPOConfig:
     lr_decay_style: str = _opt("cosine", "Decay after warmup.", ("constant", "linear", "cosine"))
     lr_decay_iters: int | None = _opt(None, "Iterations of decay (default: --train-iters).")
     lr_warmup_iters: int = _opt(0, "Linear warmup iterations.")
-    lr_warmup_fraction: float | None = _opt(None, "Warmup as a fraction of the decay iterations.")
+    lr_warmup_fraction: float | None = _opt(
+        None, "Warmup as a fraction of the decay iterations, rounded up: ceil(fraction x iterations), "
+        "as Hugging Face's warmup_ratio."
+    )
     weight_decay: float = _opt(0.0, "Decoupled weight decay.")
     adam_beta1: float = _opt(0.9, "Adam beta1.")
     adam_beta2: float = _opt(0.95, "Adam beta2.")
@@ -246,6 +249,8 @@ class SimPOConfig:
             )
         if self.seq_length < 2:
             raise ConfigError("--seq-length must be >= 2 (a prompt token and a response token)")
+        if self.lr_warmup_fraction is not None and not 0.0 <= self.lr_warmup_fraction <= 1.0:
+            raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {self.lr_warmup_fraction}")
         if self.lr_warmup_fraction is not None and self.lr_warmup_iters:
             raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
         if self.min_lr > self.lr:

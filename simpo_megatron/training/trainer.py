@@ -93,10 +93,14 @@ def setup_model_and_optimizer(cfg: SimPOConfig, padded_vocab_size: int) -> Train
 
 
 def build_scheduler(cfg: SimPOConfig, optimizer) -> OptimizerParamScheduler:
-    """Linear warmup then constant / linear / cosine decay, counted in pairs like Megatron-LM."""
+    """Linear warmup then constant / linear / cosine decay, counted in pairs like Megatron-LM.
+
+    ``--lr-warmup-fraction f`` warms up for ``ceil(f x decay iterations)`` steps, rounded up as
+    Hugging Face's ``warmup_ratio`` is, so a recipe's schedule matches the reference step for step.
+    """
     decay_iters = cfg.lr_decay_iters or cfg.train_iters
     warmup_iters = (
-        int(cfg.lr_warmup_fraction * decay_iters) if cfg.lr_warmup_fraction is not None else cfg.lr_warmup_iters
+        math.ceil(cfg.lr_warmup_fraction * decay_iters) if cfg.lr_warmup_fraction is not None else cfg.lr_warmup_iters
     )
     gbs = cfg.global_batch_size
     return OptimizerParamScheduler(
