@@ -78,7 +78,12 @@ class SimPOConfig:
     micro_batch_size: int = _opt(4, "Preference pairs per micro-batch (2x sequences).")
     global_batch_size: int = _opt(8, "Preference pairs per optimizer step, over all data-parallel ranks.")
     seq_length: int = _opt(256, "Tokens per sequence (prompt + response).")
-    max_prompt_length: int | None = _opt(None, "Keep at most this many prompt tokens when truncating.")
+    max_prompt_length: int | None = _opt(
+        None, "When prompt + the longer response exceed --seq-length, cut the prompt to at most this "
+        "many tokens (its BOS and its last tokens), then the responses to the room left, as TRL and "
+        "the SimPO recipes do. Without it the prompt yields only what is needed (down to its BOS). "
+        "No response is ever left empty."
+    )
 
     # --- SimPO ---
     loss: str = _opt("simpo", "Preference loss, by registry name.")
