@@ -91,7 +91,13 @@ class SimPOConfig:
     gamma_beta_ratio: float = _opt(0.5, "SimPO target margin gamma/beta (as in the SimPO repository).")
     loss_type: str = _opt("sigmoid", "SimPO loss type.", ("sigmoid", "hinge"))
     label_smoothing: float = _opt(0.0, "Label smoothing of the sigmoid loss, in [0, 0.5].")
-    sft_weight: float = _opt(0.0, "Weight of the SFT term (-logp of the chosen response).")
+    sft_weight: float = _opt(0.0, "Weight of the SFT term on the chosen responses.")
+    sft_loss_form: str = _opt(
+        "token", "SFT term: 'token' is the cross-entropy averaged over all chosen-response tokens of "
+        "the global batch (the SimPO repository, TRL's cpo_alpha); 'pair' is the spec's "
+        "-logp(chosen) per pair, averaged over pairs (length-normalized or summed, as "
+        "--average-log-prob says).", ("token", "pair"),
+    )
     average_log_prob: bool = _opt(True, "Length-normalized log-probs (SimPO); --no-average-log-prob sums.")
 
     # --- optimizer and schedule ---

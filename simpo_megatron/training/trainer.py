@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from simpo_megatron.config import SimPOConfig
 from simpo_megatron.model import build_model
 from simpo_megatron.model.gpt import params_dtype
-from simpo_megatron.training.step import LossSettings, forward_step, reduce_metrics
+from simpo_megatron.training.step import LossSettings, chosen_token_count, forward_step, reduce_metrics
 
 
 @dataclass
@@ -135,6 +135,27 @@ def _run_schedule(cfg: SimPOConfig, model, batches: list[dict], forward_only: bo
     )
 
 
+def _set_sft_token_scale(cfg: SimPOConfig, batches: list[dict]) -> None:
+    """Give every micro-batch the global pairs / chosen-response tokens ratio of its global batch.
+
+    The token-level SFT term is a mean over all chosen tokens of the global batch; the count is
+    all-reduced over the data-parallel group before the schedule runs (see ``sft_token_nll_sum``).
+    """
+    if not LossSettings.from_config(cfg).token_sft:
+        return
+    counts = torch.zeros(2, dtype=torch.float64)
+    for b in batches:
+        weights = b.get("pair_weights")
+        counts[0] += b["num_pairs"] if weights is None else float(weights.sum())
+        counts[1] += float(chosen_token_count(b))
+    if torch.cuda.is_available():
+        counts = counts.cuda()
+    torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    pairs, tokens = counts.tolist()
+    for b in batches:
+        b["sft_token_scale"] = pairs / max(tokens, 1.0)
+
+
 def _last_stage_metrics(outputs: list[dict]) -> dict[str, float] | None:
     """Global-batch metrics on the last pipeline stage; None elsewhere."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -166,6 +187,7 @@ def train_step(cfg: SimPOConfig, state: TrainState, batches: list[dict]) -> dict
         m.train()
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
+    _set_sft_token_scale(cfg, batches)
     outputs = _run_schedule(cfg, state.model, batches, forward_only=False)
     grad_norm = None
     # With --fp16 the dynamic loss scaler detects inf/NaN itself, and it must see every
@@ -191,5 +213,6 @@ def eval_step(cfg: SimPOConfig, state: TrainState, batches: list[dict]) -> dict[
     """The global-batch metrics of ``batches`` without updating anything."""
     for m in state.model:
         m.eval()
+    _set_sft_token_scale(cfg, batches)
     outputs = _run_schedule(cfg, state.model, batches, forward_only=True)
     return _last_stage_metrics(outputs)
