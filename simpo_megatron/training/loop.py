@@ -101,6 +101,30 @@ def evaluate(cfg: SimPOConfig, state: TrainState, dataset, pad_id: int) -> dict 
     return {key: value / pairs for key, value in totals.items()} | {"num_pairs": pairs}
 
 
+def precision_notice(cfg: SimPOConfig, cuda_available: bool) -> str | None:
+    """What to tell the user when --bf16 / --fp16 is asked for without a visible GPU (None otherwise).
+
+    Both work on the CPU (gloo), slowly, which is what tests use; on a cluster it usually means
+    CUDA_VISIBLE_DEVICES or the job's GPU request is wrong, so the run says so at start.
+    """
+    if cuda_available or not (cfg.bf16 or cfg.fp16):
+        return None
+    flag = "--bf16" if cfg.bf16 else "--fp16"
+    return (
+        f"note: no GPU is visible; {flag} runs on the CPU (gloo), slowly. "
+        "If you meant to train on GPUs, check CUDA_VISIBLE_DEVICES and the job's GPU request."
+    )
+
+
+def _check_training_data(cfg: SimPOConfig, num_pairs: int) -> None:
+    if num_pairs < cfg.global_batch_size:
+        raise ConfigError(
+            f"the training data has {num_pairs} pairs, fewer than one global batch "
+            f"(--global-batch-size {cfg.global_batch_size}): give more data (--data-path, --split) "
+            f"or a smaller --global-batch-size"
+        )
+
+
 def _resolve_vocab(cfg: SimPOConfig, data_vocab: int) -> SimPOConfig:
     if cfg.vocab_size is None:
         return dataclasses.replace(cfg, vocab_size=data_vocab)
@@ -129,7 +153,17 @@ def pretrain(cfg: SimPOConfig) -> dict:
         ),
         seed=cfg.seed,
     )
-    data = build_datasets(cfg)
+    notice = precision_notice(cfg, torch.cuda.is_available())
+    if notice:
+        print_rank_last(notice)
+    try:
+        data = build_datasets(cfg)
+    except DataMismatchError:
+        raise
+    except ValueError as e:  # a missing prefix, a bad --split or blend, an unreadable dataset
+        raise ConfigError(str(e)) from e
+    if not cfg.eval_only:
+        _check_training_data(cfg, len(data.train))
     cfg = _resolve_vocab(cfg, data.vocab_size)
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
     if cfg.load and is_hf_checkpoint(cfg.load):
