@@ -140,7 +140,10 @@ class SimPOConfig:
     no_load_rng: bool = _opt(False, "Do not load RNG state.")
     finetune: bool = _opt(False, "Load weights only and start at iteration 0.")
     eval_interval: int | None = _opt(None, "Evaluate every this many iterations.")
-    eval_iters: int = _opt(10, "Batches per evaluation.")
+    eval_iters: int = _opt(
+        10, "Global batches per evaluation (the same pairs each time, a partial last batch "
+        "included); -1 scores every validation pair exactly once, as the SimPO recipes evaluate."
+    )
     eval_only: bool = _opt(False, "Evaluate the loaded checkpoint and exit.")
     log_interval: int = _opt(10, "Print metrics every this many iterations.")
     tensorboard_dir: str | None = _opt(None, "Write TensorBoard events here.")
@@ -280,6 +283,8 @@ class SimPOConfig:
             raise ConfigError("give exactly one of --data-path and --mock-data")
         if self.data_path and not self.tokenizer_model:
             raise ConfigError("--data-path needs --tokenizer-type and --tokenizer-model")
+        if self.eval_iters < 1 and self.eval_iters != -1:
+            raise ConfigError(f"--eval-iters must be >= 1, or -1 for the whole validation set; got {self.eval_iters}")
         if self.save_interval is not None and self.save_interval < 1:
             raise ConfigError(f"--save-interval must be >= 1, got {self.save_interval}")
         if self.eval_only and not self.load:

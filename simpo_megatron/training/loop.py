@@ -16,7 +16,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from simpo_megatron.config import ConfigError, SimPOConfig, load_config
-from simpo_megatron.data.provider import DataMismatchError, build_datasets, micro_batches
+from simpo_megatron.data.provider import DataMismatchError, build_datasets, eval_micro_batches, micro_batches
 from simpo_megatron.model.fp8 import FP8UnavailableError, check_transformer_engine
 from simpo_megatron.model.hf import HFConversionError, hf_model_overrides, is_hf_checkpoint
 from simpo_megatron.model.hf_convert import ensure_megatron_checkpoint
@@ -69,26 +69,23 @@ def _global_tokens(batches: list[dict]) -> int:
 
 
 def evaluate(cfg: SimPOConfig, state: TrainState, dataset, pad_id: int) -> dict | None:
-    """Metrics over the first ``--eval-iters`` global batches of ``dataset`` (same pairs each time).
+    """Metrics over the validation pairs, the same pairs each time, each scored once.
 
-    Returns the pair-weighted means on the last pipeline stage, None elsewhere.
+    ``--eval-iters -1``: every pair of ``dataset``; ``--eval-iters N``: the first N global
+    batches' worth of pairs (fewer if the data ends first). A partial last global batch counts
+    (short micro-batches are padded with zero-weight pairs). Returns the pair-weighted means on
+    the last pipeline stage, None elsewhere.
     """
-    world = dist.get_world_size()
-    iters = min(cfg.eval_iters, len(dataset) // cfg.global_batch_size)
-    if iters < 1:
-        raise ConfigError(
-            f"the validation data has {len(dataset)} pairs, fewer than --global-batch-size "
-            f"({cfg.global_batch_size}): give more validation data or a smaller batch"
-        )
-    stream = micro_batches(
-        dataset, cfg, pad_id, 0,
+    gbs = cfg.global_batch_size
+    num_pairs = len(dataset) if cfg.eval_iters < 0 else min(len(dataset), cfg.eval_iters * gbs)
+    stream = eval_micro_batches(
+        dataset, cfg, pad_id, num_pairs,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
-        shuffle=False,
     )
     totals: dict[str, float] = {}
     pairs = 0
-    for _ in range(iters):
-        batches = [next(stream) for _ in range(cfg.num_micro_batches(world))]
+    for _ in range(-(-num_pairs // gbs)):
+        batches = [next(stream) for _ in range(cfg.num_micro_batches(dist.get_world_size()))]
         metrics = eval_step(cfg, state, batches)
         if metrics is None:
             continue
