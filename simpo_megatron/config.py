@@ -145,7 +145,12 @@ class SimPOConfig:
         "included); -1 scores every validation pair exactly once, as the SimPO recipes evaluate."
     )
     eval_only: bool = _opt(False, "Evaluate the loaded checkpoint and exit.")
-    log_interval: int = _opt(10, "Print metrics every this many iterations.")
+    log_interval: int = _opt(10, "Print metrics every this many iterations (averaged over them, as Megatron-LM).")
+    health_check_window: int = _opt(
+        5, "Warn (console and metrics file) when the reward margin stays below 0.5 or above 5.0, or "
+        "the mean log-probs below -10 or above 0 (the spec's Debugging checks), for this many "
+        "log intervals in a row; once per episode. 0 disables."
+    )
     tensorboard_dir: str | None = _opt(None, "Write TensorBoard events here.")
     metrics_file: str | None = _opt(None, "Metrics JSONL (default: SAVE/metrics.jsonl when --save is set).")
     max_skipped_iters: int = _opt(10, "Stop after this many consecutive non-finite updates.")
@@ -283,6 +288,8 @@ class SimPOConfig:
             raise ConfigError("give exactly one of --data-path and --mock-data")
         if self.data_path and not self.tokenizer_model:
             raise ConfigError("--data-path needs --tokenizer-type and --tokenizer-model")
+        if self.health_check_window < 0:
+            raise ConfigError(f"--health-check-window must be >= 0, got {self.health_check_window}")
         if self.eval_iters < 1 and self.eval_iters != -1:
             raise ConfigError(f"--eval-iters must be >= 1, or -1 for the whole validation set; got {self.eval_iters}")
         if self.save_interval is not None and self.save_interval < 1:

@@ -23,6 +23,8 @@ from simpo_megatron.model.hf_convert import ensure_megatron_checkpoint
 from simpo_megatron.runtime import ParallelLayout, destroy_distributed, initialize_distributed
 from simpo_megatron.training.checkpointing import CheckpointError, config_to_dict, load_checkpoint, read_tracker, save_checkpoint
 from simpo_megatron.training.monitor import (
+    HealthMonitor,
+    LogWindow,
     MetricsWriter,
     format_eval_line,
     format_train_line,
@@ -207,6 +209,8 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
     config_dict = config_to_dict(cfg)
     consecutive_skips = 0
     window = {"time": 0.0, "tokens": 0, "pairs": 0, "iters": 0}
+    log_window = LogWindow()
+    health = HealthMonitor(cfg.health_check_window, cfg.average_log_prob)
     last_train, last_valid, interrupted = None, None, False
     if cfg.eval_interval and data.valid is not None and state.iteration == 0:
         # A baseline before the first update, so the curves show where learning started.
@@ -247,9 +251,16 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
                     "skipped": result["skipped"],
                     "consumed_samples": state.consumed_samples,
                 }
+                log_window.add(result["metrics"], skipped=result["skipped"])
                 if writer is not None:
                     writer.write("train", state.iteration, last_train)
             if state.iteration % cfg.log_interval == 0 and last_train is not None:
+                averaged = log_window.means()
+                log_window.reset()
+                for warning in health.update(averaged):
+                    print_rank_last(f" WARNING at iteration {state.iteration}: {warning['message']}")
+                    if writer is not None:
+                        writer.write("warning", state.iteration, warning)
                 throughput = {
                     "tokens_per_s": window["tokens"] / window["time"],
                     "pairs_per_s": window["pairs"] / window["time"],
@@ -258,7 +269,8 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
                 }
                 if writer is not None:
                     writer.write("throughput", state.iteration, throughput)
-                print_rank_last(format_train_line(state.iteration, cfg.train_iters, {**last_train, **throughput}))
+                line = {**last_train, **averaged, **throughput}
+                print_rank_last(format_train_line(state.iteration, cfg.train_iters, line))
                 window = {"time": 0.0, "tokens": 0, "pairs": 0, "iters": 0}
 
             if cfg.eval_interval and data.valid is not None and state.iteration % cfg.eval_interval == 0:
