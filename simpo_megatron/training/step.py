@@ -5,7 +5,9 @@ chosen first, then all rejected in the same order, so the last pipeline stage se
 members of every pair. The loss function returns megatron-core's 3-tuple
 ``(sum of pair losses, number of pairs, metrics)``; with ``calculate_per_token_loss=True``
 megatron-core divides the summed gradients by the global number of pairs, so the optimized
-loss is the exact mean over the pairs of the global batch.
+loss is the exact mean over the pairs of the global batch. The token-level SFT term enters
+each micro-batch's sum scaled by global pairs / global chosen tokens (``sft_token_scale``,
+set by the trainer), which makes it the exact mean over the global batch's chosen tokens.
 """
 
 from __future__ import annotations
