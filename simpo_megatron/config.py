@@ -154,7 +154,12 @@ class DataConfig:
     micro_batch_size: int = _opt(4, "Preference pairs per micro-batch (2x sequences).")
     global_batch_size: int = _opt(8, "Preference pairs per optimizer step, over all data-parallel ranks.")
     seq_length: int = _opt(256, "Tokens per sequence (prompt + response).")
-    max_prompt_length: int | None = _opt(None, "Keep at most this many prompt tokens when truncating.")
+    max_prompt_length: int | None = _opt(
+        None, "When prompt + the longer response exceed --seq-length, cut the prompt to at most this "
+        "many tokens (its BOS and its last tokens), then the responses to the room left, as TRL and "
+        "the SimPO recipes do. Without it the prompt yields only what is needed (down to its BOS). "
+        "No response is ever left empty."
+    )
     data_path: list[str] = _list_opt("Preprocessed prefixes, optionally weighted: 'A' or '0.7 A 0.3 B'.")
     valid_data_path: list[str] = _list_opt("Separate validation prefixes (instead of --split).")
     split: str = _opt("98,2,0", "Train/valid/test split of --data-path, in proportions.")
@@ -184,8 +189,19 @@ class LossConfig:
     gamma_beta_ratio: float = _opt(0.5, "SimPO target margin gamma/beta (as in the SimPO repository).")
     loss_type: str = _opt("sigmoid", "SimPO loss type.", ("sigmoid", "hinge"))
     label_smoothing: float = _opt(0.0, "Label smoothing of the sigmoid loss, in [0, 0.5].")
-    sft_weight: float = _opt(0.0, "Weight of the SFT term (-logp of the chosen response).")
+    sft_weight: float = _opt(0.0, "Weight of the SFT term on the chosen responses.")
+    sft_loss_form: str = _opt(
+        "token", "SFT term: 'token' is the cross-entropy averaged over all chosen-response tokens of "
+        "the global batch (the SimPO repository, TRL's cpo_alpha); 'pair' is the spec's "
+        "-logp(chosen) per pair, averaged over pairs (length-normalized or summed, as "
+        "--average-log-prob says).", ("token", "pair"),
+    )
     average_log_prob: bool = _opt(True, "Length-normalized log-probs (SimPO); --no-average-log-prob sums.")
+
+    @property
+    def token_sft(self) -> bool:
+        """Whether the SFT term is the token-level mean (it needs the global chosen-token count)."""
+        return self.sft_weight > 0 and self.sft_loss_form == "token"
 
     def validate(self) -> None:
         from simpo_megatron.losses import check_simpo_args, get_loss
@@ -208,7 +224,10 @@ class OptimizerConfig:
     lr_decay_style: str = _opt("cosine", "Decay after warmup.", ("constant", "linear", "cosine"))
     lr_decay_iters: int | None = _opt(None, "Iterations of decay (default: --train-iters).")
     lr_warmup_iters: int = _opt(0, "Linear warmup iterations.")
-    lr_warmup_fraction: float | None = _opt(None, "Warmup as a fraction of the decay iterations.")
+    lr_warmup_fraction: float | None = _opt(
+        None, "Warmup as a fraction of the decay iterations, rounded up: ceil(fraction x iterations), "
+        "as Hugging Face's warmup_ratio."
+    )
     weight_decay: float = _opt(0.0, "Decoupled weight decay.")
     adam_beta1: float = _opt(0.9, "Adam beta1.")
     adam_beta2: float = _opt(0.95, "Adam beta2.")
@@ -224,6 +243,8 @@ class OptimizerConfig:
         _require_positive(self, "train_iters")
         if self.lr_warmup_fraction is not None and self.lr_warmup_iters:
             raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
+        if self.lr_warmup_fraction is not None and not 0.0 <= self.lr_warmup_fraction <= 1.0:
+            raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {self.lr_warmup_fraction}")
         if self.min_lr > self.lr:
             raise ConfigError(f"--min-lr ({self.min_lr}) exceeds --lr ({self.lr})")
         if self.clip_grad < 0:
@@ -254,15 +275,27 @@ class CheckpointConfig:
 class LoggingConfig:
     """Console, metrics and TensorBoard output, and evaluation on the validation data."""
 
-    log_interval: int = _opt(10, "Print metrics every this many iterations.")
+    log_interval: int = _opt(10, "Print metrics every this many iterations (averaged over them, as Megatron-LM).")
+    health_check_window: int = _opt(
+        5, "Warn (console and metrics file) when the reward margin stays below 0.5 or above 5.0, or "
+        "the mean log-probs below -10 or above 0 (the spec's Debugging checks), for this many "
+        "log intervals in a row; once per episode. 0 disables."
+    )
     tensorboard_dir: str | None = _opt(None, "Write TensorBoard events here.")
     metrics_file: str | None = _opt(None, "Metrics JSONL (default: SAVE/metrics.jsonl when --save is set).")
     eval_interval: int | None = _opt(None, "Evaluate every this many iterations.")
-    eval_iters: int = _opt(10, "Batches per evaluation.")
+    eval_iters: int = _opt(
+        10, "Global batches per evaluation (the same pairs each time, a partial last batch "
+        "included); -1 scores every validation pair exactly once, as the SimPO recipes evaluate."
+    )
     eval_only: bool = _opt(False, "Evaluate the loaded checkpoint and exit.")
 
     def validate(self) -> None:
         _require_positive(self, "log_interval")
+        if self.health_check_window < 0:
+            raise ConfigError(f"--health-check-window must be >= 0, got {self.health_check_window}")
+        if self.eval_iters < 1 and self.eval_iters != -1:
+            raise ConfigError(f"--eval-iters must be >= 1, or -1 for the whole validation set; got {self.eval_iters}")
 
 
 SECTIONS: dict[str, type] = {

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 LOSS_TYPES = ("sigmoid", "hinge")
+SFT_LOSS_FORMS = ("token", "pair")
 
 
 def check_simpo_args(
@@ -55,8 +56,9 @@ def simpo_loss(
 
     ``logits = (logp_chosen - logp_rejected) - gamma_beta_ratio``;
     sigmoid: ``-logsigmoid(beta*logits)*(1-eps) - logsigmoid(-beta*logits)*eps``;
-    hinge: ``relu(1 - beta*logits)``. With ``sft_weight > 0`` the SFT term
-    ``sft_weight * -logp_chosen`` is added to each pair's loss. ``gamma_beta_ratio`` is the
+    hinge: ``relu(1 - beta*logits)``. With ``sft_weight > 0`` the spec's per-pair SFT term
+    ``sft_weight * -logp_chosen`` is added to each pair's loss (the reference's token-level
+    form is ``sft_token_nll_sum``; training adds one or the other, per ``--sft-loss-form``). ``gamma_beta_ratio`` is the
     paper's gamma/beta (as in the SimPO repository), not TRL's absolute ``simpo_gamma``.
     Rewards are ``beta * logp``, detached. Computed in fp32 whatever the input dtype.
     """
@@ -83,6 +85,30 @@ def simpo_loss(
     chosen_rewards = beta * chosen.detach()
     rejected_rewards = beta * rejected.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def sft_token_nll_sum(
+    chosen_token_logps: torch.Tensor, chosen_loss_mask: torch.Tensor, pairs_per_chosen_token: float
+) -> torch.Tensor:
+    """The token-level SFT term of one micro-batch, as a sum over its pairs' share.
+
+    The SimPO repository (``nn.CrossEntropyLoss`` over the chosen labels) and TRL
+    (``cpo_alpha``) take the mean negative log-likelihood over all chosen-response tokens of the
+    batch. With megatron-core's per-token loss (micro-batch sums, divided once by the global
+    pair count P), scaling this micro-batch's token sum by ``P / T`` (T: the chosen-response
+    tokens of the global batch) makes the optimized term exactly that mean, whatever the split
+    into micro-batches and data-parallel ranks. ``chosen_loss_mask`` may hold 0 for rows that
+    do not count (padding pairs).
+    """
+    if chosen_token_logps.shape != chosen_loss_mask.shape:
+        raise ValueError(
+            "chosen_token_logps and chosen_loss_mask must have the same shape, got "
+            f"{tuple(chosen_token_logps.shape)} and {tuple(chosen_loss_mask.shape)}"
+        )
+    mask = chosen_loss_mask.float()
+    # where(), not only the product: a masked-out (padding) row may hold anything, NaN included.
+    nll = -torch.where(mask > 0, chosen_token_logps.float() * mask, 0.0).sum()
+    return nll * pairs_per_chosen_token
 
 
 PreferenceLoss = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

@@ -157,9 +157,11 @@ def build_pair_datasets(
     Without `valid_data_path`, each prefix of `data_path` is split by `split` into contiguous
     train/valid/test ranges (the test part is left unused) and the parts of each split are
     blended with the same weights. With `valid_data_path`, `split` is ignored: all of
-    `data_path` trains and all of `valid_data_path` validates. A weighted blend draws
-    `train_samples` / `valid_samples` pairs (default: the total of its parts); an unweighted one
-    holds each pair once. The sampler then cycles epochs over what is returned.
+    `data_path` trains and all of `valid_data_path` validates. A weighted training blend draws
+    `train_samples` pairs (default: the total of its parts); an unweighted one holds each pair
+    once. A validation blend holds each of its pairs exactly once, whatever the weights, unless
+    `valid_samples` asks for that many weighted draws. The sampler then cycles epochs over what
+    is returned.
     """
     prefixes, weights = parse_data_path(data_path)
 
@@ -169,7 +171,8 @@ def build_pair_datasets(
     if valid_data_path:
         valid_prefixes, valid_weights = parse_data_path(valid_data_path)
         train = _blend([dataset(p) for p in prefixes], weights, train_samples, seed)
-        valid = _blend([dataset(p) for p in valid_prefixes], valid_weights, valid_samples, seed)
+        valid_parts = [dataset(p) for p in valid_prefixes]
+        valid = _blend(valid_parts, valid_weights if valid_samples else None, valid_samples, seed)
         return train, valid
 
     train_range, valid_range, _ = split_matrix(split)
@@ -193,5 +196,5 @@ def build_pair_datasets(
                 )
             parts.append(dataset(prefix, np.arange(begin, end)))
     train = _blend(train_parts, weights, train_samples, seed)
-    valid = _blend(valid_parts, weights, valid_samples, seed) if valid_parts else None
+    valid = _blend(valid_parts, weights if valid_samples else None, valid_samples, seed) if valid_parts else None
     return train, valid

@@ -43,10 +43,15 @@ def truncation_lengths(
 ) -> tuple[int, int, int]:
     """Lengths (prompt, chosen, rejected) to keep so that prompt + either response fits.
 
-    Nothing is cut when prompt + longer response <= seq_length. Otherwise the prompt yields
-    first, only as many tokens as needed and never below `max_prompt_length` (or 1 token when
-    None); then the responses are cut to the room left. Every part keeps at least one token:
-    an empty response makes the length-averaged log-prob 0/0 (TRL #6548, SimPO #35).
+    Nothing is cut when prompt + longer response <= seq_length. Otherwise:
+    - with `max_prompt_length` (TRL's and the SimPO repository's rule), the prompt is cut to at
+      most that many tokens, then the responses to the room left (seq_length - kept prompt);
+      TRL cuts responses to seq_length - max_prompt_length even when the prompt is shorter,
+      here a short prompt leaves its unused room to the responses;
+    - without it, the prompt yields only as many tokens as needed, down to 1 token, then the
+      responses are cut to the room left.
+    Every part keeps at least one token: an empty response makes the length-averaged
+    log-prob 0/0 (TRL #6548, SimPO #35).
     """
     _check_lengths(seq_length, max_prompt_length)
     if min(prompt_len, chosen_len, rejected_len) < 1:
@@ -57,8 +62,10 @@ def truncation_lengths(
     overflow = prompt_len + max(chosen_len, rejected_len) - seq_length
     if overflow <= 0:
         return prompt_len, chosen_len, rejected_len
-    prompt_floor = 1 if max_prompt_length is None else min(prompt_len, max_prompt_length)
-    kept_prompt = max(prompt_len - overflow, prompt_floor)
+    if max_prompt_length is None:
+        kept_prompt = max(prompt_len - overflow, 1)
+    else:
+        kept_prompt = min(prompt_len, max_prompt_length)
     room = seq_length - kept_prompt
     return kept_prompt, min(chosen_len, room), min(rejected_len, room)
 

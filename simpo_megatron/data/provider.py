@@ -17,7 +17,7 @@ import torch
 from simpo_megatron.data.blended import build_pair_datasets, parse_data_path
 from simpo_megatron.data.mock import MockPairDataset
 from simpo_megatron.data.pair_dataset import collate_pairs
-from simpo_megatron.data.sampler import PairBatchSampler
+from simpo_megatron.data.sampler import OnePassBatchSampler, PairBatchSampler
 
 _MOCK_PAIRS = {"train": 4096, "valid": 256}
 
@@ -112,5 +112,43 @@ def micro_batches(
         collate_fn=partial(collate_pairs, seq_length=cfg.seq_length, pad_id=pad_id),
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
+    )
+    return iter(loader)
+
+
+def collate_padded(samples, filler, micro_batch_size: int, seq_length: int, pad_id: int) -> dict:
+    """``collate_pairs`` of up to ``micro_batch_size`` samples, topped up with copies of ``filler``.
+
+    Pipeline stages exchange fixed-shape tensors, so a short (or empty) micro-batch of an
+    evaluation keeps its shape; ``pair_weights`` (1 real, 0 padding) keeps the padding out of
+    every sum and count, and ``num_pairs`` / ``num_tokens`` count the real pairs only.
+    """
+    real = len(samples)
+    batch = collate_pairs(list(samples) + [filler] * (micro_batch_size - real), seq_length, pad_id)
+    batch["pair_weights"] = torch.tensor([1.0] * real + [0.0] * (micro_batch_size - real))
+    batch["num_pairs"] = real
+    batch["num_tokens"] = sum(2 * len(s["prompt"]) + len(s["chosen"]) + len(s["rejected"]) for s in samples)
+    return batch
+
+
+def eval_micro_batches(
+    dataset, cfg, pad_id: int, num_pairs: int, data_parallel_rank: int, data_parallel_size: int
+) -> Iterator[dict]:
+    """Pairs ``[0, num_pairs)`` of ``dataset`` exactly once, as this rank's micro-batches.
+
+    ``ceil(num_pairs / global_batch_size)`` global batches, the last one possibly partial;
+    each rank yields the same number of fixed-shape micro-batches (see ``collate_padded``).
+    """
+    sampler = OnePassBatchSampler(
+        num_pairs, cfg.micro_batch_size, cfg.global_batch_size, data_parallel_rank, data_parallel_size
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=partial(
+            collate_padded, filler=dataset[0], micro_batch_size=cfg.micro_batch_size,
+            seq_length=cfg.seq_length, pad_id=pad_id,
+        ),
+        num_workers=cfg.num_workers,
     )
     return iter(loader)

@@ -97,3 +97,46 @@ class PairBatchSampler:
                 for m in range(0, per_rank, self.micro_batch_size):
                     yield shard[m : m + self.micro_batch_size]
             epoch, offset = epoch + 1, 0
+
+
+class OnePassBatchSampler:
+    """Every pair of ``range(total_pairs)`` exactly once, in order, as this rank's micro-batches.
+
+    For evaluation over a whole dataset: global batch g is entries [g * global_batch_size,
+    (g + 1) * global_batch_size) clipped to total_pairs, sharded over data-parallel ranks and
+    split into micro-batches as PairBatchSampler does. The last global batch may be partial, so
+    a micro-batch may hold fewer than micro_batch_size pairs, or none; every rank still yields
+    ``global_batch_size / (micro_batch_size x data_parallel_size)`` micro-batches per global
+    batch, so all ranks run the same number of schedule steps (the caller pads short ones).
+    """
+
+    def __init__(
+        self,
+        total_pairs: int,
+        micro_batch_size: int,
+        global_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+    ) -> None:
+        if total_pairs < 1:
+            raise ValueError(f"total_pairs must be >= 1, got {total_pairs}")
+        # The same layout checks as training's sampler (one pass, nothing consumed).
+        PairBatchSampler(
+            global_batch_size, 0, micro_batch_size, global_batch_size, data_parallel_rank, data_parallel_size
+        )
+        self.total_pairs = total_pairs
+        self.micro_batch_size = micro_batch_size
+        self.global_batch_size = global_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_size
+        self.num_global_batches = -(-total_pairs // global_batch_size)
+
+    def __len__(self) -> int:
+        return self.num_global_batches * self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.global_batch_size // self.data_parallel_size
+        for g in range(self.num_global_batches):
+            first = g * self.global_batch_size + self.data_parallel_rank * per_rank
+            for m in range(first, first + per_rank, self.micro_batch_size):
+                yield list(range(m, min(m + self.micro_batch_size, self.total_pairs)))

@@ -15,13 +15,15 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from simpo_megatron.config import ConfigError, SimPOConfig, load_config
-from simpo_megatron.data.provider import DataMismatchError, build_datasets, micro_batches
+from simpo_megatron.data.provider import DataMismatchError, build_datasets, eval_micro_batches, micro_batches
 from simpo_megatron.model.fp8 import FP8UnavailableError, check_transformer_engine
 from simpo_megatron.model.hf import HFConversionError, hf_model_overrides, is_hf_checkpoint
 from simpo_megatron.model.hf_convert import ensure_megatron_checkpoint
 from simpo_megatron.runtime import ParallelLayout, destroy_distributed, initialize_distributed
 from simpo_megatron.training.checkpointing import CheckpointError, config_to_dict, load_checkpoint, read_tracker, save_checkpoint
 from simpo_megatron.training.monitor import (
+    HealthMonitor,
+    LogWindow,
     MetricsWriter,
     format_eval_line,
     format_train_line,
@@ -68,26 +70,23 @@ def _global_tokens(batches: list[dict]) -> int:
 
 
 def evaluate(cfg: SimPOConfig, state: TrainState, dataset, pad_id: int) -> dict | None:
-    """Metrics over the first ``--eval-iters`` global batches of ``dataset`` (same pairs each time).
+    """Metrics over the validation pairs, the same pairs each time, each scored once.
 
-    Returns the pair-weighted means on the last pipeline stage, None elsewhere.
+    ``--eval-iters -1``: every pair of ``dataset``; ``--eval-iters N``: the first N global
+    batches' worth of pairs (fewer if the data ends first). A partial last global batch counts
+    (short micro-batches are padded with zero-weight pairs). Returns the pair-weighted means on
+    the last pipeline stage, None elsewhere.
     """
-    world = dist.get_world_size()
-    iters = min(cfg.eval_iters, len(dataset) // cfg.global_batch_size)
-    if iters < 1:
-        raise ConfigError(
-            f"the validation data has {len(dataset)} pairs, fewer than --global-batch-size "
-            f"({cfg.global_batch_size}): give more validation data or a smaller batch"
-        )
-    stream = micro_batches(
-        dataset, cfg, pad_id, 0,
+    gbs = cfg.global_batch_size
+    num_pairs = len(dataset) if cfg.eval_iters < 0 else min(len(dataset), cfg.eval_iters * gbs)
+    stream = eval_micro_batches(
+        dataset, cfg, pad_id, num_pairs,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
-        shuffle=False,
     )
     totals: dict[str, float] = {}
     pairs = 0
-    for _ in range(iters):
-        batches = [next(stream) for _ in range(cfg.num_micro_batches(world))]
+    for _ in range(-(-num_pairs // gbs)):
+        batches = [next(stream) for _ in range(cfg.num_micro_batches(dist.get_world_size()))]
         metrics = eval_step(cfg, state, batches)
         if metrics is None:
             continue
@@ -98,6 +97,30 @@ def evaluate(cfg: SimPOConfig, state: TrainState, dataset, pad_id: int) -> dict 
     if not pairs:
         return None
     return {key: value / pairs for key, value in totals.items()} | {"num_pairs": pairs}
+
+
+def precision_notice(cfg: SimPOConfig, cuda_available: bool) -> str | None:
+    """What to tell the user when --bf16 / --fp16 is asked for without a visible GPU (None otherwise).
+
+    Both work on the CPU (gloo), slowly, which is what tests use; on a cluster it usually means
+    CUDA_VISIBLE_DEVICES or the job's GPU request is wrong, so the run says so at start.
+    """
+    if cuda_available or not (cfg.bf16 or cfg.fp16):
+        return None
+    flag = "--bf16" if cfg.bf16 else "--fp16"
+    return (
+        f"note: no GPU is visible; {flag} runs on the CPU (gloo), slowly. "
+        "If you meant to train on GPUs, check CUDA_VISIBLE_DEVICES and the job's GPU request."
+    )
+
+
+def _check_training_data(cfg: SimPOConfig, num_pairs: int) -> None:
+    if num_pairs < cfg.global_batch_size:
+        raise ConfigError(
+            f"the training data has {num_pairs} pairs, fewer than one global batch "
+            f"(--global-batch-size {cfg.global_batch_size}): give more data (--data-path, --split) "
+            f"or a smaller --global-batch-size"
+        )
 
 
 def _resolve_vocab(cfg: SimPOConfig, data_vocab: int) -> SimPOConfig:
@@ -128,7 +151,17 @@ def pretrain(cfg: SimPOConfig) -> dict:
         ),
         seed=cfg.seed,
     )
-    data = build_datasets(cfg)
+    notice = precision_notice(cfg, torch.cuda.is_available())
+    if notice:
+        print_rank_last(notice)
+    try:
+        data = build_datasets(cfg)
+    except DataMismatchError:
+        raise
+    except ValueError as e:  # a missing prefix, a bad --split or blend, an unreadable dataset
+        raise ConfigError(str(e)) from e
+    if not cfg.eval_only:
+        _check_training_data(cfg, len(data.train))
     cfg = _resolve_vocab(cfg, data.vocab_size)
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
     if cfg.load and is_hf_checkpoint(cfg.load):
@@ -181,6 +214,8 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
     config_dict = config_to_dict(cfg)
     consecutive_skips = 0
     window = {"time": 0.0, "tokens": 0, "pairs": 0, "iters": 0}
+    log_window = LogWindow()
+    health = HealthMonitor(cfg.health_check_window, cfg.average_log_prob)
     last_train, last_valid, interrupted = None, None, False
     if cfg.eval_interval and data.valid is not None and state.iteration == 0:
         # A baseline before the first update, so the curves show where learning started.
@@ -221,9 +256,16 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
                     "skipped": result["skipped"],
                     "consumed_samples": state.consumed_samples,
                 }
+                log_window.add(result["metrics"], skipped=result["skipped"])
                 if writer is not None:
                     writer.write("train", state.iteration, last_train)
             if state.iteration % cfg.log_interval == 0 and last_train is not None:
+                averaged = log_window.means()
+                log_window.reset()
+                for warning in health.update(averaged):
+                    print_rank_last(f" WARNING at iteration {state.iteration}: {warning['message']}")
+                    if writer is not None:
+                        writer.write("warning", state.iteration, warning)
                 throughput = {
                     "tokens_per_s": window["tokens"] / window["time"],
                     "pairs_per_s": window["pairs"] / window["time"],
@@ -232,7 +274,8 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
                 }
                 if writer is not None:
                     writer.write("throughput", state.iteration, throughput)
-                print_rank_last(format_train_line(state.iteration, cfg.train_iters, {**last_train, **throughput}))
+                line = {**last_train, **averaged, **throughput}
+                print_rank_last(format_train_line(state.iteration, cfg.train_iters, line))
                 window = {"time": 0.0, "tokens": 0, "pairs": 0, "iters": 0}
 
             if cfg.eval_interval and data.valid is not None and state.iteration % cfg.eval_interval == 0:

@@ -5,7 +5,9 @@ chosen first, then all rejected in the same order, so the last pipeline stage se
 members of every pair. The loss function returns megatron-core's 3-tuple
 ``(sum of pair losses, number of pairs, metrics)``; with ``calculate_per_token_loss=True``
 megatron-core divides the summed gradients by the global number of pairs, so the optimized
-loss is the exact mean over the pairs of the global batch.
+loss is the exact mean over the pairs of the global batch. The token-level SFT term enters
+each micro-batch's sum scaled by global pairs / global chosen tokens (``sft_token_scale``,
+set by the trainer), which makes it the exact mean over the global batch's chosen tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 
 from simpo_megatron.logprobs import sequence_logps, vocab_parallel_token_logps
 from simpo_megatron.config import LossConfig
-from simpo_megatron.losses import get_loss
+from simpo_megatron.losses import get_loss, sft_token_nll_sum
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
 METRIC_SUMS = (
@@ -29,6 +31,15 @@ METRIC_SUMS = (
     "logps/rejected",
 )
 METRICS_KEY = "simpo"
+SFT_KEY = "sft_loss"  # the SFT term (without its weight), reported when --sft-weight > 0
+
+
+def chosen_token_count(batch: dict) -> torch.Tensor:
+    """Chosen-response tokens of a micro-batch (rows ``[0, m)``), padding pairs left out."""
+    mask = batch["loss_mask"][: batch["loss_mask"].shape[0] // 2]
+    if batch.get("pair_weights") is not None:
+        mask = mask * batch["pair_weights"][:, None].to(mask.dtype)
+    return mask.sum()
 
 
 def loss_func(
@@ -37,16 +48,32 @@ def loss_func(
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
     output_tensor: torch.Tensor,
+    pair_weights: torch.Tensor | None = None,
+    sft_token_scale: float | None = None,
 ):
     """SimPO loss of one micro-batch from the last stage's vocab-parallel logits ``[2m, s, V/tp]``.
 
-    Returns ``(loss_sum, num_pairs, {"simpo": sums})`` where ``sums`` holds the summed
-    statistics of ``METRIC_SUMS`` followed by the number of pairs.
+    Returns ``(loss_sum, num_pairs, metrics)``: ``metrics["simpo"]`` holds the summed
+    statistics of ``METRIC_SUMS`` followed by the number of pairs, and ``metrics["sft_loss"]``
+    the SFT term's sum when ``--sft-weight > 0``. ``pair_weights`` (``[m]``, 1 or 0) leaves
+    padding pairs out of every sum and count. ``sft_token_scale`` is global pairs / global
+    chosen-response tokens (the token-level SFT form); without it this micro-batch's own
+    ratio is used, which is exact for a global batch of one micro-batch.
     """
     token_logps = vocab_parallel_token_logps(output_tensor, labels, vocab_size)
     seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob)
     num_pairs = seq_logps.shape[0] // 2
     chosen, rejected = seq_logps[:num_pairs], seq_logps[num_pairs:]
+    if pair_weights is None:
+        weights = torch.ones(num_pairs, device=seq_logps.device)
+    else:
+        weights = pair_weights.to(seq_logps.device, torch.float32)
+    real = weights > 0
+
+    def pair_sum(values: torch.Tensor) -> torch.Tensor:
+        # where(), not a product: a padding pair's value may be anything, NaN included.
+        return torch.where(real, values.float() * weights, 0.0).sum()
+
     losses, chosen_rewards, rejected_rewards = get_loss(settings.loss)(
         chosen,
         rejected,
@@ -54,21 +81,32 @@ def loss_func(
         gamma_beta_ratio=settings.gamma_beta_ratio,
         loss_type=settings.loss_type,
         label_smoothing=settings.label_smoothing,
-        sft_weight=settings.sft_weight,
+        sft_weight=0.0 if settings.token_sft else settings.sft_weight,
     )
-    loss_sum = losses.sum()
-    sums = torch.stack(
+    loss_sum = pair_sum(losses)
+    metrics = {}
+    if settings.token_sft:
+        chosen_mask = loss_mask[:num_pairs] * weights[:, None].to(loss_mask.dtype)
+        if sft_token_scale is None:
+            sft_token_scale = weights.sum().item() / max(chosen_mask.sum().item(), 1.0)
+        sft_sum = sft_token_nll_sum(token_logps[:num_pairs], chosen_mask, sft_token_scale)
+        loss_sum = loss_sum + settings.sft_weight * sft_sum
+        metrics[SFT_KEY] = sft_sum.detach()
+    elif settings.sft_weight > 0:
+        metrics[SFT_KEY] = pair_sum(-chosen.detach())
+    count = weights.sum()
+    metrics[METRICS_KEY] = torch.stack(
         [
             loss_sum.detach(),
-            chosen_rewards.sum(),
-            rejected_rewards.sum(),
-            (chosen_rewards > rejected_rewards).float().sum(),
-            chosen.detach().sum(),
-            rejected.detach().sum(),
-            torch.tensor(float(num_pairs), device=loss_sum.device),
+            pair_sum(chosen_rewards),
+            pair_sum(rejected_rewards),
+            pair_sum((chosen_rewards > rejected_rewards).float()),
+            pair_sum(chosen.detach()),
+            pair_sum(rejected.detach()),
+            count,
         ]
     )
-    return loss_sum, torch.tensor(num_pairs, dtype=torch.int, device=loss_sum.device), {METRICS_KEY: sums}
+    return loss_sum, count.round().to(torch.int), metrics
 
 
 def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[dict], model):
@@ -84,20 +122,31 @@ def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     output = model(tokens, position_ids, attention_mask=None, labels=None)
-    return output, partial(loss_func, settings, vocab_size, labels, loss_mask)
+    return output, partial(
+        loss_func, settings, vocab_size, labels, loss_mask,
+        pair_weights=batch.get("pair_weights"), sft_token_scale=batch.get("sft_token_scale"),
+    )
 
 
 def reduce_metrics(step_outputs: list[dict], group=None) -> dict[str, float]:
     """Sum the micro-batch statistics of one step, all-reduce them over ``group`` (the
-    data-parallel group), and return the global-batch means, with ``rewards/margins``.
+    data-parallel group), and return the global-batch means, with ``rewards/margins`` (and
+    ``sft_loss`` when the SFT term is on).
 
     Call on the last pipeline stage only: that is where the schedule returns loss outputs.
     """
-    sums = torch.stack([out[METRICS_KEY] for out in step_outputs]).sum(0)
+    with_sft = SFT_KEY in step_outputs[0]
+    names = METRIC_SUMS + ((SFT_KEY,) if with_sft else ())
+
+    def vector(out: dict) -> torch.Tensor:
+        stats, count = out[METRICS_KEY][:-1], out[METRICS_KEY][-1:]
+        return torch.cat([stats, out[SFT_KEY].reshape(1), count] if with_sft else [stats, count])
+
+    sums = torch.stack([vector(out) for out in step_outputs]).sum(0)
     if group is not None and torch.distributed.get_world_size(group) > 1:
         torch.distributed.all_reduce(sums, group=group)
     count = sums[-1].item()
-    metrics = {name: (sums[i] / count).item() for i, name in enumerate(METRIC_SUMS)}
+    metrics = {name: (sums[i] / count).item() for i, name in enumerate(names)}
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
-    metrics["num_pairs"] = int(count)
+    metrics["num_pairs"] = int(round(count))
     return metrics

@@ -21,7 +21,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from simpo_megatron.config import SimPOConfig
 from simpo_megatron.model import build_model
 from simpo_megatron.model.gpt import params_dtype
-from simpo_megatron.training.step import forward_step, reduce_metrics
+from simpo_megatron.training.step import chosen_token_count, forward_step, reduce_metrics
 
 
 @dataclass
@@ -93,10 +93,14 @@ def setup_model_and_optimizer(cfg: SimPOConfig, padded_vocab_size: int) -> Train
 
 
 def build_scheduler(cfg: SimPOConfig, optimizer) -> OptimizerParamScheduler:
-    """Linear warmup then constant / linear / cosine decay, counted in pairs like Megatron-LM."""
+    """Linear warmup then constant / linear / cosine decay, counted in pairs like Megatron-LM.
+
+    ``--lr-warmup-fraction f`` warms up for ``ceil(f x decay iterations)`` steps, rounded up as
+    Hugging Face's ``warmup_ratio`` is, so a recipe's schedule matches the reference step for step.
+    """
     decay_iters = cfg.lr_decay_iters or cfg.train_iters
     warmup_iters = (
-        int(cfg.lr_warmup_fraction * decay_iters) if cfg.lr_warmup_fraction is not None else cfg.lr_warmup_iters
+        math.ceil(cfg.lr_warmup_fraction * decay_iters) if cfg.lr_warmup_fraction is not None else cfg.lr_warmup_iters
     )
     gbs = cfg.global_batch_size
     return OptimizerParamScheduler(
@@ -130,6 +134,27 @@ def _run_schedule(cfg: SimPOConfig, model, batches: list[dict], forward_only: bo
     )
 
 
+def _set_sft_token_scale(cfg: SimPOConfig, batches: list[dict]) -> None:
+    """Give every micro-batch the global pairs / chosen-response tokens ratio of its global batch.
+
+    The token-level SFT term is a mean over all chosen tokens of the global batch; the count is
+    all-reduced over the data-parallel group before the schedule runs (see ``sft_token_nll_sum``).
+    """
+    if not cfg.loss.token_sft:
+        return
+    counts = torch.zeros(2, dtype=torch.float64)
+    for b in batches:
+        weights = b.get("pair_weights")
+        counts[0] += b["num_pairs"] if weights is None else float(weights.sum())
+        counts[1] += float(chosen_token_count(b))
+    if torch.cuda.is_available():
+        counts = counts.cuda()
+    torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
+    pairs, tokens = counts.tolist()
+    for b in batches:
+        b["sft_token_scale"] = pairs / max(tokens, 1.0)
+
+
 def _last_stage_metrics(outputs: list[dict]) -> dict[str, float] | None:
     """Global-batch metrics on the last pipeline stage; None elsewhere."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
@@ -161,6 +186,7 @@ def train_step(cfg: SimPOConfig, state: TrainState, batches: list[dict]) -> dict
         m.train()
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
+    _set_sft_token_scale(cfg, batches)
     outputs = _run_schedule(cfg, state.model, batches, forward_only=False)
     grad_norm = None
     # With --fp16 the dynamic loss scaler detects inf/NaN itself, and it must see every
@@ -186,5 +212,6 @@ def eval_step(cfg: SimPOConfig, state: TrainState, batches: list[dict]) -> dict[
     """The global-batch metrics of ``batches`` without updating anything."""
     for m in state.model:
         m.eval()
+    _set_sft_token_scale(cfg, batches)
     outputs = _run_schedule(cfg, state.model, batches, forward_only=True)
     return _last_stage_metrics(outputs)

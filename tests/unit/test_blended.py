@@ -171,3 +171,15 @@ def test_build_errors(tmp_path):
         build_pair_datasets([a], "99,1,0", None, 16, None, 7, None, None)  # 1% of 10 rounds to 0
     with pytest.raises(ValueError, match="no training data"):
         build_pair_datasets([a], "0,1,0", None, 16, None, 7, None, None)
+
+
+def test_weighted_validation_blend_reads_each_pair_once(tmp_path):
+    """Without a valid_samples count (what training passes), a weighted blend's validation
+    part holds every validation pair exactly once, so an evaluation over it scores each once."""
+    a, b = write_tagged(str(tmp_path / "a"), 40, 0), write_tagged(str(tmp_path / "b"), 20, 1)
+    train, valid = build_pair_datasets(["0.9", a, "0.1", b], "90,10,0", None, 16, None, 7, 400, None)
+    assert sorted(ids(valid)) == sorted([(0, i) for i in range(36, 40)] + [(1, 18), (1, 19)])
+    v = write_tagged(str(tmp_path / "v"), 7, 5)
+    w = write_tagged(str(tmp_path / "w"), 3, 6)
+    _, valid = build_pair_datasets([a], "98,2,0", ["0.2", v, "0.8", w], 16, None, 7, 400, None)
+    assert sorted(ids(valid)) == sorted([(5, i) for i in range(7)] + [(6, i) for i in range(3)])

@@ -3,6 +3,8 @@
 import json
 import math
 
+import pytest
+
 from simpo_megatron.training.monitor import MetricsWriter, format_train_line
 
 
@@ -33,3 +35,61 @@ def test_console_line():
     line = format_train_line(10, 100, {"lr": 1e-4, "loss": 0.693, "grad_norm": None, "rewards/margins": 1.25})
     assert line.startswith(" iteration  10/100 | lr: 0.0001 | loss: 0.693")
     assert "rewards/margins: 1.25" in line and "grad_norm" not in line
+
+
+def test_log_window_averages_updated_iterations_like_megatron():
+    from simpo_megatron.training.monitor import LogWindow
+
+    window = LogWindow()
+    window.add({"loss": 1.0, "rewards/margins": 0.2, "logps/chosen": -2.0, "num_pairs": 8})
+    window.add({"loss": 9.0, "rewards/margins": 9.0}, skipped=True)  # skipped: left out
+    window.add({"loss": 0.5, "rewards/margins": 0.4, "logps/chosen": -1.0, "num_pairs": 8})
+    assert window.means() == {"loss": 0.75, "rewards/margins": pytest.approx(0.3), "logps/chosen": -1.5}
+    window.reset()
+    assert window.means() == {}
+    window.add({"loss": 2.0}, skipped=True)
+    assert window.means() == {}
+
+
+def _healthy(**changes):
+    return {"rewards/margins": 1.5, "logps/chosen": -1.5, "logps/rejected": -3.0, **changes}
+
+
+@pytest.mark.parametrize("bad, check", [
+    ({"rewards/margins": 0.3}, "low_margin"),
+    ({"rewards/margins": 6.0}, "high_margin"),
+    ({"logps/chosen": -11.0, "logps/rejected": -12.0}, "very_negative_logps"),
+    ({"logps/chosen": 0.01}, "positive_logps"),
+])
+def test_health_warns_once_per_episode_after_the_window(bad, check):
+    from simpo_megatron.training.monitor import HealthMonitor
+
+    monitor = HealthMonitor(window=3)
+    timeline = [_healthy(), _healthy(**bad), _healthy(**bad), _healthy(**bad), _healthy(**bad),  # episode 1
+                _healthy(),  # recovers: re-armed
+                _healthy(**bad), _healthy(**bad), _healthy(**bad)]  # episode 2
+    fired = [[w["check"] for w in monitor.update(m)] for m in timeline]
+    assert fired == [[], [], [], [check], [], [], [], [], [check]]
+    warning = HealthMonitor(window=1).update(_healthy(**bad))[0]
+    assert warning["check"] == check and "over the last 1 log intervals" in warning["message"]
+
+
+def test_health_window_is_consecutive_and_checks_are_as_the_spec_says():
+    from simpo_megatron.training.monitor import HealthMonitor
+
+    monitor = HealthMonitor(window=2)
+    low = _healthy(**{"rewards/margins": 0.1})
+    assert [monitor.update(m) for m in (low, _healthy(), low)] == [[], [], []]  # never 2 in a row
+    # Only one of the two log-probs below -10 is not the spec's "both very negative".
+    one = _healthy(**{"logps/chosen": -11.0})
+    assert HealthMonitor(window=1).update(one) == []
+    assert HealthMonitor(window=0).update(low) == []  # disabled
+    assert HealthMonitor(window=1).update({}) == []  # nothing to judge (every iteration skipped)
+
+
+def test_summed_log_probs_keep_only_the_positivity_check():
+    from simpo_megatron.training.monitor import HealthMonitor
+
+    summed = HealthMonitor(window=1, average_log_prob=False)
+    assert summed.update({"rewards/margins": 40.0, "logps/chosen": -120.0, "logps/rejected": -150.0}) == []
+    assert [w["check"] for w in summed.update(_healthy(**{"logps/rejected": 0.5}))] == ["positive_logps"]

@@ -40,8 +40,15 @@ def make_pair(prompt_len: int, chosen_len: int, rejected_len: int, tag: int = 0)
         ((4, 2, 6), 10, None, (4, 2, 6)),  # exactly seq_length: untouched
         ((6, 3, 2), 8, None, (5, 3, 2)),  # the prompt yields only what is needed
         ((6, 6, 2), 8, None, (2, 6, 2)),  # ... down to a short prompt
-        ((6, 6, 2), 8, 4, (4, 4, 2)),  # max_prompt_length is the prompt's floor
-        ((3, 6, 2), 8, 4, (3, 5, 2)),  # a prompt shorter than the floor stays whole
+        # --max-prompt-length (TRL / SimPO recipes): on overflow the prompt is cut to at most
+        # that many tokens, then the responses to the room left.
+        ((6, 6, 2), 8, 4, (4, 4, 2)),
+        ((6, 3, 2), 8, 4, (4, 3, 2)),  # cut to 4 although 5 would fit, as TRL cuts
+        ((3, 6, 2), 8, 4, (3, 5, 2)),  # a prompt shorter than the limit stays whole
+        ((8, 2, 2), 10, 4, (8, 2, 2)),  # no overflow: a long prompt is not cut
+        ((9, 2, 3), 10, 4, (4, 2, 3)),  # overflow by 2: down to the limit
+        ((3, 20, 5), 8, 7, (3, 5, 5)),  # the limit above the prompt: only responses yield
+        ((20, 20, 1), 8, 7, (7, 1, 1)),  # limit seq_length - 1: one response token left
         ((6, 10, 2), 8, None, (1, 7, 2)),  # prompt down to 1, then the response is cut
         ((3, 20, 5), 8, None, (1, 7, 5)),  # a response longer than seq_length
         ((5, 5, 5), 2, None, (1, 1, 1)),  # one token each is always left
@@ -49,6 +56,41 @@ def make_pair(prompt_len: int, chosen_len: int, rejected_len: int, tag: int = 0)
 )
 def test_truncation_lengths(lengths, seq_length, max_prompt_length, expected):
     assert truncation_lengths(*lengths, seq_length, max_prompt_length) == expected
+
+
+def _trl_truncation(prompt, chosen, rejected, max_length, max_prompt_length):
+    """TRL's DPO/CPO tokenize_row (<= 0.11) and the SimPO repository's, truncation_mode='keep_end'."""
+    longer = max(len(chosen), len(rejected))
+    if len(prompt) + longer > max_length:
+        prompt = prompt[-max_prompt_length:]
+    if len(prompt) + longer > max_length:
+        chosen = chosen[: max_length - max_prompt_length]
+        rejected = rejected[: max_length - max_prompt_length]
+    return prompt, chosen, rejected
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_truncation_matches_trl_keep_end_except_for_the_bos(tmp_path, seed):
+    """Where the prompt is at least --max-prompt-length long, the kept lengths are TRL's, the
+    responses are TRL's tokens, and the prompt is TRL's keep-end with its first token put back
+    as the BOS. A shorter prompt leaves more room to the responses than TRL does, never less."""
+    rng = np.random.default_rng(seed)
+    pairs = [make_pair(*rng.integers(1, 30, size=3), tag=t % 5) for t in range(150)]
+    seq_length, max_prompt = 24, 10
+    ds = PreferencePairDataset(write_pairs(str(tmp_path / "d"), pairs), seq_length, max_prompt)
+    compared = 0
+    for (prompt, chosen, rejected), item in zip(pairs, ds):
+        p, c, r = item["prompt"].tolist(), item["chosen"].tolist(), item["rejected"].tolist()
+        tp, tc, tr = _trl_truncation(prompt, chosen, rejected, seq_length, max_prompt)
+        assert len(p) + max(len(c), len(r)) <= seq_length and min(len(c), len(r)) >= 1
+        if len(prompt) >= max_prompt or len(tp) + max(len(tc), len(tr)) == len(prompt) + max(len(chosen), len(rejected)):
+            assert (len(p), c, r) == (len(tp), tc, tr)
+            assert p[0] == BOS and p[1:] == tp[1:]
+            compared += 1
+        else:  # short prompt, long response: TRL leaves seq_length - len(prompt) - len(response) unused
+            assert p == prompt and len(c) >= len(tc) and len(r) >= len(tr)
+            assert c == chosen[: len(c)] and r == rejected[: len(r)]
+    assert compared > 100
 
 
 def test_truncation_rejects_impossible_inputs():

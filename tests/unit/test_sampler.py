@@ -109,3 +109,31 @@ def test_resume_continues_the_uninterrupted_stream(stop_after, mbs, dp):
 def test_bad_arguments_name_themselves(args, name):
     with pytest.raises(ValueError, match=name):
         PairBatchSampler(*args)
+
+
+@pytest.mark.parametrize("total, mbs, gbs, dp", [(11, 1, 4, 2), (11, 2, 4, 2), (256, 2, 12, 2), (5, 4, 8, 1), (3, 1, 8, 4)])
+def test_one_pass_sampler_yields_each_pair_once_and_the_same_steps_on_every_rank(total, mbs, gbs, dp):
+    from simpo_megatron.data.sampler import OnePassBatchSampler
+
+    per_rank = gbs // (mbs * dp)
+    streams = [list(OnePassBatchSampler(total, mbs, gbs, r, dp)) for r in range(dp)]
+    steps = -(-total // gbs)
+    for r, stream in enumerate(streams):
+        assert len(stream) == len(OnePassBatchSampler(total, mbs, gbs, r, dp)) == steps * per_rank
+        assert all(len(mb) <= mbs for mb in stream)
+    everything = sorted(i for stream in streams for mb in stream for i in mb)
+    assert everything == list(range(total))
+    # Full global batches are laid out as training lays them out (unshuffled).
+    full = total // gbs
+    if full:
+        for r in range(dp):
+            assert streams[r][: full * per_rank] == micro_batches(full * per_rank, total, 0, mbs, gbs, r, dp, shuffle=False)
+
+
+def test_one_pass_sampler_checks_its_layout():
+    from simpo_megatron.data.sampler import OnePassBatchSampler
+
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        OnePassBatchSampler(10, 3, 4, 0, 1)
+    with pytest.raises(ValueError, match="total_pairs"):
+        OnePassBatchSampler(0, 1, 4, 0, 1)
