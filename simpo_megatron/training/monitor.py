@@ -12,16 +12,7 @@ import os
 import sys
 from typing import Any
 
-CONSOLE_KEYS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "sft_loss",
-)
+from simpo_megatron.training.step import METRIC_NAMES as CONSOLE_KEYS
 
 
 class MetricsWriter:

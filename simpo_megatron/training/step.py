@@ -32,6 +32,8 @@ METRIC_SUMS = (
 )
 METRICS_KEY = "simpo"
 SFT_KEY = "sft_loss"  # the SFT term (without its weight), reported when --sft-weight > 0
+# Every metric a step reports, in the order the console prints them (the one list of them).
+METRIC_NAMES = METRIC_SUMS[:4] + ("rewards/margins",) + METRIC_SUMS[4:] + (SFT_KEY,)
 
 
 def chosen_token_count(batch: dict) -> torch.Tensor:
