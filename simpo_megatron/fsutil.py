@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from typing import Iterator
 
 
 def fsync_directory(path: str) -> None:
@@ -23,3 +26,32 @@ def atomic_write_text(path: str, text: str) -> None:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def staged_directory(output: str) -> Iterator[str]:
+    """A fresh ``OUTPUT.tmp`` to write a whole directory into, published as ``output`` by one
+    rename on success (its files fsynced first) and removed on failure: all or nothing.
+
+    Refuses an ``output`` that exists, so nothing is ever overwritten.
+    """
+    output = os.path.abspath(output)
+    if os.path.exists(output):
+        raise FileExistsError(f"{output} exists: remove it or choose another output")
+    tmp = output + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        for folder, _, files in os.walk(tmp):
+            for name in files:
+                fd = os.open(os.path.join(folder, name), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.rename(tmp, output)
+    fsync_directory(os.path.dirname(output))

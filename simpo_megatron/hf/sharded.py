@@ -1,0 +1,54 @@
+"""Megatron global tensors in and out of models and dist checkpoints, on any TP/PP layout.
+
+``load_into_model`` fills this rank's model chunks from global (unsharded) tensors, slicing
+each the way ``model.sharded_state_dict()`` says (key, global shape, offsets; megatron's
+fused QKV and [gate; up] layouts included), so nothing is converted per layout.
+``read_checkpoint_tensors`` reads a dist checkpoint's global tensors without a model.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Mapping
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+from simpo_megatron.hf.adapter import HFConversionError
+
+
+def _sharded_tensors(chunk) -> Iterable[ShardedTensor]:
+    """The ShardedTensors of a model chunk, factories (e.g. SwiGLU's fc1) expanded."""
+    for item in nested_values(chunk.sharded_state_dict()):
+        if isinstance(item, ShardedTensorFactory):
+            yield from (t for t in nested_values(item.build()) if isinstance(t, ShardedTensor))
+        elif isinstance(item, ShardedTensor):
+            yield item
+
+
+def load_into_model(chunks, tensors: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]) -> None:
+    """Copy global tensors (by megatron checkpoint key) into this rank's parameters.
+
+    Every ShardedTensor of every chunk must find its key, with the global shape, in ``tensors``;
+    the data of a ShardedTensor is a view of the parameter, so the copy fills the model.
+    """
+    get = tensors.__getitem__ if isinstance(tensors, Mapping) else tensors
+    with torch.no_grad():
+        for chunk in chunks:
+            chunk = chunk.module if hasattr(chunk, "module") else chunk
+            for sh in _sharded_tensors(chunk):
+                try:
+                    full = get(sh.key)
+                except KeyError:
+                    raise HFConversionError(f"no tensor for the model's {sh.key}") from None
+                if tuple(full.shape) != tuple(sh.global_shape):
+                    raise HFConversionError(
+                        f"tensor {sh.key}: global shape {tuple(full.shape)}, the model has {tuple(sh.global_shape)}"
+                    )
+                sh.data.copy_(full[sh.global_slice()])
+
+
+def read_checkpoint_tensors(ckpt_dir: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a dist checkpoint as one global tensor per key, whatever layout saved it."""
+    return dist_checkpointing.load_plain_tensors(ckpt_dir)
