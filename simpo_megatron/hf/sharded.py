@@ -8,9 +8,11 @@ fused QKV and [gate; up] layouts included), so nothing is converted per layout.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+import contextlib
+from typing import Callable, Iterable, Iterator, Mapping
 
 import torch
+import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.dict_utils import nested_values
@@ -49,6 +51,21 @@ def load_into_model(chunks, tensors: Mapping[str, torch.Tensor] | Callable[[str]
                 sh.data.copy_(full[sh.global_slice()])
 
 
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
+    """The existing process group, or a one-process gloo group for the duration (the
+    checkpoint reader asks for a rank; no model-parallel state is set up)."""
+    if dist.is_initialized():
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
 def read_checkpoint_tensors(ckpt_dir: str) -> dict[str, torch.Tensor]:
     """Every tensor of a dist checkpoint as one global tensor per key, whatever layout saved it."""
-    return dist_checkpointing.load_plain_tensors(ckpt_dir)
+    with _process_group():
+        return dist_checkpointing.load_plain_tensors(ckpt_dir)
