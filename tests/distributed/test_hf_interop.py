@@ -35,6 +35,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -295,7 +296,7 @@ def _world1_worker(hf_dirs: dict, out: str, batches: list[dict]) -> dict:
             results["llama32/inv_freq"] = state.model[0].module.rotary_pos_emb.inv_freq.clone()
         if name == "gemma2":
             results["gemma2/step_loss"] = _gemma2_step(cfg, state, batches, os.path.join(out, "gemma2_step"))
-    return results
+    return _by_value(results)
 
 
 def _layout_worker(tp: int, pp: int, vpp: int | None, sources: dict, batches: list[dict], save: str) -> dict:
@@ -323,14 +324,28 @@ def _layout_worker(tp: int, pp: int, vpp: int | None, sources: dict, batches: li
             results["trained"] = _forward(cfg, state.model, batches)
         elif tp == 1:
             save_checkpoint(cfg.save, state, config_dict=config_to_dict(cfg))
-    return results
+    return _by_value(results)
+
+
+def _by_value(value):
+    """``value`` with its tensors as numpy arrays (``to_torch`` undoes it): a worker's result
+    travels by value, not as shared memory that its exit may take away first."""
+    if isinstance(value, dict):
+        return {k: _by_value(v) for k, v in value.items()}
+    return value.detach().numpy() if isinstance(value, torch.Tensor) else value
+
+
+def _to_torch(value):
+    if isinstance(value, dict):
+        return {k: _to_torch(v) for k, v in value.items()}
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
 
 
 def _last_stage(results: list) -> dict:
     """The results of the ranks that have them (last pipeline stage, TP rank 0)."""
     merged: dict = {}
     for r in results:
-        merged.update({k: v for k, v in r.items() if v is not None})
+        merged.update({k: v for k, v in _to_torch(r).items() if v is not None})
     return merged
 
 
@@ -356,7 +371,7 @@ def references(hf_dirs, batches) -> dict[str, dict]:
 @pytest.fixture(scope="module")
 def imported(hf_dirs, batches, tmp_path_factory) -> tuple[str, dict]:
     out = str(tmp_path_factory.mktemp("imported"))
-    return out, run_distributed(_world1_worker, 1, hf_dirs, out, batches)[0]
+    return out, _last_stage(run_distributed(_world1_worker, 1, hf_dirs, out, batches))
 
 
 @pytest.fixture(scope="module")
@@ -443,7 +458,8 @@ def test_gemma2_step_is_the_same_on_tp1_and_tp2(imported, tp2):
         value = before[key]
         update1, update2 = after[0][key] - value, after[1][key] - value
         assert update1.abs().max() > 0, key
-        torch.testing.assert_close(update2, update1, atol=1e-7, rtol=1e-4, msg=key)
+        # Updates of ~1e-3 on weights of ~1, whose fp32 rounding is ~6e-8.
+        torch.testing.assert_close(update2, update1, atol=5e-7, rtol=0, msg=key)
 
 
 def test_export_after_training_tp2(tp2, hf_dirs, references, batches, tmp_path):
