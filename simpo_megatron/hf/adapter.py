@@ -26,7 +26,7 @@ weights as stored (``apply_layernorm_1p``). Anything that does not fit raises
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -366,13 +366,14 @@ def hf_tensor_shapes(cfg: SimPOConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _check_hf_tensors(hf: Mapping[str, torch.Tensor], cfg: SimPOConfig) -> None:
+def check_hf_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: SimPOConfig) -> None:
+    """Raise HFConversionError unless ``shapes`` (HF tensor name -> shape) are those of ``cfg``."""
     expected = hf_tensor_shapes(cfg)
-    ignored = {n for n in hf if n.endswith("rotary_emb.inv_freq")}
+    ignored = {n for n in shapes if n.endswith("rotary_emb.inv_freq")}
     if not cfg.untie_embeddings_and_output_weights:
         ignored.add("lm_head.weight")  # some tied checkpoints store the shared matrix twice
-    missing = sorted(set(expected) - set(hf))
-    unexpected = sorted(set(hf) - set(expected) - ignored)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - ignored)
     if missing:
         raise HFConversionError(f"missing tensors: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
     if unexpected:
@@ -380,9 +381,9 @@ def _check_hf_tensors(hf: Mapping[str, torch.Tensor], cfg: SimPOConfig) -> None:
             f"unexpected tensors: {', '.join(unexpected[:5])}{' ...' if len(unexpected) > 5 else ''}"
         )
     for name, shape in expected.items():
-        if tuple(hf[name].shape) != shape:
+        if tuple(shapes[name]) != shape:
             raise HFConversionError(
-                f"tensor {name}: shape {tuple(hf[name].shape)}, expected {shape} from config.json"
+                f"tensor {name}: shape {tuple(shapes[name])}, expected {shape} from config.json"
             )
 
 
@@ -390,40 +391,65 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros((rows - t.shape[0], *t.shape[1:]))])
 
 
+def hf_layer_to_megatron(hf: Mapping[str, torch.Tensor], cfg: SimPOConfig, layer: int) -> dict[str, torch.Tensor]:
+    """Layer ``layer``'s Megatron tensors (stacked keys, without the layer axis) from HF tensors.
+
+    ``hf`` may read lazily: only this layer's tensors are accessed.
+    """
+    _, _, heads, groups, d = _dims(cfg)
+    per_group = heads // groups
+    p = f"model.layers.{layer}."
+
+    def qkv(kind: str) -> torch.Tensor:
+        q, k, v = (hf[f"{p}self_attn.{x}_proj.{kind}"] for x in "qkv")
+        tail = q.shape[1:]
+        return torch.cat(
+            [q.reshape(groups, per_group * d, *tail), k.reshape(groups, d, *tail), v.reshape(groups, d, *tail)],
+            dim=1,
+        ).reshape(-1, *tail)
+
+    out = {
+        QKV + "weight": qkv("weight"),
+        FC1: torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]),
+        **{key: hf[p + suffix] for suffix, key in _layer_tensors(cfg).items()},
+    }
+    if cfg.add_qkv_bias:
+        out[QKV + "bias"] = qkv("bias")
+    return out
+
+
+_GLOBAL_HF = {EMBEDDING: "model.embed_tokens.weight", FINAL_NORM: "model.norm.weight", OUTPUT: "lm_head.weight"}
+
+
+def hf_global_to_megatron(
+    hf: Mapping[str, torch.Tensor], cfg: SimPOConfig, padded_vocab_size: int, keys: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The Megatron tensors outside the layers (embedding, final norm, output layer of an
+    untied model), or those of them in ``keys``; vocabulary rows padded with zeros."""
+    if keys is None:
+        keys = [EMBEDDING, FINAL_NORM] + ([OUTPUT] if cfg.untie_embeddings_and_output_weights else [])
+    out = {}
+    for key in keys:
+        if key not in _GLOBAL_HF or (key == OUTPUT and not cfg.untie_embeddings_and_output_weights):
+            raise KeyError(key)
+        t = hf[_GLOBAL_HF[key]]
+        out[key] = t if key == FINAL_NORM else _pad_rows(t, padded_vocab_size)
+    return out
+
+
+def is_layer_key(key: str) -> bool:
+    """Whether a Megatron checkpoint key holds all layers stacked on a leading axis."""
+    return key.startswith(_L)
+
+
 def hf_to_megatron(
     hf: Mapping[str, torch.Tensor], cfg: SimPOConfig, padded_vocab_size: int
 ) -> dict[str, torch.Tensor]:
     """Megatron global checkpoint tensors from HF tensors (shapes checked against ``cfg``)."""
-    _check_hf_tensors(hf, cfg)
-    _, _, heads, groups, d = _dims(cfg)
-    per_group = heads // groups
-    layers = range(cfg.num_layers)
-
-    def stack(suffix: str) -> torch.Tensor:
-        return torch.stack([hf[f"model.layers.{i}.{suffix}"] for i in layers])
-
-    def qkv(kind: str) -> torch.Tensor:
-        q, k, v = (stack(f"self_attn.{x}_proj.{kind}") for x in "qkv")
-        tail = q.shape[2:]
-        return torch.cat(
-            [q.reshape(len(layers), groups, per_group * d, *tail), k.reshape(len(layers), groups, d, *tail),
-             v.reshape(len(layers), groups, d, *tail)],
-            dim=2,
-        ).reshape(len(layers), -1, *tail)
-
-    out = {
-        EMBEDDING: _pad_rows(hf["model.embed_tokens.weight"], padded_vocab_size),
-        FINAL_NORM: hf["model.norm.weight"],
-        QKV + "weight": qkv("weight"),
-        FC1: torch.cat([stack("mlp.gate_proj.weight"), stack("mlp.up_proj.weight")], dim=1),
-    }
-    if cfg.add_qkv_bias:
-        out[QKV + "bias"] = qkv("bias")
-    if cfg.untie_embeddings_and_output_weights:
-        out[OUTPUT] = _pad_rows(hf["lm_head.weight"], padded_vocab_size)
-    for suffix, key in _layer_tensors(cfg).items():
-        out[key] = stack(suffix)
-    return out
+    check_hf_tensors({name: tuple(t.shape) for name, t in hf.items()}, cfg)
+    layers = [hf_layer_to_megatron(hf, cfg, i) for i in range(cfg.num_layers)]
+    stacked = {key: torch.stack([layer[key] for layer in layers]) for key in layers[0]}
+    return {**hf_global_to_megatron(hf, cfg, padded_vocab_size), **stacked}
 
 
 def megatron_to_hf(
@@ -437,7 +463,7 @@ def megatron_to_hf(
     def get(name: str) -> torch.Tensor:
         if name not in state:
             raise HFConversionError(f"checkpoint lacks tensor {name}")
-        if state[name].dim() and name.startswith(_L) and state[name].shape[0] != cfg.num_layers:
+        if is_layer_key(name) and state[name].shape[0] != cfg.num_layers:
             raise HFConversionError(
                 f"checkpoint tensor {name}: {state[name].shape[0]} layers, the stored config {cfg.num_layers}"
             )

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import warnings
@@ -20,17 +21,19 @@ from simpo_megatron.config import SimPOConfig
 from simpo_megatron.fsutil import staged_directory
 from simpo_megatron.hf.adapter import (
     HFConversionError,
+    check_hf_tensors,
     hf_config_to_overrides,
-    hf_to_megatron,
+    hf_global_to_megatron,
+    hf_layer_to_megatron,
     megatron_to_hf,
     model_config,
     overrides_to_hf_config,
 )
 from simpo_megatron.hf.files import (
     TOKENIZER_FILES,
+    SafetensorsDir,
     copy_files,
     hf_config_dtype,
-    load_safetensors,
     parse_dtype,
     parse_size,
     read_hf_config,
@@ -46,19 +49,28 @@ def hf_model_overrides(hf_dir: str, seq_length: int | None = None) -> dict:
     return hf_config_to_overrides(read_hf_config(hf_dir), seq_length)
 
 
-def hf_global_tensors(hf_dir: str, cfg: SimPOConfig, padded_vocab_size: int) -> dict[str, torch.Tensor]:
-    """The Megatron global checkpoint tensors of the HF model in ``hf_dir`` (model fields from ``cfg``)."""
-    return hf_to_megatron(load_safetensors(hf_dir), cfg, padded_vocab_size)
-
-
 def load_hf_weights(hf_dir: str, chunks, cfg: SimPOConfig) -> None:
     """Fill this rank's model chunks (any TP/PP/VPP layout) with the weights in ``hf_dir``.
 
-    Every rank reads the safetensors files and keeps its own slices: a few seconds for an
-    8B model, and no file is written. ``cfg`` must carry the model fields of ``hf_dir``.
+    Each rank reads, memory-mapped, only the tensors of its own layers (all of a layer, then
+    keeps its tensor-parallel slice), one layer at a time; no file is written. ``cfg`` must
+    carry the model fields of ``hf_dir``.
     """
+    hf = SafetensorsDir(hf_dir)
+    check_hf_tensors(hf.shapes, cfg)
     first = chunks[0].module if hasattr(chunks[0], "module") else chunks[0]
-    load_into_model(chunks, hf_global_tensors(hf_dir, cfg, first.vocab_size))
+    padded_vocab_size = first.vocab_size
+
+    @functools.lru_cache(maxsize=1)
+    def layer_tensors(layer: int) -> dict[str, torch.Tensor]:
+        return hf_layer_to_megatron(hf, cfg, layer)
+
+    def get(key: str, layer: int | None) -> torch.Tensor:
+        if layer is not None:
+            return layer_tensors(layer)[key]
+        return hf_global_to_megatron(hf, cfg, padded_vocab_size, keys=(key,))[key]
+
+    load_into_model(chunks, get)
 
 
 def save_hf_config(hf_dir: str, root: str) -> None:

@@ -9,7 +9,8 @@ import shutil
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from simpo_megatron.hf.adapter import HFConversionError
 
@@ -59,21 +60,35 @@ def is_hf_checkpoint(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json")) and bool(safetensors_files(path))
 
 
-def load_safetensors(hf_dir: str) -> dict[str, torch.Tensor]:
-    """All tensors of an HF directory, sharded (with an index) or not."""
-    files = safetensors_files(hf_dir)
-    if not files:
-        raise HFConversionError(f"{hf_dir}: no *.safetensors weights (convert .bin weights to safetensors first)")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        if not os.path.isfile(path):
-            raise HFConversionError(f"{SAFETENSORS_INDEX} names {os.path.basename(path)}, which is missing")
-        shard = load_file(path)
-        twice = sorted(set(shard) & set(tensors))
-        if twice:
-            raise HFConversionError(f"tensor {twice[0]} is stored in more than one file")
-        tensors.update(shard)
-    return tensors
+class SafetensorsDir(Mapping[str, torch.Tensor]):
+    """The tensors of an HF directory (sharded with an index, or not), each read from its
+    memory-mapped file when accessed, so a reader holds only what it asks for."""
+
+    def __init__(self, hf_dir: str):
+        files = safetensors_files(hf_dir)
+        if not files:
+            raise HFConversionError(f"{hf_dir}: no *.safetensors weights (convert .bin weights to safetensors first)")
+        self._files: dict[str, str] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for path in files:
+            if not os.path.isfile(path):
+                raise HFConversionError(f"{SAFETENSORS_INDEX} names {os.path.basename(path)}, which is missing")
+            with safe_open(path, framework="pt") as fh:
+                for name in fh.keys():
+                    if name in self._files:
+                        raise HFConversionError(f"tensor {name} is stored in more than one file")
+                    self._files[name] = path
+                    self.shapes[name] = tuple(fh.get_slice(name).get_shape())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        with safe_open(self._files[name], framework="pt") as fh:
+            return fh.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
 
 
 def parse_size(size: str | int) -> int:

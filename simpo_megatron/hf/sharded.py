@@ -9,7 +9,7 @@ fused QKV and [gate; up] layouts included), so nothing is converted per layout.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator, Mapping
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -29,26 +29,32 @@ def _sharded_tensors(chunk) -> Iterable[ShardedTensor]:
             yield item
 
 
-def load_into_model(chunks, tensors: Mapping[str, torch.Tensor] | Callable[[str], torch.Tensor]) -> None:
-    """Copy global tensors (by megatron checkpoint key) into this rank's parameters.
+def load_into_model(chunks, get: Callable[[str, int | None], torch.Tensor]) -> None:
+    """Copy global tensors into this rank's parameters, each ShardedTensor's slice of them.
 
-    Every ShardedTensor of every chunk must find its key, with the global shape, in ``tensors``;
-    the data of a ShardedTensor is a view of the parameter, so the copy fills the model.
+    ``get(key, None)`` is the global tensor of a megatron checkpoint key; for a layer-stacked
+    key (megatron's ``decoder.layers.*``, one leading axis per layer) ``get(key, layer)`` is
+    that layer's global tensor, so a pipeline stage reads only its own layers. The data of a
+    ShardedTensor is a view of the parameter, so the copy fills the model.
     """
-    get = tensors.__getitem__ if isinstance(tensors, Mapping) else tensors
     with torch.no_grad():
         for chunk in chunks:
             chunk = chunk.module if hasattr(chunk, "module") else chunk
             for sh in _sharded_tensors(chunk):
+                index = sh.global_slice()
+                layer = None
+                if sh.prepend_axis_num:
+                    if sh.prepend_axis_num != 1:
+                        raise HFConversionError(f"{sh.key}: {sh.prepend_axis_num} stacked axes (expected 1)")
+                    layer, index = index[0], index[1:]
                 try:
-                    full = get(sh.key)
+                    full = get(sh.key, layer)
                 except KeyError:
                     raise HFConversionError(f"no tensor for the model's {sh.key}") from None
-                if tuple(full.shape) != tuple(sh.global_shape):
-                    raise HFConversionError(
-                        f"tensor {sh.key}: global shape {tuple(full.shape)}, the model has {tuple(sh.global_shape)}"
-                    )
-                sh.data.copy_(full[sh.global_slice()])
+                shape = tuple(sh.global_shape[sh.prepend_axis_num:])
+                if tuple(full.shape) != shape:
+                    raise HFConversionError(f"tensor {sh.key}: global shape {tuple(full.shape)}, the model has {shape}")
+                sh.data.copy_(full[index])
 
 
 @contextlib.contextmanager

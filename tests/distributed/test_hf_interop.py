@@ -46,6 +46,8 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from simpo_megatron.hf.adapter import (  # noqa: E402
     HFConversionError,
     hf_config_to_overrides,
+    hf_to_megatron,
+    megatron_to_hf,
     model_config_dict,
     overrides_to_hf_config,
 )
@@ -556,6 +558,25 @@ def test_wrong_tensor_shape_writes_nothing(hf_dirs, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "model.layers.1.self_attn.k_proj.weight" in err and "(48, 64)" in err
     _assert_nothing_written(output)
+
+
+def test_adapter_round_trip_and_megatron_layout(hf_dirs):
+    """HF -> Megatron -> HF is the identity; the Megatron side has megatron-core's fused layouts."""
+    for name in ("qwen2_tied", "gemma2"):
+        hf = hf_tensors(hf_dirs[name])
+        cfg = tiny_config(**hf_config_to_overrides(json.loads(Path(hf_dirs[name], "config.json").read_text())))
+        mcore = hf_to_megatron(hf, cfg, 256)
+        back = megatron_to_hf(mcore, cfg)
+        assert back.keys() == hf.keys() - {"lm_head.weight"}
+        for key, value in back.items():
+            assert torch.equal(value, hf[key]), (name, key)
+    # Layer 1's QKV: per query group, its 2 query heads, then its key and value head (head dim 16).
+    qkv = mcore["decoder.layers.self_attention.linear_qkv.weight"][1]
+    q, k = hf["model.layers.1.self_attn.q_proj.weight"], hf["model.layers.1.self_attn.k_proj.weight"]
+    assert torch.equal(qkv[64:96], q[32:64]) and torch.equal(qkv[96:112], k[16:32])
+    fc1 = mcore["decoder.layers.mlp.linear_fc1.weight"][1]
+    assert torch.equal(fc1[128:], hf["model.layers.1.mlp.up_proj.weight"])
+    assert mcore["embedding.word_embeddings.weight"][VOCAB:].abs().max() == 0
 
 
 def test_config_mapping():
