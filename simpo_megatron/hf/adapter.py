@@ -242,10 +242,10 @@ def _model_type(cfg: SimPOConfig, base: Mapping[str, Any] | None) -> str:
         for name in ("softmax_scale", "attn_logit_softcapping", "final_logit_softcapping"):
             if getattr(cfg, name) is not None:
                 raise HFConversionError(f"{name}={getattr(cfg, name)} has no {model_type} equivalent")
-    if cfg.window_attn_skip_freq not in (None, 2) or (cfg.window_attn_skip_freq == 2) != (
-            gemma and cfg.sliding_window is not None):
+    if cfg.window_attn_skip_freq is not None and (cfg.window_attn_skip_freq != 2 or not gemma):
         raise HFConversionError(
-            f"window_attn_skip_freq={cfg.window_attn_skip_freq} does not fit model_type {model_type!r}"
+            f"window_attn_skip_freq={cfg.window_attn_skip_freq} does not fit model_type {model_type!r} "
+            "(Gemma-2 alternates windowed and full layers: 2)"
         )
     return model_type
 
@@ -282,7 +282,6 @@ def overrides_to_hf_config(
         tie_word_embeddings=not cfg.untie_embeddings_and_output_weights,
     )
     if model_type == "gemma2":
-        out.pop("hidden_act", None)
         scalar = (cfg.softmax_scale or (out["head_dim"] ** -0.5)) ** -2
         out.update(
             hidden_activation="gelu_pytorch_tanh",

@@ -52,8 +52,8 @@ def core_attention(
     """Attention of ``q`` [b, heads, sq, d] over ``k``/``v`` [b, groups, sk, d] -> [b, heads, sq, d].
 
     ``mask`` (bool, True = attend; None = causal) broadcasts against [b, heads, sq, sk].
-    ``softcap`` caps the scaled scores to ``softcap * tanh(s / softcap)`` before masking; the
-    softmax is in fp32.
+    ``softcap`` caps the scaled scores to ``softcap * tanh(s / softcap)`` before masking, in
+    fp32 at least, as the softmax (Hugging Face's eager attention).
     """
     enable_gqa = k.shape[1] != q.shape[1]
     if softcap is None:
@@ -67,7 +67,8 @@ def core_attention(
     if enable_gqa:
         repeat = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-    scores = _softcap(torch.matmul(q, k.transpose(-1, -2)).float() * scale, softcap)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+    scores = _softcap(scores * scale, softcap)
     if mask is None:
         mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
     probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)

@@ -136,7 +136,7 @@ def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
         calculate_per_token_loss=True,
         attention_softmax_in_fp32=True,
         # Fused kernels exist only on the GPU.
-        bias_activation_fusion=on_gpu and cfg.swiglu,  # the fused kernels: SiLU-GLU or plain GELU
+        bias_activation_fusion=on_gpu and cfg.swiglu,  # no fused kernel for the tanh GeGLU
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=False,
