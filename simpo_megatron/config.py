@@ -65,6 +65,15 @@ class ModelConfig:
     normalization: str = _opt("RMSNorm", "Normalization layer.", ("RMSNorm", "LayerNorm"))
     norm_epsilon: float = _opt(1e-5, "Epsilon of the normalization layers.")
     swiglu: bool = _opt(True, "SwiGLU MLP (Llama); --no-swiglu for GELU.")
+    geglu: bool = _opt(False, "GeGLU MLP with the tanh GELU (Gemma-2); needs --no-swiglu.")
+    apply_layernorm_1p: bool = _opt(False, "Norms scale by (1 + weight), weights stored centred on 0 (Gemma).")
+    sandwich_norm: bool = _opt(False, "Also norm the attention and MLP outputs before the residual add (Gemma-2).")
+    scale_embeddings: bool = _opt(False, "Multiply the embeddings by sqrt(hidden size), in their dtype (Gemma).")
+    softmax_scale: float | None = _opt(None, "Attention logit scale (default: 1/sqrt(head dim); Gemma-2: query_pre_attn_scalar^-0.5).")
+    attn_logit_softcapping: float | None = _opt(None, "Soft-cap attention logits to cap*tanh(x/cap) (Gemma-2: 50).")
+    final_logit_softcapping: float | None = _opt(None, "Soft-cap the output logits to cap*tanh(x/cap) (Gemma-2: 30).")
+    sliding_window: int | None = _opt(None, "Sliding-window attention: each token sees this many tokens, itself included (HF's sliding_window).")
+    window_attn_skip_freq: int | None = _opt(None, "With --sliding-window, every N-th layer attends fully (Gemma-2: 2; default: none).")
     rotary_base: int = _opt(10000, "RoPE theta.")
     rotary_percent: float = _opt(1.0, "Fraction of the head dimension that RoPE rotates.")
     use_rope_scaling: bool = _opt(False, "Llama-3.1 RoPE frequency scaling.")
@@ -90,7 +99,7 @@ class ModelConfig:
     def derived_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size is not None:
             return self.ffn_hidden_size
-        if not self.swiglu:
+        if not (self.swiglu or self.geglu):
             return 4 * self.hidden_size
         return int(math.ceil(8 * self.hidden_size / 3 / 64) * 64)
 
@@ -109,6 +118,21 @@ class ModelConfig:
             )
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+        if self.geglu and self.swiglu:
+            raise ConfigError("--geglu and --swiglu are mutually exclusive (pass --no-swiglu)")
+        for name in ("softmax_scale", "attn_logit_softcapping", "final_logit_softcapping",
+                     "sliding_window", "window_attn_skip_freq"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ConfigError(f"{_flag(name)} must be > 0, got {getattr(self, name)}")
+        if self.transformer_impl == "transformer_engine":
+            for name in ("attn_logit_softcapping", "sandwich_norm"):
+                if getattr(self, name):
+                    raise ConfigError(
+                        f"{_flag(name)} (Gemma-2) needs --transformer-impl local: megatron-core 0.16.1's "
+                        "Transformer Engine layers have no attention logit soft-capping and no post-norms"
+                    )
+        if self.window_attn_skip_freq is not None and self.sliding_window is None:
+            raise ConfigError("--window-attn-skip-freq needs --sliding-window")
         if self.fp8_format is not None and self.transformer_impl != "transformer_engine":
             raise ConfigError("--fp8-format needs --transformer-impl transformer_engine")
         if self.fp8_param_gather and self.fp8_format is None:

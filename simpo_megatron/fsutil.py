@@ -81,3 +81,14 @@ def atomic_write_text(path: str, text: str) -> None:
     """Write ``text`` to ``path``: all or nothing."""
     with staged(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
+
+
+@contextlib.contextmanager
+def staged_directory(output: str) -> Iterator[str]:
+    """``staged`` for a new directory: yields it created and empty; refuses an ``output`` that
+    exists, so nothing is ever overwritten."""
+    if os.path.exists(output):
+        raise FileExistsError(f"{os.path.abspath(output)} exists: remove it or choose another output")
+    with staged(output) as tmp:
+        os.makedirs(tmp)
+        yield tmp

@@ -1,4 +1,4 @@
-"""Convert Llama / Mistral / Qwen2 checkpoints between Hugging Face and Megatron (dist checkpoint).
+"""Convert Llama / Mistral / Qwen2 / Gemma-2 checkpoints between Hugging Face and Megatron (dist checkpoint).
 
     # HF -> Megatron (weights only; loads on any TP/PP layout with the same padded vocabulary)
     python tools/convert_hf_checkpoint.py import --hf-dir Llama-3.2-1B --output ckpt/llama \\
@@ -8,8 +8,10 @@
         --hf-config Llama-3.2-1B
 
 Import keeps the HF config.json and tokenizer files in OUTPUT/hf_config/, which export uses
-by default. Each conversion builds the whole model in one CPU (or GPU) process and writes
-OUTPUT only when it succeeds. The code is simpo_megatron.model.hf_convert.
+by default (a run started with --load HF_DIR keeps them in SAVE/hf_config/). Import builds
+the model at TP=1/PP=1 in this process; export reads the checkpoint's global tensors and
+builds no model. Each writes OUTPUT only when it succeeds. The code is
+simpo_megatron.training.hf_checkpoint (CLI, import) and simpo_megatron.hf (the adapter, export).
 """
 
 from __future__ import annotations
@@ -21,6 +23,6 @@ if __name__ == "__main__":
     # Like Megatron-LM's tools: run from a checkout without installing the package. The import
     # stays under the guard: dist_checkpointing's save re-imports this file in a helper process.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from simpo_megatron.model.hf_convert import main
+    from simpo_megatron.training.hf_checkpoint import main
 
     sys.exit(main())

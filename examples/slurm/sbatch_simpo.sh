@@ -16,7 +16,7 @@
 #                 or weighted "0.7 /data/a 0.3 /data/b"
 #   VALID_DATA    preprocessed validation prefix (set it empty to use --split of TRAIN_DATA)
 #   CKPT_DIR      checkpoints, metrics.jsonl; on a file system that every node sees
-#   LOAD          what to start from: HF_MODEL (converted once, by rank 0, into CKPT_DIR/hf_import)
+#   LOAD          what to start from: HF_MODEL (loaded straight into the model; a restart resumes from CKPT_DIR)
 #                 or a Megatron checkpoint, e.g. one made beforehand on one machine with
 #                 python tools/convert_hf_checkpoint.py import --hf-dir "$HF_MODEL" --output DIR
 #                 --tensor-model-parallel-size 2 (a large model converts faster that way than

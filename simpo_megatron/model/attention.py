@@ -2,7 +2,15 @@
 
 A drop-in for megatron-core's ``DotProductAttention`` (same constructor, same tensor layout)
 that needs neither its CUDA global memory buffer nor fused softmax kernels: it runs on the
-CPU, and on a GPU it dispatches to the flash / memory-efficient SDPA kernels.
+CPU, and on a GPU it dispatches to the flash / memory-efficient SDPA kernels. It also does
+what megatron's local attention lacks for Gemma-2: logit soft-capping (then the scores are
+computed explicitly, as Hugging Face's eager attention does) and the sliding window of
+``config.window_size`` on the layers ``config.window_attn_skip_freq`` selects.
+
+The forward is two pure functions: ``causal_window_mask`` (which keys each query may see:
+causal, optionally windowed; None for plain causal), then ``core_attention`` (attention from
+q, k, v, that boolean mask, the scale, softcap and dropout). Another mask (e.g. block-diagonal
+for packed sequences) combines with the first by ``&`` before the second.
 """
 
 from __future__ import annotations
@@ -15,6 +23,58 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
+
+from simpo_megatron.model.layers import softcap as _softcap
+
+
+def causal_window_mask(sq: int, sk: int, window: int | None, device) -> torch.Tensor | None:
+    """Bool ``[sq, sk]`` mask, True where query i may attend key j: causal (queries aligned to
+    the last keys) and, with ``window``, only the ``window`` most recent keys, itself included
+    (Hugging Face's ``sliding_window``). None when that is plain causal attention."""
+    if window is None or window >= sk:
+        return None
+    i = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
+    j = torch.arange(sk, device=device).unsqueeze(0)
+    return (j <= i) & (i - j < window)
+
+
+def core_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    mask: torch.Tensor | None = None,
+    softcap: float | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Attention of ``q`` [b, heads, sq, d] over ``k``/``v`` [b, groups, sk, d] -> [b, heads, sq, d].
+
+    ``mask`` (bool, True = attend; None = causal) broadcasts against [b, heads, sq, sk].
+    ``softcap`` caps the scaled scores to ``softcap * tanh(s / softcap)`` before masking, in
+    fp32 at least, as the softmax (Hugging Face's eager attention).
+    """
+    enable_gqa = k.shape[1] != q.shape[1]
+    if softcap is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=True, scale=scale, enable_gqa=enable_gqa
+            )
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=scale, enable_gqa=enable_gqa
+        )
+    if enable_gqa:
+        repeat = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+    scores = _softcap(scores * scale, softcap)
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).to(q.dtype)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v)
 
 
 class SDPAttention(MegatronModule):
@@ -37,8 +97,17 @@ class SDPAttention(MegatronModule):
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"SDPAttention supports causal masks only, got {attn_mask_type}")
         head_dim = config.kv_channels
+        if softmax_scale is None:
+            softmax_scale = config.softmax_scale
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softcap = getattr(config, "attn_logit_softcapping", None)
+        # megatron's window_size is (left, right) keys beside the query: left + 1 keys in all.
+        self.window = None
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+            if config.window_size[1] != 0:
+                raise ValueError(f"SDPAttention is causal: window_size {config.window_size} must end at 0")
+            self.window = config.window_size[0] + 1
 
     def forward(
         self,
@@ -55,16 +124,12 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
         sq, b, heads, head_dim = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, hn]
+        mask = causal_window_mask(sq, k.shape[2], self.window, q.device)
         dropout_p = self.dropout_p if self.training else 0.0
-        enable_gqa = k.shape[1] != heads
+        kwargs = dict(scale=self.softmax_scale, mask=mask, softcap=self.softcap, dropout_p=dropout_p)
         if dropout_p > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = F.scaled_dot_product_attention(
-                    q, k, v, dropout_p=dropout_p, is_causal=True, scale=self.softmax_scale,
-                    enable_gqa=enable_gqa,
-                )
+                context = core_attention(q, k, v, **kwargs)
         else:
-            context = F.scaled_dot_product_attention(
-                q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=enable_gqa
-            )
+            context = core_attention(q, k, v, **kwargs)
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)

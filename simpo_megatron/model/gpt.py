@@ -1,24 +1,89 @@
-"""Build a megatron-core GPTModel for Llama-family models from a SimPOConfig.
+"""Build a megatron-core GPTModel for Llama-family models and Gemma-2 from a SimPOConfig.
 
 Llama, Mistral and Qwen2 share one shape: RMSNorm, SwiGLU MLP, rotary position embeddings,
-grouped-query attention, no linear biases (Qwen2 adds a QKV bias), untied embeddings.
+grouped-query attention, no linear biases (Qwen2 adds a QKV bias), untied embeddings
+(Mistral: a sliding window). Gemma-2 adds, each from a SimPOConfig model flag: a GeGLU MLP
+with the tanh GELU, (1 + weight) RMSNorms, norms after attention and after the MLP
+(sandwich norms), embeddings scaled by sqrt(hidden), ``query_pre_attn_scalar`` as the
+softmax scale, soft-capped attention and output logits, and a sliding window on every
+other layer. The layer pieces are local modules in the layer spec (model/layers.py,
+model/attention.py); the two model-level ones are in ``GPTModel`` here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
-from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt import GPTModel as MegatronGPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from simpo_megatron.config import ConfigError, SimPOConfig
 from simpo_megatron.model.attention import SDPAttention
 from simpo_megatron.model.fp8 import check_transformer_engine, fp8_config_kwargs
+from simpo_megatron.model.layers import RMSNorm, RowParallelLinearWithPostNorm, softcap
+from simpo_megatron.runtime import pipeline_communication_settings
+
+
+@dataclass
+class GPTConfig(TransformerConfig):
+    """megatron-core's TransformerConfig plus the Gemma-2 fields it lacks (None/False: off)."""
+
+    attn_logit_softcapping: float | None = None
+    """Soft-cap of the scaled attention scores, before the mask (SDPAttention)."""
+    final_logit_softcapping: float | None = None
+    """Soft-cap of the output logits (``final_logit_transform``)."""
+    scale_embeddings: bool = False
+    """Multiply the word embeddings by sqrt(hidden_size), rounded to their dtype as HF does."""
+    sandwich_norm: bool = False
+    """Norm the attention and MLP outputs before the residual add (``post_layernorm``)."""
+
+
+def final_logit_transform(config: TransformerConfig) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The elementwise map from output-layer logits to the model's logits, or None (identity).
+
+    Gemma-2's final soft-capping. Elementwise, so it applies to vocab-parallel logits (and to
+    any chunk of them) before the log-softmax.
+    """
+    cap = getattr(config, "final_logit_softcapping", None)
+    return None if cap is None else functools.partial(softcap, cap=cap)
+
+
+class GPTModel(MegatronGPTModel):
+    """megatron-core's GPTModel with the model-level Gemma-2 features of ``GPTConfig``:
+    embeddings scaled by sqrt(hidden) and ``final_logit_transform`` applied to the logits."""
+
+    def __init__(self, config: TransformerConfig, *args, **kwargs):
+        super().__init__(config, *args, **kwargs)
+        self.final_logit_transform = final_logit_transform(config)
+
+    def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
+        embedded = decoder_input is None and self.pre_process
+        output = super()._preprocess(input_ids, position_ids, decoder_input=decoder_input, **kwargs)
+        if embedded and getattr(self.config, "scale_embeddings", False):
+            hidden = output[0]
+            # Multiplying after the embedding's dropout / sequence-parallel scatter is the same.
+            normalizer = torch.tensor(self.config.hidden_size**0.5, dtype=hidden.dtype, device=hidden.device)
+            output = (hidden * normalizer, *output[1:])
+        return output
+
+    def forward(self, input_ids, position_ids, attention_mask, decoder_input=None, labels=None, **kwargs):
+        if labels is not None and self.final_logit_transform is not None:
+            raise ValueError("GPTModel: labels with a final logit transform; compute the loss from the logits")
+        output = super().forward(
+            input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
+        )
+        if self.post_process and labels is None and self.final_logit_transform is not None:
+            output = self.final_logit_transform(output)
+        return output
 
 
 def params_dtype(cfg: SimPOConfig) -> torch.dtype:
@@ -29,7 +94,8 @@ def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
     """The megatron-core TransformerConfig of the model that ``cfg`` describes."""
     dtype = params_dtype(cfg)
     on_gpu = torch.cuda.is_available()
-    return TransformerConfig(
+    window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+    return GPTConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
         ffn_hidden_size=cfg.model.derived_ffn_hidden_size(),
@@ -40,10 +106,20 @@ def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
         attention_dropout=cfg.attention_dropout,
         normalization=cfg.normalization,
         layernorm_epsilon=cfg.norm_epsilon,
-        gated_linear_unit=cfg.swiglu,
-        activation_func=F.silu if cfg.swiglu else F.gelu,
+        layernorm_zero_centered_gamma=cfg.apply_layernorm_1p,
+        gated_linear_unit=cfg.swiglu or cfg.geglu,
+        activation_func=(
+            F.silu if cfg.swiglu else functools.partial(F.gelu, approximate="tanh") if cfg.geglu else F.gelu
+        ),
         add_bias_linear=False,
         add_qkv_bias=cfg.add_qkv_bias,
+        softmax_scale=cfg.softmax_scale,
+        window_size=window,
+        window_attn_skip_freq=cfg.window_attn_skip_freq,
+        attn_logit_softcapping=cfg.attn_logit_softcapping,
+        final_logit_softcapping=cfg.final_logit_softcapping,
+        scale_embeddings=cfg.scale_embeddings,
+        sandwich_norm=cfg.sandwich_norm,
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
@@ -61,26 +137,20 @@ def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
         calculate_per_token_loss=True,
         attention_softmax_in_fp32=True,
         # Fused kernels exist only on the GPU.
-        bias_activation_fusion=on_gpu and cfg.swiglu,
+        bias_activation_fusion=on_gpu and cfg.swiglu,  # no fused kernel for the tanh GeGLU
         bias_dropout_fusion=on_gpu,
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        # Frees a stage's output once sent: safe with NCCL (stream-ordered), not with gloo,
-        # whose asynchronous sends may still be reading the tensor.
-        deallocate_pipeline_outputs=on_gpu,
-        # Batched isend/irecv relies on NCCL's group semantics. Gloo matches messages between
-        # two ranks in posting order, and the batched order (send_prev before send_next) does
-        # not match the receiver's when both neighbors are the same rank (interleaved PP=2):
-        # activations and gradients would swap. The unbatched ops are ordered to match.
-        batch_p2p_comm=on_gpu,
+        **pipeline_communication_settings(),  # by the process group's backend
         **fp8_config_kwargs(cfg),
     )
 
 
 def layer_spec(cfg: SimPOConfig) -> ModuleSpec:
-    """The transformer layer spec: Transformer Engine layers, or local layers with SDPA attention."""
+    """The transformer layer spec: Transformer Engine layers, or local layers with SDPA attention
+    (and, for Gemma-2, the local RMSNorm and the post-norm linears)."""
     if cfg.transformer_impl == "transformer_engine":
         check_transformer_engine(cfg)
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -92,11 +162,31 @@ def layer_spec(cfg: SimPOConfig) -> ModuleSpec:
             "local layers fall back to torch norms without Apex, which do not support it"
         )
     spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
-    attention = spec.submodules.self_attention
-    submodules = dataclasses.replace(attention.submodules, core_attention=SDPAttention)
-    attention = dataclasses.replace(attention, submodules=submodules)
+    layer = spec.submodules
+    attention = dataclasses.replace(
+        layer.self_attention,
+        submodules=dataclasses.replace(layer.self_attention.submodules, core_attention=SDPAttention),
+    )
+    mlp = layer.mlp
+    changes = {}
+    if cfg.apply_layernorm_1p or cfg.sandwich_norm:
+        changes.update(input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
+    if cfg.sandwich_norm:
+        attention = dataclasses.replace(
+            attention, submodules=dataclasses.replace(attention.submodules, linear_proj=RowParallelLinearWithPostNorm)
+        )
+        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, linear_fc2=RowParallelLinearWithPostNorm))
     return dataclasses.replace(
-        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention)
+        spec, submodules=dataclasses.replace(layer, self_attention=attention, mlp=mlp, **changes)
+    )
+
+
+def _block_spec(cfg: SimPOConfig, config: TransformerConfig, spec: ModuleSpec, vp_stage: int | None):
+    """The layer spec, or with (1 + weight) norms a block spec whose final norm is RMSNorm too."""
+    if not cfg.apply_layernorm_1p or cfg.transformer_impl == "transformer_engine":
+        return spec
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=RMSNorm
     )
 
 
@@ -110,7 +200,7 @@ def build_model(cfg: SimPOConfig, padded_vocab_size: int) -> list[GPTModel]:
         stage = vp_stage if vpp else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=_block_spec(cfg, config, spec, stage),
             vocab_size=padded_vocab_size,
             max_sequence_length=cfg.max_position_embeddings or cfg.seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),

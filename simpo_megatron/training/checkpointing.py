@@ -24,30 +24,14 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from simpo_megatron.checkpoint_format import (  # noqa: F401 - public API of this module
+    FORMAT_VERSION,
+    TRACKER_FILE,
+    CheckpointError,
+    checkpoint_dir,
+    read_tracker,
+)
 from simpo_megatron.fsutil import atomic_write_text, publish
-
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
-FORMAT_VERSION = 1
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found or does not fit this run."""
-
-
-def checkpoint_dir(root: str, iteration: int) -> str:
-    return os.path.join(root, f"iter_{iteration:07d}")
-
-
-def read_tracker(root: str) -> int | None:
-    """The iteration of the newest complete checkpoint under ``root``, or None if there is none."""
-    path = os.path.join(root, TRACKER_FILE)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    try:
-        return int(text)
-    except ValueError:
-        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}") from None
 
 
 def _layout() -> dict[str, int]:

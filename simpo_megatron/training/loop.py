@@ -17,8 +17,7 @@ from megatron.core import parallel_state
 from simpo_megatron.config import ConfigError, SimPOConfig, load_config
 from simpo_megatron.data.provider import DataMismatchError, build_datasets, eval_micro_batches, micro_batches
 from simpo_megatron.model.fp8 import FP8UnavailableError, check_transformer_engine
-from simpo_megatron.model.hf import HFConversionError, hf_model_overrides, is_hf_checkpoint
-from simpo_megatron.model.hf_convert import ensure_megatron_checkpoint
+from simpo_megatron.hf import HFConversionError, hf_model_overrides, is_hf_checkpoint, load_hf_weights, save_hf_config
 from simpo_megatron.runtime import ParallelLayout, destroy_distributed, initialize_distributed
 from simpo_megatron.training.checkpointing import CheckpointError, config_to_dict, load_checkpoint, read_tracker, save_checkpoint
 from simpo_megatron.training.monitor import (
@@ -135,7 +134,8 @@ def pretrain(cfg: SimPOConfig) -> dict:
     """Train (or with --eval-only, evaluate) as ``cfg`` says; returns a summary on every rank.
 
     ``--load`` may name a Hugging Face model directory: the model shape is then taken from
-    its config.json, and its weights are converted once and loaded as a fresh start.
+    its config.json, and its weights are loaded into the model as a fresh start (a resumed run
+    continues from --save instead).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.load and is_hf_checkpoint(cfg.load):
@@ -165,9 +165,16 @@ def pretrain(cfg: SimPOConfig) -> dict:
     cfg = _resolve_vocab(cfg, data.vocab_size)
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
     if cfg.load and is_hf_checkpoint(cfg.load):
-        resume = cfg.save and read_tracker(cfg.save) is not None
-        # Resume a run that started from the HF model, rather than start it again.
-        cfg = cfg.replace(load=cfg.save if resume else ensure_megatron_checkpoint(cfg.load, cfg))
+        if cfg.save and read_tracker(cfg.save) is not None:
+            # Resume a run that started from the HF model, rather than start it again.
+            cfg = cfg.replace(load=cfg.save)
+        else:
+            load_hf_weights(cfg.load, state.model, cfg)
+            state.optimizer.reload_model_params()  # mixed-precision optimizers' fp32 copies
+            if cfg.save and dist.get_rank() == 0:
+                save_hf_config(cfg.load, cfg.save)  # export's default config and tokenizer
+            print_rank_last(f"loaded the Hugging Face model {cfg.load}")
+            cfg = cfg.replace(load=None)
     if cfg.load and read_tracker(cfg.load) is None:
         # As Megatron-LM: --load on a directory without a checkpoint starts from scratch
         # (so --save and --load can name the same directory from the first run on).

@@ -11,20 +11,22 @@ import os
 
 import pytest
 
-from simpo_megatron.config import SimPOConfig, load_config
-from simpo_megatron.model.hf import MODEL_FIELDS, HFConversionError, hf_config_to_overrides
+from simpo_megatron.config import ConfigError, SimPOConfig, load_config
+from simpo_megatron.hf.adapter import MODEL_FIELDS, hf_config_to_overrides
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs")
 ALL = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
 FAKE_DATA = ["--data-path", "/nonexistent/train_prefix", "--valid-data-path", "/nonexistent/valid_prefix",
              "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "/nonexistent/tokenizer"]
 
-# The SimPO repository's training_configs/*.yaml (princeton-nlp/SimPO), in this project's flags.
-# Common to all three: bf16, cosine decay, warmup_ratio 0.1, one epoch, max_length 2048,
+# The SimPO repository's training_configs/*.yaml (princeton-nlp/SimPO), in this project's flags
+# (Llama-3.1 takes the Llama-3 v0.2 recipe: the repository has none of its own). Common to all: bf16, cosine decay, warmup_ratio 0.1, one epoch, max_length 2048,
 # max_prompt_length 1800, 2 pairs x 16 accumulation steps x 4 processes = 128 pairs per step.
 PUBLISHED = {
     "llama3-8b-instruct.yaml": dict(source="training_configs/llama-3-8b-instruct-simpo-v2.yaml",
                                     beta=10.0, gamma_beta_ratio=0.3, lr=1e-6),
+    "llama3.1-8b-instruct.yaml": dict(source="training_configs/llama-3-8b-instruct-simpo-v2.yaml",
+                                      beta=10.0, gamma_beta_ratio=0.3, lr=1e-6),
     "mistral-7b-instruct.yaml": dict(source="training_configs/mistral-7b-instruct-simpo.yaml",
                                      beta=2.5, gamma_beta_ratio=0.1, lr=5e-7),
     "gemma2-9b-it.yaml": dict(source="training_configs/gemma-2-9b-it-simpo.yaml",
@@ -49,12 +51,18 @@ HF_CONFIGS = {
         "sliding_window": None, "tie_word_embeddings": False,
     },
 }
-GEMMA2_HF_CONFIG = {
+HF_CONFIGS["llama3.1-8b-instruct.yaml"] = {
+    **HF_CONFIGS["llama3-8b-instruct.yaml"], "max_position_embeddings": 131072,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+}
+HF_CONFIGS["gemma2-9b-it.yaml"] = {
     "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "hidden_activation": "gelu_pytorch_tanh",
     "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
     "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000, "max_position_embeddings": 8192,
     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attn_logit_softcapping": 50.0,
     "final_logit_softcapping": 30.0, "sliding_window": 4096, "query_pre_attn_scalar": 256,
+    "tie_word_embeddings": True,
 }
 
 
@@ -126,7 +134,7 @@ def test_paper_recipes_cite_their_source(name):
 
 
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
-def test_llama_family_recipes_match_what_the_hf_importer_reads(name):
+def test_recipes_match_what_the_hf_importer_reads(name):
     """The model shape in the recipe is the one --load of the HF model directory sets."""
     cfg = recipe(name, "--mock-data")
     overrides = hf_config_to_overrides(HF_CONFIGS[name], seq_length=cfg.seq_length)
@@ -135,24 +143,25 @@ def test_llama_family_recipes_match_what_the_hf_importer_reads(name):
     assert cfg.padded_vocab_size() == cfg.vocab_size
 
 
-def test_gemma2_recipe_parses_but_the_architecture_is_not_supported():
-    """The Gemma-2 recipe holds the published hyperparameters (tested above) and Gemma-2's sizes,
-    but the model builder and HF importer are Llama-family only: its header says so, and the
-    importer refuses a Gemma-2 config.json rather than building a wrong model."""
-    path = os.path.join(CONFIGS, "gemma2-9b-it.yaml")
+def test_gemma2_recipe_is_gemma2():
+    """Gemma-2-9B's sizes and every Gemma-2 feature (the importer test above pins them to the
+    config.json); the Transformer Engine layers, which cannot soft-cap, are refused at start."""
     cfg = recipe("gemma2-9b-it.yaml", *FAKE_DATA)
     cfg.validate(8 * model_parallel(cfg))
-    # Gemma-2-9B sizes (head_dim 256 != hidden / heads; tied embeddings).
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups,
             cfg.kv_channels, cfg.vocab_size) == (42, 3584, 16, 8, 256, 256000)
     assert cfg.untie_embeddings_and_output_weights is False
+    assert cfg.geglu and cfg.sandwich_norm and cfg.apply_layernorm_1p and cfg.scale_embeddings
+    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (50.0, 30.0)
+    assert (cfg.sliding_window, cfg.window_attn_skip_freq, cfg.softmax_scale) == (4096, 2, 256 ** -0.5)
+    te = recipe("gemma2-9b-it.yaml", *FAKE_DATA, "--transformer-impl", "transformer_engine")
+    with pytest.raises(ConfigError, match="--attn-logit-softcapping .* needs --transformer-impl local"):
+        te.validate(8 * model_parallel(te))
 
-    header = open(path).read().split("\n\n")[0]
-    assert "CANNOT TRAIN GEMMA-2" in header
-    for gap in ("soft-caps", "GeGLU", "sandwich norms", "NOT Gemma-2"):
-        assert gap in header, gap
-    with pytest.raises(HFConversionError, match="model_type 'gemma2'"):
-        hf_config_to_overrides(GEMMA2_HF_CONFIG, seq_length=cfg.seq_length)
+
+def test_llama31_recipe_scales_rope_by_8():
+    cfg = recipe("llama3.1-8b-instruct.yaml", "--mock-data")
+    assert cfg.use_rope_scaling and cfg.rope_scaling_factor == 8.0 and cfg.max_position_embeddings == 131072
 
 
 def test_command_line_overrides_a_recipe():
