@@ -96,6 +96,18 @@ class ModelConfig:
     fp8_amax_compute_algo: str = _opt("most_recent", "FP8 amax reduction over the history.", ("max", "most_recent"))
     fp8_param_gather: bool = _opt(False, "Keep parameters in FP8 and all-gather them in FP8.")
 
+    # Settings of how the model is trained or run, not of the function it computes.
+    NOT_ARCHITECTURE = (
+        "make_vocab_size_divisible_by", "init_method_std", "hidden_dropout", "attention_dropout",
+        "transformer_impl", "bf16", "fp16", "fp8_format", "fp8_recipe", "fp8_margin",
+        "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_param_gather",
+    )
+
+    @classmethod
+    def architecture_fields(cls) -> tuple[str, ...]:
+        """The fields that describe the model's shape: what a checkpoint and an HF config record."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name not in cls.NOT_ARCHITECTURE)
+
     def derived_ffn_hidden_size(self) -> int:
         if self.ffn_hidden_size is not None:
             return self.ffn_hidden_size
@@ -392,6 +404,19 @@ class SimPOConfig:
 
     def num_micro_batches(self, world_size: int) -> int:
         return self.data.global_batch_size // (self.data.micro_batch_size * self.data_parallel_size(world_size))
+
+    def parallel_layout(self):
+        """The runtime's ParallelLayout of this run (what the model is built and split for)."""
+        from simpo_megatron.runtime import ParallelLayout
+
+        par = self.parallel
+        return ParallelLayout(
+            tensor_model_parallel_size=par.tensor_model_parallel_size,
+            pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size(),
+            context_parallel_size=par.context_parallel_size,
+            sequence_parallel=par.sequence_parallel,
+        )
 
     def virtual_pipeline_model_parallel_size(self) -> int | None:
         per_vstage = self.parallel.num_layers_per_virtual_pipeline_stage

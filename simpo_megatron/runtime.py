@@ -204,6 +204,7 @@ class ParallelLayout:
     pipeline_model_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int | None = None
     context_parallel_size: int = 1
+    sequence_parallel: bool = False
 
 
 def initialize_distributed(

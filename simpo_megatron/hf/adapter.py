@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from simpo_megatron.config import SimPOConfig
+from simpo_megatron.config import ModelConfig, SimPOConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2")
 ARCHITECTURES = {
@@ -39,15 +39,8 @@ ARCHITECTURES = {
 }
 _TIED_BY_DEFAULT = {"gemma2"}  # transformers' default tie_word_embeddings per model type
 
-# SimPOConfig fields that describe the model's shape (what a checkpoint must record).
-MODEL_FIELDS = (
-    "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-    "kv_channels", "vocab_size", "max_position_embeddings", "normalization", "norm_epsilon",
-    "swiglu", "rotary_base", "rotary_percent", "use_rope_scaling", "rope_scaling_factor",
-    "untie_embeddings_and_output_weights", "add_qkv_bias", "geglu", "apply_layernorm_1p",
-    "sandwich_norm", "scale_embeddings", "softmax_scale", "attn_logit_softcapping",
-    "final_logit_softcapping", "sliding_window", "window_attn_skip_freq",
-)
+# The model fields that describe its shape (what a checkpoint must record).
+MODEL_FIELDS = ModelConfig.architecture_fields()
 
 # megatron-core 0.16.1 fixes these Llama-3 RoPE scaling parameters (RotaryEmbedding._apply_scaling
 # takes only the factor from GPTModel); Llama-3.1 (factor 8) and 3.2 (factor 32) use exactly these.
@@ -214,7 +207,7 @@ def model_config(values: Mapping[str, Any]) -> SimPOConfig:
     missing = [name for name in required if values.get(name) is None]
     if missing:
         raise HFConversionError(f"stored model config lacks {', '.join(missing)}")
-    return SimPOConfig(**{name: values[name] for name in MODEL_FIELDS if name in values})
+    return SimPOConfig.from_flat({name: values[name] for name in MODEL_FIELDS if name in values})
 
 
 def model_config_dict(cfg: SimPOConfig) -> dict[str, Any]:

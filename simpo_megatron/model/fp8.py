@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from simpo_megatron.config import SimPOConfig
+from simpo_megatron.config import ModelConfig
 
 # Minimum CUDA compute capability of each recipe (Hopper/Ada for FP8, Blackwell for MXFP8).
 _MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
@@ -20,7 +20,7 @@ class FP8UnavailableError(RuntimeError):
     """Transformer Engine layers or FP8 were asked for where they cannot run."""
 
 
-def fp8_config_kwargs(cfg: SimPOConfig) -> dict[str, Any]:
+def fp8_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
     """The TransformerConfig fields for the FP8 flags (empty without --fp8-format).
 
     The output layer and the log-prob computation are outside the FP8 region: megatron-core
@@ -38,7 +38,7 @@ def fp8_config_kwargs(cfg: SimPOConfig) -> dict[str, Any]:
     }
 
 
-def check_transformer_engine(cfg: SimPOConfig) -> None:
+def check_transformer_engine(cfg: ModelConfig) -> None:
     """Raise FP8UnavailableError unless Transformer Engine (and FP8, if asked for) can run here."""
     if not torch.cuda.is_available():
         raise FP8UnavailableError(

@@ -1,8 +1,8 @@
-"""Build a megatron-core GPTModel for Llama-family models and Gemma-2 from a SimPOConfig.
+"""Build a megatron-core GPTModel for Llama-family models and Gemma-2 from the model section of the config.
 
 Llama, Mistral and Qwen2 share one shape: RMSNorm, SwiGLU MLP, rotary position embeddings,
 grouped-query attention, no linear biases (Qwen2 adds a QKV bias), untied embeddings
-(Mistral: a sliding window). Gemma-2 adds, each from a SimPOConfig model flag: a GeGLU MLP
+(Mistral: a sliding window). Gemma-2 adds, each from a model flag: a GeGLU MLP
 with the tanh GELU, (1 + weight) RMSNorms, norms after attention and after the MLP
 (sandwich norms), embeddings scaled by sqrt(hidden), ``query_pre_attn_scalar`` as the
 softmax scale, soft-capped attention and output logits, and a sliding window on every
@@ -26,11 +26,11 @@ from megatron.core.transformer import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from simpo_megatron.config import ConfigError, SimPOConfig
+from simpo_megatron.config import ConfigError, ModelConfig
 from simpo_megatron.model.attention import SDPAttention
 from simpo_megatron.model.fp8 import check_transformer_engine, fp8_config_kwargs
 from simpo_megatron.model.layers import RMSNorm, RowParallelLinearWithPostNorm, softcap
-from simpo_megatron.runtime import pipeline_communication_settings
+from simpo_megatron.runtime import ParallelLayout, pipeline_communication_settings
 
 
 @dataclass
@@ -86,19 +86,19 @@ class GPTModel(MegatronGPTModel):
         return output
 
 
-def params_dtype(cfg: SimPOConfig) -> torch.dtype:
+def params_dtype(cfg: ModelConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
 
 
-def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
-    """The megatron-core TransformerConfig of the model that ``cfg`` describes."""
+def transformer_config(cfg: ModelConfig, layout: ParallelLayout = ParallelLayout()) -> GPTConfig:
+    """The megatron-core TransformerConfig of the model ``cfg`` describes, split as ``layout`` says."""
     dtype = params_dtype(cfg)
     on_gpu = torch.cuda.is_available()
     window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
     return GPTConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
-        ffn_hidden_size=cfg.model.derived_ffn_hidden_size(),
+        ffn_hidden_size=cfg.derived_ffn_hidden_size(),
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups or cfg.num_attention_heads,
         kv_channels=cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads,
@@ -121,11 +121,11 @@ def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
         scale_embeddings=cfg.scale_embeddings,
         sandwich_norm=cfg.sandwich_norm,
         init_method_std=cfg.init_method_std,
-        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
-        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size(),
-        sequence_parallel=cfg.sequence_parallel,
-        context_parallel_size=cfg.context_parallel_size,
+        tensor_model_parallel_size=layout.tensor_model_parallel_size,
+        pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
+        sequence_parallel=layout.sequence_parallel,
+        context_parallel_size=layout.context_parallel_size,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=cfg.bf16,
@@ -148,7 +148,7 @@ def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
     )
 
 
-def layer_spec(cfg: SimPOConfig) -> ModuleSpec:
+def layer_spec(cfg: ModelConfig, sequence_parallel: bool = False) -> ModuleSpec:
     """The transformer layer spec: Transformer Engine layers, or local layers with SDPA attention
     (and, for Gemma-2, the local RMSNorm and the post-norm linears)."""
     if cfg.transformer_impl == "transformer_engine":
@@ -156,7 +156,7 @@ def layer_spec(cfg: SimPOConfig) -> ModuleSpec:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    if cfg.sequence_parallel:
+    if sequence_parallel:
         raise ConfigError(
             "--sequence-parallel needs --transformer-impl transformer_engine: megatron-core's "
             "local layers fall back to torch norms without Apex, which do not support it"
@@ -181,7 +181,7 @@ def layer_spec(cfg: SimPOConfig) -> ModuleSpec:
     )
 
 
-def _block_spec(cfg: SimPOConfig, config: TransformerConfig, spec: ModuleSpec, vp_stage: int | None):
+def _block_spec(cfg: ModelConfig, config: TransformerConfig, spec: ModuleSpec, vp_stage: int | None):
     """The layer spec, or with (1 + weight) norms a block spec whose final norm is RMSNorm too."""
     if not cfg.apply_layernorm_1p or cfg.transformer_impl == "transformer_engine":
         return spec
@@ -190,11 +190,14 @@ def _block_spec(cfg: SimPOConfig, config: TransformerConfig, spec: ModuleSpec, v
     )
 
 
-def build_model(cfg: SimPOConfig, padded_vocab_size: int) -> list[GPTModel]:
-    """This rank's model chunks (one, or one per virtual pipeline stage), unwrapped, on the device."""
-    config = transformer_config(cfg)
-    spec = layer_spec(cfg)
-    vpp = cfg.virtual_pipeline_model_parallel_size()
+def build_model(cfg: ModelConfig, layout: ParallelLayout, padded_vocab_size: int) -> list[GPTModel]:
+    """This rank's model chunks (one, or one per virtual pipeline stage), unwrapped, on the device.
+
+    ``cfg`` is the model section of the run's config; ``layout`` the parallel state it is built in.
+    """
+    config = transformer_config(cfg, layout)
+    spec = layer_spec(cfg, layout.sequence_parallel)
+    vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
@@ -202,7 +205,7 @@ def build_model(cfg: SimPOConfig, padded_vocab_size: int) -> list[GPTModel]:
             config=config,
             transformer_layer_spec=_block_spec(cfg, config, spec, stage),
             vocab_size=padded_vocab_size,
-            max_sequence_length=cfg.max_position_embeddings or cfg.seq_length,
+            max_sequence_length=cfg.max_position_embeddings,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
             parallel_output=True,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import os
 import sys
@@ -68,13 +67,13 @@ def import_hf_checkpoint(
     tensor_model_parallel_size``, as the training run will pad it. Returns ``output``.
     """
     hf_config = read_hf_config(hf_dir)
-    cfg = SimPOConfig(
-        **hf_config_to_overrides(hf_config),
+    cfg = SimPOConfig.from_flat(
+        hf_config_to_overrides(hf_config),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         tensor_model_parallel_size=tensor_model_parallel_size,
     )
     padded_vocab_size = cfg.padded_vocab_size()
-    cfg = dataclasses.replace(cfg, tensor_model_parallel_size=1)
+    cfg = cfg.replace(tensor_model_parallel_size=1)
     window = sliding_window(hf_config)
     if window is not None and cfg.sliding_window is None:
         warnings.warn(
@@ -84,7 +83,7 @@ def import_hf_checkpoint(
     try:
         with staged_directory(output) as tmp:
             with _single_process_world():
-                model = build_model(cfg, padded_vocab_size)
+                model = build_model(cfg.model, cfg.parallel_layout(), padded_vocab_size)
                 load_hf_weights(hf_dir, model, cfg)
                 save_checkpoint(
                     tmp, types.SimpleNamespace(model=model, iteration=0),

@@ -142,7 +142,7 @@ def pretrain(cfg: SimPOConfig) -> dict:
         cfg = cfg.replace(**hf_model_overrides(cfg.load, seq_length=cfg.seq_length))
     cfg.validate(world_size)
     if cfg.transformer_impl == "transformer_engine":
-        check_transformer_engine(cfg)  # before any process group: fail fast, on every rank
+        check_transformer_engine(cfg.model)  # before any process group: fail fast, on every rank
     initialize_distributed(
         ParallelLayout(
             cfg.tensor_model_parallel_size,

@@ -8,6 +8,7 @@ when asked), ``get_megatron_optimizer`` (Adam or SGD, grad clipping, loss scalin
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -37,7 +38,10 @@ class TrainState:
 
 def setup_model_and_optimizer(cfg: SimPOConfig, padded_vocab_size: int) -> TrainState:
     """Build this rank's model chunks, wrap them in DDP, and create optimizer and scheduler."""
-    chunks = build_model(cfg, padded_vocab_size)
+    model_cfg = dataclasses.replace(
+        cfg.model, max_position_embeddings=cfg.model.max_position_embeddings or cfg.data.seq_length
+    )
+    chunks = build_model(model_cfg, cfg.parallel_layout(), padded_vocab_size)
     tf_config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
@@ -81,7 +85,7 @@ def setup_model_and_optimizer(cfg: SimPOConfig, padded_vocab_size: int) -> Train
             clip_grad=cfg.clip_grad,
             bf16=cfg.bf16,
             fp16=cfg.fp16,
-            params_dtype=params_dtype(cfg),
+            params_dtype=params_dtype(cfg.model),
             initial_loss_scale=cfg.initial_loss_scale,
             use_distributed_optimizer=cfg.use_distributed_optimizer,
             overlap_param_gather=cfg.overlap_param_gather,

@@ -44,8 +44,8 @@ def test_the_flag_choices_are_the_combinations_tested_here():
 
 
 def test_no_fp8_format_means_no_fp8_fields():
-    assert fp8_config_kwargs(tiny_config()) == {}
-    config = transformer_config(tiny_config())
+    assert fp8_config_kwargs(tiny_config().model) == {}
+    config = transformer_config(tiny_config().model)
     assert config.fp8 is None
     assert config.fp8_param is False
 
@@ -64,9 +64,9 @@ def test_fp8_flags_map_to_transformer_config(fmt, recipe, param_gather):
         "fp8_amax_compute_algo": "most_recent",
         "fp8_param": param_gather,
     }
-    assert fp8_config_kwargs(cfg) == expected
+    assert fp8_config_kwargs(cfg.model) == expected
 
-    config = transformer_config(cfg)  # the real megatron-core TransformerConfig, built on the CPU
+    config = transformer_config(cfg.model)  # the real megatron-core TransformerConfig, built on the CPU
     assert isinstance(config, TransformerConfig)
     assert {name: getattr(config, name) for name in FP8_FIELDS} == expected
     # megatron-core compares the recipe with its enum: the string flag must compare equal
@@ -81,7 +81,7 @@ def test_fp8_defaults_are_megatron_lm_defaults():
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     mcore = {name: f.default for name, f in TransformerConfig.__dataclass_fields__.items()}
-    kwargs = fp8_config_kwargs(fp8_cfg())
+    kwargs = fp8_config_kwargs(fp8_cfg().model)
     for ours, theirs in (("fp8_margin", "fp8_margin"), ("fp8_amax_history_len", "fp8_amax_history_len"),
                          ("fp8_amax_compute_algo", "fp8_amax_compute_algo"), ("fp8_param", "fp8_param")):
         assert kwargs[ours] == mcore[theirs], ours
@@ -96,10 +96,10 @@ def test_fp8_flags_from_the_command_line():
                        "--fp8-format", "e4m3", "--fp8-recipe", "tensorwise", "--fp8-amax-history-len", "32",
                        "--fp8-param-gather"])
     cfg.validate(1)
-    assert fp8_config_kwargs(cfg)["fp8"] == "e4m3"
-    assert fp8_config_kwargs(cfg)["fp8_recipe"] == "tensorwise"
-    assert fp8_config_kwargs(cfg)["fp8_amax_history_len"] == 32
-    assert fp8_config_kwargs(cfg)["fp8_param"] is True
+    assert fp8_config_kwargs(cfg.model)["fp8"] == "e4m3"
+    assert fp8_config_kwargs(cfg.model)["fp8_recipe"] == "tensorwise"
+    assert fp8_config_kwargs(cfg.model)["fp8_amax_history_len"] == 32
+    assert fp8_config_kwargs(cfg.model)["fp8_param"] is True
 
 
 # ------------------------------------------------------------------ configuration errors
@@ -122,7 +122,7 @@ def test_fp8_param_gather_without_fp8_format_is_a_config_error():
 @pytest.mark.parametrize("cfg", [fp8_cfg(), fp8_cfg(fp8_format=None)], ids=["fp8", "te_only"])
 def test_without_cuda_transformer_engine_is_refused_with_a_clear_message(cfg):
     with pytest.raises(FP8UnavailableError) as info:
-        check_transformer_engine(cfg)
+        check_transformer_engine(cfg.model)
     message = str(info.value)
     assert "CUDA GPU" in message and "--transformer-impl transformer_engine" in message
     assert "--transformer-impl local" in message  # says what to do instead
@@ -131,7 +131,7 @@ def test_without_cuda_transformer_engine_is_refused_with_a_clear_message(cfg):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_model_builder_refuses_te_layers_without_cuda():
     with pytest.raises(FP8UnavailableError, match="CUDA GPU"):
-        layer_spec(fp8_cfg())
+        layer_spec(fp8_cfg().model)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -179,7 +179,7 @@ def fake_transformer_engine(monkeypatch):
 def test_without_transformer_engine_the_message_says_how_to_install_it(cfg, fake_cuda, no_transformer_engine):
     fake_cuda((9, 0))
     with pytest.raises(FP8UnavailableError) as info:
-        check_transformer_engine(cfg)
+        check_transformer_engine(cfg.model)
     message = str(info.value)
     assert "transformer_engine package" in message
     assert "pip install transformer_engine[pytorch]" in message
@@ -201,10 +201,10 @@ def test_fp8_recipe_needs_a_capable_gpu(recipe, capability, ok, fake_cuda, fake_
     fake_cuda(capability)
     cfg = fp8_cfg(fp8_recipe=recipe)
     if ok:
-        check_transformer_engine(cfg)
+        check_transformer_engine(cfg.model)
         return
     with pytest.raises(FP8UnavailableError) as info:
-        check_transformer_engine(cfg)
+        check_transformer_engine(cfg.model)
     need = fp8_module._MIN_CAPABILITY[recipe]
     message = str(info.value)
     assert f"--fp8-recipe {recipe}" in message
@@ -213,4 +213,4 @@ def test_fp8_recipe_needs_a_capable_gpu(recipe, capability, ok, fake_cuda, fake_
 
 def test_te_layers_without_fp8_need_no_fp8_capable_gpu(fake_cuda, fake_transformer_engine):
     fake_cuda((8, 0))
-    check_transformer_engine(fp8_cfg(fp8_format=None))
+    check_transformer_engine(fp8_cfg(fp8_format=None).model)
