@@ -217,7 +217,7 @@ def model_config_dict(cfg: SimPOConfig) -> dict[str, Any]:
 
 def _model_type(cfg: SimPOConfig, base: Mapping[str, Any] | None) -> str:
     model_type = (base or {}).get("model_type") or (
-        "gemma2" if cfg.sandwich_norm else "qwen2" if cfg.add_qkv_bias else "mistral" if cfg.sliding_window else "llama"
+        "gemma2" if cfg.model.sandwich_norm else "qwen2" if cfg.model.add_qkv_bias else "mistral" if cfg.model.sliding_window else "llama"
     )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise HFConversionError(f"base config.json: model_type {model_type!r} is not supported")
@@ -235,9 +235,9 @@ def _model_type(cfg: SimPOConfig, base: Mapping[str, Any] | None) -> str:
         for name in ("softmax_scale", "attn_logit_softcapping", "final_logit_softcapping"):
             if getattr(cfg, name) is not None:
                 raise HFConversionError(f"{name}={getattr(cfg, name)} has no {model_type} equivalent")
-    if cfg.window_attn_skip_freq is not None and (cfg.window_attn_skip_freq != 2 or not gemma):
+    if cfg.model.window_attn_skip_freq is not None and (cfg.model.window_attn_skip_freq != 2 or not gemma):
         raise HFConversionError(
-            f"window_attn_skip_freq={cfg.window_attn_skip_freq} does not fit model_type {model_type!r} "
+            f"window_attn_skip_freq={cfg.model.window_attn_skip_freq} does not fit model_type {model_type!r} "
             "(Gemma-2 alternates windowed and full layers: 2)"
         )
     return model_type
@@ -253,55 +253,55 @@ def overrides_to_hf_config(
     """
     model_type = _model_type(cfg, base)
     out = dict(base or {})
-    for key, value in (("vocab_size", cfg.vocab_size), ("hidden_size", cfg.hidden_size),
-                       ("num_hidden_layers", cfg.num_layers)):
+    for key, value in (("vocab_size", cfg.model.vocab_size), ("hidden_size", cfg.model.hidden_size),
+                       ("num_hidden_layers", cfg.model.num_layers)):
         if out.get(key) not in (None, value):
             raise HFConversionError(
                 f"base config.json: {key}={out[key]}, the checkpoint has {value}: it describes another model"
             )
-    heads = cfg.num_attention_heads
+    heads = cfg.model.num_attention_heads
     out.update(
         architectures=[ARCHITECTURES[model_type]],
         model_type=model_type,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.derived_ffn_hidden_size(),
-        num_hidden_layers=cfg.num_layers,
+        hidden_size=cfg.model.hidden_size,
+        intermediate_size=cfg.model.derived_ffn_hidden_size(),
+        num_hidden_layers=cfg.model.num_layers,
         num_attention_heads=heads,
-        num_key_value_heads=cfg.num_query_groups or heads,
-        head_dim=cfg.kv_channels or cfg.hidden_size // heads,
-        vocab_size=cfg.vocab_size,
-        max_position_embeddings=cfg.max_position_embeddings or out.get("max_position_embeddings") or cfg.seq_length,
-        rms_norm_eps=cfg.norm_epsilon,
-        tie_word_embeddings=not cfg.untie_embeddings_and_output_weights,
+        num_key_value_heads=cfg.model.num_query_groups or heads,
+        head_dim=cfg.model.kv_channels or cfg.model.hidden_size // heads,
+        vocab_size=cfg.model.vocab_size,
+        max_position_embeddings=cfg.model.max_position_embeddings or out.get("max_position_embeddings") or cfg.data.seq_length,
+        rms_norm_eps=cfg.model.norm_epsilon,
+        tie_word_embeddings=not cfg.model.untie_embeddings_and_output_weights,
     )
     if model_type == "gemma2":
-        scalar = (cfg.softmax_scale or (out["head_dim"] ** -0.5)) ** -2
+        scalar = (cfg.model.softmax_scale or (out["head_dim"] ** -0.5)) ** -2
         out.update(
             hidden_activation="gelu_pytorch_tanh",
             query_pre_attn_scalar=round(scalar) if abs(scalar - round(scalar)) < 1e-6 else scalar,
-            attn_logit_softcapping=cfg.attn_logit_softcapping,
-            final_logit_softcapping=cfg.final_logit_softcapping,
+            attn_logit_softcapping=cfg.model.attn_logit_softcapping,
+            final_logit_softcapping=cfg.model.final_logit_softcapping,
         )
     else:
         out["hidden_act"] = "silu"
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
-    if model_type in ("mistral", "gemma2") or cfg.sliding_window is not None:
-        out["sliding_window"] = cfg.sliding_window
-        if "layer_types" in out or cfg.window_attn_skip_freq:
+    if model_type in ("mistral", "gemma2") or cfg.model.sliding_window is not None:
+        out["sliding_window"] = cfg.model.sliding_window
+        if "layer_types" in out or cfg.model.window_attn_skip_freq:
             out["layer_types"] = [
-                "sliding_attention" if cfg.sliding_window and (not cfg.window_attn_skip_freq or i % 2 == 0)
-                else "full_attention" for i in range(cfg.num_layers)
+                "sliding_attention" if cfg.model.sliding_window and (not cfg.model.window_attn_skip_freq or i % 2 == 0)
+                else "full_attention" for i in range(cfg.model.num_layers)
             ]
     scaling = (
-        {"rope_type": "llama3", "factor": cfg.rope_scaling_factor, **_LLAMA3_FIXED} if cfg.use_rope_scaling else None
+        {"rope_type": "llama3", "factor": cfg.model.rope_scaling_factor, **_LLAMA3_FIXED} if cfg.model.use_rope_scaling else None
     )
     if "rope_parameters" in out:  # transformers 5 style
         out.pop("rope_theta", None)
         out.pop("rope_scaling", None)
-        out["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": float(cfg.rotary_base)}
+        out["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": float(cfg.model.rotary_base)}
     else:  # transformers 4 style, which 5 reads too
-        out.update(rope_theta=float(cfg.rotary_base), rope_scaling=scaling)
+        out.update(rope_theta=float(cfg.model.rotary_base), rope_scaling=scaling)
     out["dtype" if "dtype" in out else "torch_dtype"] = dtype_name
     return out
 
@@ -310,9 +310,9 @@ def overrides_to_hf_config(
 
 
 def _dims(cfg: SimPOConfig) -> tuple[int, int, int, int, int]:
-    heads = cfg.num_attention_heads
-    return cfg.hidden_size, cfg.derived_ffn_hidden_size(), heads, cfg.num_query_groups or heads, (
-        cfg.kv_channels or cfg.hidden_size // heads
+    heads = cfg.model.num_attention_heads
+    return cfg.model.hidden_size, cfg.model.derived_ffn_hidden_size(), heads, cfg.model.num_query_groups or heads, (
+        cfg.model.kv_channels or cfg.model.hidden_size // heads
     )
 
 
@@ -323,7 +323,7 @@ def _layer_tensors(cfg: SimPOConfig) -> dict[str, str]:
         "self_attn.o_proj.weight": PROJ,
         "mlp.down_proj.weight": FC2,
     }
-    if cfg.sandwich_norm:
+    if cfg.model.sandwich_norm:
         names.update({
             "post_attention_layernorm.weight": POST_ATTN_NORM,
             "pre_feedforward_layernorm.weight": MLP_NORM,
@@ -337,23 +337,23 @@ def _layer_tensors(cfg: SimPOConfig) -> dict[str, str]:
 def hf_tensor_shapes(cfg: SimPOConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor an HF model of ``cfg`` has, with its shape."""
     h, f, heads, groups, d = _dims(cfg)
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    if cfg.untie_embeddings_and_output_weights:
-        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    shapes = {"model.embed_tokens.weight": (cfg.model.vocab_size, h), "model.norm.weight": (h,)}
+    if cfg.model.untie_embeddings_and_output_weights:
+        shapes["lm_head.weight"] = (cfg.model.vocab_size, h)
     per_layer = {
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
         "self_attn.q_proj.weight": (heads * d, h), "self_attn.k_proj.weight": (groups * d, h),
         "self_attn.v_proj.weight": (groups * d, h), "self_attn.o_proj.weight": (h, heads * d),
         "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
     }
-    if cfg.sandwich_norm:
+    if cfg.model.sandwich_norm:
         per_layer.update({"pre_feedforward_layernorm.weight": (h,), "post_feedforward_layernorm.weight": (h,)})
-    if cfg.add_qkv_bias:
+    if cfg.model.add_qkv_bias:
         per_layer.update({
             "self_attn.q_proj.bias": (heads * d,), "self_attn.k_proj.bias": (groups * d,),
             "self_attn.v_proj.bias": (groups * d,),
         })
-    for i in range(cfg.num_layers):
+    for i in range(cfg.model.num_layers):
         shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
     return shapes
 
@@ -362,7 +362,7 @@ def check_hf_tensors(shapes: Mapping[str, tuple[int, ...]], cfg: SimPOConfig) ->
     """Raise HFConversionError unless ``shapes`` (HF tensor name -> shape) are those of ``cfg``."""
     expected = hf_tensor_shapes(cfg)
     ignored = {n for n in shapes if n.endswith("rotary_emb.inv_freq")}
-    if not cfg.untie_embeddings_and_output_weights:
+    if not cfg.model.untie_embeddings_and_output_weights:
         ignored.add("lm_head.weight")  # some tied checkpoints store the shared matrix twice
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected) - ignored)
@@ -405,7 +405,7 @@ def hf_layer_to_megatron(hf: Mapping[str, torch.Tensor], cfg: SimPOConfig, layer
         FC1: torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]),
         **{key: hf[p + suffix] for suffix, key in _layer_tensors(cfg).items()},
     }
-    if cfg.add_qkv_bias:
+    if cfg.model.add_qkv_bias:
         out[QKV + "bias"] = qkv("bias")
     return out
 
@@ -419,10 +419,10 @@ def hf_global_to_megatron(
     """The Megatron tensors outside the layers (embedding, final norm, output layer of an
     untied model), or those of them in ``keys``; vocabulary rows padded with zeros."""
     if keys is None:
-        keys = [EMBEDDING, FINAL_NORM] + ([OUTPUT] if cfg.untie_embeddings_and_output_weights else [])
+        keys = [EMBEDDING, FINAL_NORM] + ([OUTPUT] if cfg.model.untie_embeddings_and_output_weights else [])
     out = {}
     for key in keys:
-        if key not in _GLOBAL_HF or (key == OUTPUT and not cfg.untie_embeddings_and_output_weights):
+        if key not in _GLOBAL_HF or (key == OUTPUT and not cfg.model.untie_embeddings_and_output_weights):
             raise KeyError(key)
         t = hf[_GLOBAL_HF[key]]
         out[key] = t if key == FINAL_NORM else _pad_rows(t, padded_vocab_size)
@@ -439,7 +439,7 @@ def hf_to_megatron(
 ) -> dict[str, torch.Tensor]:
     """Megatron global checkpoint tensors from HF tensors (shapes checked against ``cfg``)."""
     check_hf_tensors({name: tuple(t.shape) for name, t in hf.items()}, cfg)
-    layers = [hf_layer_to_megatron(hf, cfg, i) for i in range(cfg.num_layers)]
+    layers = [hf_layer_to_megatron(hf, cfg, i) for i in range(cfg.model.num_layers)]
     stacked = {key: torch.stack([layer[key] for layer in layers]) for key in layers[0]}
     return {**hf_global_to_megatron(hf, cfg, padded_vocab_size), **stacked}
 
@@ -455,18 +455,18 @@ def megatron_to_hf(
     def get(name: str) -> torch.Tensor:
         if name not in state:
             raise HFConversionError(f"checkpoint lacks tensor {name}")
-        if is_layer_key(name) and state[name].shape[0] != cfg.num_layers:
+        if is_layer_key(name) and state[name].shape[0] != cfg.model.num_layers:
             raise HFConversionError(
-                f"checkpoint tensor {name}: {state[name].shape[0]} layers, the stored config {cfg.num_layers}"
+                f"checkpoint tensor {name}: {state[name].shape[0]} layers, the stored config {cfg.model.num_layers}"
             )
         return state[name]
 
-    vocab = cfg.vocab_size
+    vocab = cfg.model.vocab_size
     out = {"model.embed_tokens.weight": get(EMBEDDING)[:vocab]}
-    qkv = {kind: get(QKV + kind) for kind in (("weight", "bias") if cfg.add_qkv_bias else ("weight",))}
+    qkv = {kind: get(QKV + kind) for kind in (("weight", "bias") if cfg.model.add_qkv_bias else ("weight",))}
     fc1 = get(FC1)
     layer_keys = {suffix: get(key) for suffix, key in _layer_tensors(cfg).items()}
-    for i in range(cfg.num_layers):
+    for i in range(cfg.model.num_layers):
         p = f"model.layers.{i}."
         for kind, t in qkv.items():
             tail = t.shape[2:]
@@ -477,6 +477,6 @@ def megatron_to_hf(
         for suffix, t in layer_keys.items():
             out[p + suffix] = t[i]
     out["model.norm.weight"] = get(FINAL_NORM)
-    if cfg.untie_embeddings_and_output_weights:
+    if cfg.model.untie_embeddings_and_output_weights:
         out["lm_head.weight"] = get(OUTPUT)[:vocab]
     return {name: t.detach().to(dtype or t.dtype, copy=True).contiguous() for name, t in out.items()}

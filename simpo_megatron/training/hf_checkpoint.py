@@ -75,7 +75,7 @@ def import_hf_checkpoint(
     padded_vocab_size = cfg.padded_vocab_size()
     cfg = cfg.replace(tensor_model_parallel_size=1)
     window = sliding_window(hf_config)
-    if window is not None and cfg.sliding_window is None:
+    if window is not None and cfg.model.sliding_window is None:
         warnings.warn(
             f"{hf_dir}: sliding_window={window} on some layers only: the converted model uses full causal "
             f"attention, which matches the HF model on sequences of up to {window} tokens"

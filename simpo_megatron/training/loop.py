@@ -18,7 +18,7 @@ from simpo_megatron.config import ConfigError, SimPOConfig, load_config
 from simpo_megatron.data.provider import DataMismatchError, build_datasets, eval_micro_batches, micro_batches
 from simpo_megatron.model.fp8 import FP8UnavailableError, check_transformer_engine
 from simpo_megatron.hf import HFConversionError, hf_model_overrides, is_hf_checkpoint, load_hf_weights, save_hf_config
-from simpo_megatron.runtime import ParallelLayout, destroy_distributed, initialize_distributed
+from simpo_megatron.runtime import destroy_distributed, initialize_distributed
 from simpo_megatron.training.checkpointing import CheckpointError, config_to_dict, load_checkpoint, read_tracker, save_checkpoint
 from simpo_megatron.training.monitor import (
     HealthMonitor,
@@ -76,8 +76,8 @@ def evaluate(cfg: SimPOConfig, state: TrainState, dataset, pad_id: int) -> dict 
     (short micro-batches are padded with zero-weight pairs). Returns the pair-weighted means on
     the last pipeline stage, None elsewhere.
     """
-    gbs = cfg.global_batch_size
-    num_pairs = len(dataset) if cfg.eval_iters < 0 else min(len(dataset), cfg.eval_iters * gbs)
+    gbs = cfg.data.global_batch_size
+    num_pairs = len(dataset) if cfg.logging.eval_iters < 0 else min(len(dataset), cfg.logging.eval_iters * gbs)
     stream = eval_micro_batches(
         dataset, cfg, pad_id, num_pairs,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
@@ -104,9 +104,9 @@ def precision_notice(cfg: SimPOConfig, cuda_available: bool) -> str | None:
     Both work on the CPU (gloo), slowly, which is what tests use; on a cluster it usually means
     CUDA_VISIBLE_DEVICES or the job's GPU request is wrong, so the run says so at start.
     """
-    if cuda_available or not (cfg.bf16 or cfg.fp16):
+    if cuda_available or not (cfg.model.bf16 or cfg.model.fp16):
         return None
-    flag = "--bf16" if cfg.bf16 else "--fp16"
+    flag = "--bf16" if cfg.model.bf16 else "--fp16"
     return (
         f"note: no GPU is visible; {flag} runs on the CPU (gloo), slowly. "
         "If you meant to train on GPUs, check CUDA_VISIBLE_DEVICES and the job's GPU request."
@@ -114,19 +114,19 @@ def precision_notice(cfg: SimPOConfig, cuda_available: bool) -> str | None:
 
 
 def _check_training_data(cfg: SimPOConfig, num_pairs: int) -> None:
-    if num_pairs < cfg.global_batch_size:
+    if num_pairs < cfg.data.global_batch_size:
         raise ConfigError(
             f"the training data has {num_pairs} pairs, fewer than one global batch "
-            f"(--global-batch-size {cfg.global_batch_size}): give more data (--data-path, --split) "
+            f"(--global-batch-size {cfg.data.global_batch_size}): give more data (--data-path, --split) "
             f"or a smaller --global-batch-size"
         )
 
 
 def _resolve_vocab(cfg: SimPOConfig, data_vocab: int) -> SimPOConfig:
-    if cfg.vocab_size is None:
+    if cfg.model.vocab_size is None:
         return cfg.replace(vocab_size=data_vocab)
-    if cfg.vocab_size < data_vocab:
-        raise ConfigError(f"--vocab-size ({cfg.vocab_size}) is smaller than the tokenizer's ({data_vocab})")
+    if cfg.model.vocab_size < data_vocab:
+        raise ConfigError(f"--vocab-size ({cfg.model.vocab_size}) is smaller than the tokenizer's ({data_vocab})")
     return cfg
 
 
@@ -138,18 +138,14 @@ def pretrain(cfg: SimPOConfig) -> dict:
     continues from --save instead).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.load and is_hf_checkpoint(cfg.load):
-        cfg = cfg.replace(**hf_model_overrides(cfg.load, seq_length=cfg.seq_length))
+    if cfg.checkpoint.load and is_hf_checkpoint(cfg.checkpoint.load):
+        cfg = cfg.replace(**hf_model_overrides(cfg.checkpoint.load, seq_length=cfg.data.seq_length))
     cfg.validate(world_size)
-    if cfg.transformer_impl == "transformer_engine":
+    if cfg.model.transformer_impl == "transformer_engine":
         check_transformer_engine(cfg.model)  # before any process group: fail fast, on every rank
     initialize_distributed(
-        ParallelLayout(
-            cfg.tensor_model_parallel_size,
-            cfg.pipeline_model_parallel_size,
-            cfg.virtual_pipeline_model_parallel_size(),
-        ),
-        seed=cfg.seed,
+        cfg.parallel_layout(),
+        seed=cfg.optimizer.seed,
     )
     notice = precision_notice(cfg, torch.cuda.is_available())
     if notice:
@@ -160,37 +156,37 @@ def pretrain(cfg: SimPOConfig) -> dict:
         raise
     except ValueError as e:  # a missing prefix, a bad --split or blend, an unreadable dataset
         raise ConfigError(str(e)) from e
-    if not cfg.eval_only:
+    if not cfg.logging.eval_only:
         _check_training_data(cfg, len(data.train))
     cfg = _resolve_vocab(cfg, data.vocab_size)
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
-    if cfg.load and is_hf_checkpoint(cfg.load):
-        if cfg.save and read_tracker(cfg.save) is not None:
+    if cfg.checkpoint.load and is_hf_checkpoint(cfg.checkpoint.load):
+        if cfg.checkpoint.save and read_tracker(cfg.checkpoint.save) is not None:
             # Resume a run that started from the HF model, rather than start it again.
-            cfg = cfg.replace(load=cfg.save)
+            cfg = cfg.replace(load=cfg.checkpoint.save)
         else:
-            load_hf_weights(cfg.load, state.model, cfg)
+            load_hf_weights(cfg.checkpoint.load, state.model, cfg)
             state.optimizer.reload_model_params()  # mixed-precision optimizers' fp32 copies
-            if cfg.save and dist.get_rank() == 0:
-                save_hf_config(cfg.load, cfg.save)  # export's default config and tokenizer
-            print_rank_last(f"loaded the Hugging Face model {cfg.load}")
+            if cfg.checkpoint.save and dist.get_rank() == 0:
+                save_hf_config(cfg.checkpoint.load, cfg.checkpoint.save)  # export's default config and tokenizer
+            print_rank_last(f"loaded the Hugging Face model {cfg.checkpoint.load}")
             cfg = cfg.replace(load=None)
-    if cfg.load and read_tracker(cfg.load) is None:
+    if cfg.checkpoint.load and read_tracker(cfg.checkpoint.load) is None:
         # As Megatron-LM: --load on a directory without a checkpoint starts from scratch
         # (so --save and --load can name the same directory from the first run on).
-        print_rank_last(f"no checkpoint in --load {cfg.load}: training from scratch")
-    elif cfg.load:
+        print_rank_last(f"no checkpoint in --load {cfg.checkpoint.load}: training from scratch")
+    elif cfg.checkpoint.load:
         load_checkpoint(
-            cfg.load, state, load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng,
-            finetune=cfg.finetune,
+            cfg.checkpoint.load, state, load_optim=not cfg.checkpoint.no_load_optim, load_rng=not cfg.checkpoint.no_load_rng,
+            finetune=cfg.checkpoint.finetune,
         )
-        print_rank_last(f"loaded {cfg.load} at iteration {state.iteration}")
+        print_rank_last(f"loaded {cfg.checkpoint.load} at iteration {state.iteration}")
 
     is_last_rank = dist.get_rank() == world_size - 1
-    metrics_file = cfg.metrics_file or (os.path.join(cfg.save, "metrics.jsonl") if cfg.save else None)
-    writer = MetricsWriter(metrics_file, cfg.tensorboard_dir) if is_last_rank else None
+    metrics_file = cfg.logging.metrics_file or (os.path.join(cfg.checkpoint.save, "metrics.jsonl") if cfg.checkpoint.save else None)
+    writer = MetricsWriter(metrics_file, cfg.logging.tensorboard_dir) if is_last_rank else None
     try:
-        if cfg.eval_only:
+        if cfg.logging.eval_only:
             if data.valid is None:
                 raise ConfigError("--eval-only needs validation data (--split with a valid part, or --valid-data-path)")
             metrics = evaluate(cfg, state, data.valid, data.pad_id)
@@ -198,10 +194,10 @@ def pretrain(cfg: SimPOConfig) -> dict:
                 writer.write("valid", state.iteration, metrics)
                 print_rank_last(format_eval_line(state.iteration, metrics))
             return {"iteration": state.iteration, "valid": metrics, "metrics_file": metrics_file}
-        if state.iteration >= cfg.train_iters:
+        if state.iteration >= cfg.optimizer.train_iters:
             print_rank_last(
-                f"already trained: {cfg.load} is at iteration {state.iteration} and --train-iters is "
-                f"{cfg.train_iters}; raise --train-iters to train on"
+                f"already trained: {cfg.checkpoint.load} is at iteration {state.iteration} and --train-iters is "
+                f"{cfg.optimizer.train_iters}; raise --train-iters to train on"
             )
             return {"iteration": state.iteration, "checkpoint": None, "metrics_file": metrics_file, "done": True}
         return _train(cfg, state, data, writer, metrics_file)
@@ -222,16 +218,16 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
     consecutive_skips = 0
     window = {"time": 0.0, "tokens": 0, "pairs": 0, "iters": 0}
     log_window = LogWindow()
-    health = HealthMonitor(cfg.health_check_window, cfg.average_log_prob)
+    health = HealthMonitor(cfg.logging.health_check_window, cfg.loss.average_log_prob)
     last_train, last_valid, interrupted = None, None, False
-    if cfg.eval_interval and data.valid is not None and state.iteration == 0:
+    if cfg.logging.eval_interval and data.valid is not None and state.iteration == 0:
         # A baseline before the first update, so the curves show where learning started.
         last_valid = evaluate(cfg, state, data.valid, data.pad_id)
         if writer is not None and last_valid is not None:
             writer.write("valid", 0, last_valid)
             print_rank_last(format_eval_line(0, last_valid))
     try:
-        while state.iteration < cfg.train_iters:
+        while state.iteration < cfg.optimizer.train_iters:
             batches = [next(stream) for _ in range(num_micro_batches)]
             start = time.perf_counter()
             result = train_step(cfg, state, batches)
@@ -239,20 +235,20 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
             tokens = _global_tokens(batches)
             window["time"] += elapsed
             window["tokens"] += tokens
-            window["pairs"] += cfg.global_batch_size
+            window["pairs"] += cfg.data.global_batch_size
             window["iters"] += 1
 
             consecutive_skips = consecutive_skips + 1 if result["skipped"] else 0
             if result["skipped"]:
-                reason = "loss-scale overflow or non-finite gradient" if cfg.fp16 else "non-finite loss or gradient"
+                reason = "loss-scale overflow or non-finite gradient" if cfg.model.fp16 else "non-finite loss or gradient"
                 print_rank_last(
                     f" iteration {state.iteration}: {reason}, update skipped "
-                    f"({consecutive_skips} in a row, limit --max-skipped-iters {cfg.max_skipped_iters})"
+                    f"({consecutive_skips} in a row, limit --max-skipped-iters {cfg.optimizer.max_skipped_iters})"
                 )
-            if consecutive_skips >= cfg.max_skipped_iters:
+            if consecutive_skips >= cfg.optimizer.max_skipped_iters:
                 raise TrainingError(
                     f"{consecutive_skips} consecutive iterations had a non-finite loss or gradient "
-                    f"(--max-skipped-iters {cfg.max_skipped_iters}); stopping at iteration {state.iteration}"
+                    f"(--max-skipped-iters {cfg.optimizer.max_skipped_iters}); stopping at iteration {state.iteration}"
                 )
 
             if result["metrics"] is not None:
@@ -266,7 +262,7 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
                 log_window.add(result["metrics"], skipped=result["skipped"])
                 if writer is not None:
                     writer.write("train", state.iteration, last_train)
-            if state.iteration % cfg.log_interval == 0 and last_train is not None:
+            if state.iteration % cfg.logging.log_interval == 0 and last_train is not None:
                 averaged = log_window.means()
                 log_window.reset()
                 for warning in health.update(averaged):
@@ -282,17 +278,17 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
                 if writer is not None:
                     writer.write("throughput", state.iteration, throughput)
                 line = {**last_train, **averaged, **throughput}
-                print_rank_last(format_train_line(state.iteration, cfg.train_iters, line))
+                print_rank_last(format_train_line(state.iteration, cfg.optimizer.train_iters, line))
                 window = {"time": 0.0, "tokens": 0, "pairs": 0, "iters": 0}
 
-            if cfg.eval_interval and data.valid is not None and state.iteration % cfg.eval_interval == 0:
+            if cfg.logging.eval_interval and data.valid is not None and state.iteration % cfg.logging.eval_interval == 0:
                 last_valid = evaluate(cfg, state, data.valid, data.pad_id)
                 if writer is not None and last_valid is not None:
                     writer.write("valid", state.iteration, last_valid)
                     print_rank_last(format_eval_line(state.iteration, last_valid))
 
-            if cfg.save and cfg.save_interval and state.iteration % cfg.save_interval == 0:
-                save_checkpoint(cfg.save, state, config_dict, optim_fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable)
+            if cfg.checkpoint.save and cfg.checkpoint.save_interval and state.iteration % cfg.checkpoint.save_interval == 0:
+                save_checkpoint(cfg.checkpoint.save, state, config_dict, optim_fully_reshardable=cfg.checkpoint.dist_ckpt_optim_fully_reshardable)
             if exit_signal.any_rank():
                 interrupted = True
                 print_rank_last(f"exit signal received at iteration {state.iteration}")
@@ -301,9 +297,9 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
         exit_signal.restore()
 
     checkpoint = None
-    if cfg.save:
+    if cfg.checkpoint.save:
         checkpoint = save_checkpoint(
-            cfg.save, state, config_dict, optim_fully_reshardable=cfg.dist_ckpt_optim_fully_reshardable
+            cfg.checkpoint.save, state, config_dict, optim_fully_reshardable=cfg.checkpoint.dist_ckpt_optim_fully_reshardable
         )
         print_rank_last(f"saved checkpoint {checkpoint}")
     if metrics_file:
