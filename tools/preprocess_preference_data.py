@@ -104,7 +104,7 @@ class Chunk:
 
 @dataclass
 class Prepared:
-    """A chunk's valid records as texts to tokenize (prompt, prompt + chosen, prompt + rejected)."""
+    """A chunk's valid records as texts to tokenize: the prompts and the responses that follow them."""
 
     chunk: Chunk
     locations: list[int]
@@ -113,6 +113,16 @@ class Prepared:
     rejected: list[str]
     failures: list[Failure]
     fast_path: bool = True
+
+
+class Tokenized(NamedTuple):
+    """A pair's ids: the prompt's, and prompt + chosen and prompt + rejected from token `head` on
+    (their first `head` ids are the prompt's)."""
+
+    prompt: list[int]
+    head: int
+    chosen: list[int]
+    rejected: list[int]
 
 
 class Failure(NamedTuple):
@@ -169,15 +179,48 @@ def split_pair(
     return chosen_full[:start], chosen_full[start:], rejected_full[start:], merged, shifted
 
 
+def tail_start(prompt: str, skip: int) -> int:
+    """Where a prompt's last words start, the part encoded again with each response: at the last
+    space between a non-space and an ASCII letter or digit (`skip` characters after it); 0 (the
+    whole prompt) when there is no such space."""
+    space = prompt.rfind(" ")
+    while space > 0:
+        after = prompt[space + 1 : space + 2]
+        if after.isascii() and after.isalnum() and not prompt[space - 1].isspace():
+            return space + skip
+        space = prompt.rfind(" ", 0, space)
+    return 0
+
+
 class PairEncoder:
     """Validates records, renders them (chat template if they hold messages) and tokenizes them:
-    prompt and prompt + response as one text each, split at the prompt's token boundary."""
+    prompt and prompt + response as one text each, split at the prompt's token boundary.
+
+    Encoding each prompt three times (alone and before each response) would be most of the
+    work. When the tokenizer splits words at spaces (`splits_at_spaces`), prompt + response is
+    encoded as the prompt's ids up to its last words (`tail_start`) followed by the ids of those
+    words + response: the same ids, since nothing merges across the split. Each prompt checks
+    it: its own ids must end with those of its last words, else its pair is encoded whole.
+    """
 
     def __init__(self, tokenizer: BaseTokenizer, keys: tuple[str, str, str], append_eod: bool) -> None:
         self.tokenizer = tokenizer
         self.keys = keys
         self.append_eod = append_eod
         self._eos_token = tokenizer.special_tokens.get("eos_token")
+        self._tail_skip = self._tail_variant() if tokenizer.splits_at_spaces else None
+
+    def _tail_variant(self) -> int | None:
+        """Whether a prompt's last words are encoded with the space before them (0: byte-level BPE,
+        SentencePiece removing extra whitespace) or without (1: SentencePiece adding "▁" to a text
+        but keeping whitespace, as Llama-2's does); None when neither gives the ids of the whole."""
+        probes = ("ab cd", "Answer: 42", "x, y z")
+        for skip in (0, 1):
+            texts = [text[tail_start(text, skip) :] for text in probes]
+            ids = self.tokenizer.tokenize_batch([*probes, *texts])
+            if all(tail and full[-len(tail) :] == tail for full, tail in zip(ids, ids[len(probes) :])):
+                return skip
+        return None
 
     def encode_chunk(self, chunk: Chunk) -> EncodedChunk:
         """Validate, render, tokenize and split a chunk (the three stages below, in turn)."""
@@ -217,31 +260,64 @@ class PairEncoder:
                     continue
             prepared.locations.append(location)
             prepared.prompts.append(texts[0])
-            prepared.chosen.append(texts[0] + texts[1])
-            prepared.rejected.append(texts[0] + texts[2])
+            prepared.chosen.append(texts[1])
+            prepared.rejected.append(texts[2])
         return prepared
 
-    def tokenize(self, prepared: Prepared) -> list[list[int]]:
-        """Token ids of the prompts, then the full chosen texts, then the full rejected texts."""
+    def tokenize(self, prepared: Prepared) -> list[Tokenized]:
+        """Token ids of each prompt and of prompt + chosen and prompt + rejected, in one batch."""
         try:
-            return self.tokenizer.tokenize_batch(prepared.prompts + prepared.chosen + prepared.rejected)
+            return self._tokenize(prepared)
         except (UnicodeEncodeError, RuntimeError, TypeError, ValueError):
             if not prepared.fast_path:
                 raise
             strict = self.prepare(prepared.chunk, strict=True)  # finds the text the tokenizer rejected
             vars(prepared).update(vars(strict))
-            return self.tokenizer.tokenize_batch(prepared.prompts + prepared.chosen + prepared.rejected)
+            return self._tokenize(prepared)
 
-    def finish(self, prepared: Prepared, ids: list[list[int]]) -> EncodedChunk:
+    def _tokenize(self, prepared: Prepared) -> list[Tokenized]:
+        prompts, chosen, rejected = prepared.prompts, prepared.chosen, prepared.rejected
+        k = len(prompts)
+        skip = self._tail_skip
+        starts = [0] * k if skip is None else [tail_start(prompt, skip) for prompt in prompts]
+        tails = [prompt[start:] for prompt, start in zip(prompts, starts)]
+        cut = [i for i, start in enumerate(starts) if start]
+        ids = self.tokenizer.tokenize_batch(
+            prompts
+            + [tails[i] for i in cut]
+            + [tail + text for tail, text in zip(tails, chosen)]
+            + [tail + text for tail, text in zip(tails, rejected)]
+        )
+        m = k + len(cut)
+        prompt_ids, chosen_ids, rejected_ids = ids[:k], ids[m : m + k], ids[m + k :]
+        heads = [0] * k
+        whole = []  # prompts whose ids do not end with those of their last words
+        for i, tail in zip(cut, ids[k:m]):
+            head = len(prompt_ids[i]) - len(tail)
+            if tail and head >= 0 and prompt_ids[i][head:] == tail:
+                heads[i] = head
+            else:
+                whole.append(i)
+        if whole:
+            again = self.tokenizer.tokenize_batch(
+                [prompts[i] + chosen[i] for i in whole] + [prompts[i] + rejected[i] for i in whole]
+            )
+            for j, i in enumerate(whole):
+                chosen_ids[i], rejected_ids[i] = again[j], again[len(whole) + j]
+        return list(map(Tokenized, prompt_ids, heads, chosen_ids, rejected_ids))
+
+    def finish(self, prepared: Prepared, tokenized: list[Tokenized]) -> EncodedChunk:
         """Split each pair at its prompt's token boundary, place BOS/EOS, and flatten the chunk."""
         failures = prepared.failures
-        k = len(prepared.locations)
         bos, eos, append_eod = self.tokenizer.bos_id, self.tokenizer.eos_id, self.append_eod
         tokens: list[int] = []
         offsets = [0]
         merges: Counter[str] = Counter(responses=0, shifted=0)
-        for i, location in enumerate(prepared.locations):
-            prompt, chosen, rejected, merged, shifted = split_pair(ids[i], ids[k + i], ids[2 * k + i])
+        for location, (ids, head, chosen_ids, rejected_ids) in zip(prepared.locations, tokenized):
+            # split_pair on the ids after the shared head: the same split, shifted by `head`.
+            prompt, chosen, rejected, merged, shifted = split_pair(ids[head:], chosen_ids, rejected_ids)
+            if head:
+                prompt = ids[:head] + prompt
             if bos is not None and prompt[:1] != [bos]:
                 prompt.insert(0, bos)
             if append_eod:
@@ -500,7 +576,7 @@ def _encoded_chunks(
 def _pipelined(chunks: Iterator[Chunk], encoder: PairEncoder, thread: ThreadPoolExecutor) -> Iterator[EncodedChunk]:
     """Encode in one process: the tokenizer (which releases the GIL) runs on a thread while this
     one reads, parses and splits the neighbouring chunks."""
-    pending: tuple[Prepared, Future[list[list[int]]]] | None = None
+    pending: tuple[Prepared, Future[list[Tokenized]]] | None = None
     for chunk in chunks:
         prepared = encoder.prepare(chunk)
         future = thread.submit(encoder.tokenize, prepared)
