@@ -36,20 +36,18 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
-import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 # Like Megatron-LM's tools: run from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -241,7 +239,7 @@ class PairEncoder:
             texts = None
             if not strict and type(record) is bytes:
                 try:
-                    parsed = json.loads(record)
+                    parsed = json.loads(record.decode())
                     prompt, chosen, rejected = parsed[k_prompt], parsed[k_chosen], parsed[k_rejected]
                 except (ValueError, TypeError, KeyError, IndexError):
                     pass  # the slow path names the problem
@@ -312,25 +310,29 @@ class PairEncoder:
         bos, eos, append_eod = self.tokenizer.bos_id, self.tokenizer.eos_id, self.append_eod
         tokens: list[int] = []
         offsets = [0]
-        merges: Counter[str] = Counter(responses=0, shifted=0)
+        merged_total = shifted_total = 0
         for location, (ids, head, chosen_ids, rejected_ids) in zip(prepared.locations, tokenized):
             # split_pair on the ids after the shared head: the same split, shifted by `head`.
-            prompt, chosen, rejected, merged, shifted = split_pair(ids[head:], chosen_ids, rejected_ids)
-            if head:
+            tail = ids[head:]
+            n = len(tail)
+            if chosen_ids[:n] == tail and rejected_ids[:n] == tail:  # no boundary merge
+                prompt, chosen, rejected, merged, shifted = ids, chosen_ids[n:], rejected_ids[n:], 0, 0
+            else:
+                prompt, chosen, rejected, merged, shifted = split_pair(tail, chosen_ids, rejected_ids)
                 prompt = ids[:head] + prompt
             if bos is not None and prompt[:1] != [bos]:
-                prompt.insert(0, bos)
+                prompt = [bos, *prompt]
             if append_eod:
                 if chosen[-1:] != [eos]:
                     chosen.append(eos)
                 if rejected[-1:] != [eos]:
                     rejected.append(eos)
-            problem = self._problem(prompt, chosen, rejected)
-            if problem is not None:
+            if not (prompt and chosen and rejected and chosen != rejected):
+                problem = self._problem(prompt, chosen, rejected)
                 failures.append(Failure(location, problem.reason, problem.message, problem.fatal))
                 continue
-            merges["responses"] += merged
-            merges["shifted"] += shifted
+            merged_total += merged
+            shifted_total += shifted
             tokens += prompt
             offsets.append(len(tokens))
             tokens += chosen
@@ -343,18 +345,16 @@ class PairEncoder:
             np.array(offsets, dtype=np.int64),
             len(prepared.chunk.records),
             failures,
-            merges,
+            Counter(responses=merged_total, shifted=shifted_total),
         )
 
-    def _problem(self, prompt: list[int], chosen: list[int], rejected: list[int]) -> PairError | None:
+    def _problem(self, prompt: list[int], chosen: list[int], rejected: list[int]) -> PairError:
         if not prompt:
             return PairError("empty_prompt", f"field {self.keys[0]!r} tokenizes to nothing")
         for key, ids in zip(self.keys[1:], (chosen, rejected)):
             if not ids:
                 return PairError("empty_response", f"field {key!r} tokenizes to nothing")
-        if chosen == rejected:
-            return PairError("identical_responses", f"fields {self.keys[1]!r} and {self.keys[2]!r} are identical")
-        return None
+        return PairError("identical_responses", f"fields {self.keys[1]!r} and {self.keys[2]!r} are identical")
 
     def texts(self, record: Any) -> tuple[str, str, str]:
         """(prompt, chosen, rejected) texts of a record, rendered; raises PairError."""
@@ -566,20 +566,43 @@ def _encoded_chunks(
 ) -> Iterator[Iterator[EncodedChunk]]:
     """The encoded chunks in input order; with workers > 1, encoded by a process pool."""
     if workers == 1:
-        with ThreadPoolExecutor(1) as thread:
-            yield _pipelined(chunks, encoder, thread)
+        yield _pipelined(chunks, encoder)
         return
+    import multiprocessing  # only here: its import costs start-up time
+
     with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
         yield _in_order(pool, chunks, max_pending=4 * workers)
 
 
-def _pipelined(chunks: Iterator[Chunk], encoder: PairEncoder, thread: ThreadPoolExecutor) -> Iterator[EncodedChunk]:
+class _Background:
+    """One call on its own thread; `result()` waits for it and returns its value or raises its error."""
+
+    def __init__(self, function: Any, *args: Any) -> None:
+        self._outcome: tuple[bool, Any] = (False, None)
+        self._thread = threading.Thread(target=self._run, args=(function, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Any, args: tuple[Any, ...]) -> None:
+        try:
+            self._outcome = (True, function(*args))
+        except BaseException as e:  # re-raised in the caller's thread
+            self._outcome = (False, e)
+
+    def result(self) -> Any:
+        self._thread.join()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
+def _pipelined(chunks: Iterator[Chunk], encoder: PairEncoder) -> Iterator[EncodedChunk]:
     """Encode in one process: the tokenizer (which releases the GIL) runs on a thread while this
     one reads, parses and splits the neighbouring chunks."""
-    pending: tuple[Prepared, Future[list[Tokenized]]] | None = None
+    pending: tuple[Prepared, _Background] | None = None
     for chunk in chunks:
         prepared = encoder.prepare(chunk)
-        future = thread.submit(encoder.tokenize, prepared)
+        future = _Background(encoder.tokenize, prepared)
         if pending is not None:
             yield encoder.finish(pending[0], pending[1].result())
         pending = (prepared, future)
@@ -605,7 +628,11 @@ class _Progress:
     """A tqdm bar on a terminal; elsewhere a log line every `log_interval` pairs."""
 
     def __init__(self, total: int | None, log_interval: int) -> None:
-        self.bar = tqdm(total=total, unit="pairs", file=sys.stderr, disable=None, dynamic_ncols=True)
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm  # only here: its import costs start-up time
+
+            self.bar = tqdm(total=total, unit="pairs", file=sys.stderr, dynamic_ncols=True)
         self.log_interval = log_interval
         self.start = time.perf_counter()
         self.done = 0
@@ -613,16 +640,18 @@ class _Progress:
 
     def update(self, records: int, skipped: int) -> None:
         self.done += records
-        self.bar.update(records)
-        if skipped:
-            self.bar.set_postfix(skipped=skipped, refresh=False)
-        if self.bar.disable and self.done >= self.next_log:
+        if self.bar is not None:
+            self.bar.update(records)
+            if skipped:
+                self.bar.set_postfix(skipped=skipped, refresh=False)
+        elif self.done >= self.next_log:
             rate = self.done / max(time.perf_counter() - self.start, 1e-9)
             print(f"processed {self.done} pairs ({rate:.0f} pairs/s), skipped {skipped}", file=sys.stderr)
             self.next_log += self.log_interval
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _summary(prefix: str, meta: dict[str, Any], lengths: np.ndarray, skipped: Counter[str], seconds: float) -> str:

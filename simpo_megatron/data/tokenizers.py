@@ -201,7 +201,11 @@ class SentencePieceTokenizer(BaseTokenizer):
         return {key: self._sp.id_to_piece(i) for key, i in ids.items() if i is not None}
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        has_control = [self._control_re is not None and self._control_re.search(t) is not None for t in texts]
+        control_re = self._control_re
+        if control_re is None or control_re.search("\0".join(texts)) is None:  # one scan for the usual batch
+            has_control = [False] * len(texts)
+        else:
+            has_control = [control_re.search(t) is not None for t in texts]
         plain = [t for t, control in zip(texts, has_control) if not control]
         try:
             encoded = iter(self._sp.encode(plain, num_threads=self.num_threads) if plain else [])
