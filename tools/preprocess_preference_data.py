@@ -8,8 +8,9 @@ Tokenization is that of the whole conversation, as TRL's and the SimPO repositor
 `build_tokenized_answer` do it: prompt + response is tokenized as one text and split where the
 tokenized prompt ends, one token earlier when the prompt's last token merges with the
 response's first (a "boundary merge", counted in the summary and the sidecar). So prompt +
-chosen and prompt + rejected are exactly the tokenized texts. Prompts and full texts are
-encoded in batches with the tokenizer's own threads.
+chosen and prompt + rejected are exactly the tokenized texts. When the tokenizer splits words
+at spaces, each prompt is encoded once and only its last words again with each response (the
+same ids; see PairEncoder). Texts are encoded in batches with the tokenizer's own threads.
 
 Input: JSON Lines (any extension), a .json file holding one array, or .parquet (pyarrow).
 Records hold three fields (renamed with --json-keys) in one of two shapes:
