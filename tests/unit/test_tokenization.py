@@ -264,7 +264,8 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 # Prompt endings and response starts that merge across the boundary, or do not: a newline after
 # a ChatML header, "▁8" + "8", a space before punctuation, repeated whitespace, special tokens.
 PROMPT_PARTS = ["Sort", " ascending:", " 42 7 19", "\nAnswer:", " 8", " x", "\n", "\n\n", " ", "  ", "é",
-                "<|im_start|>assistant\n", "<|im_end|>\n", "<s>", " [INST]", "sure,", "\t", " Ünï", " Su", " 4", " asc"]
+                "<|im_start|>assistant\n", "<|im_end|>\n", "<s>", " [INST]", "sure,", "\t", " Ünï", " Su", " 4",
+                " asc"]
 RESPONSE_PARTS = ["8", " 8", "\n", "\n\n42", " 7 19 42", "42", "!", " ", "  yes", "é", "<end_of_turn>",
                   "</s>", "Sure: 7", "\tok", "19", "re: 7", "2 19", "ending"]
 
@@ -312,7 +313,8 @@ def test_last_words_path_gives_the_ids_of_the_whole_text_rule(tmp_path, bpe_file
         "sp": ("SentencePieceTokenizer", sp_model, True),
         "sp-keeps-whitespace": ("SentencePieceTokenizer", sp_variant(
             tmp_path, "llama2", remove_extra_whitespaces=False), True),
-        "sp-no-word-split": ("SentencePieceTokenizer", sp_variant(tmp_path, "nosplit", split_by_whitespace=False), False),
+        "sp-no-word-split": ("SentencePieceTokenizer",
+                             sp_variant(tmp_path, "nosplit", split_by_whitespace=False), False),
     }
     pairs = random_pairs(1000)
     for name, (kind, model, splits) in kinds.items():
@@ -322,8 +324,10 @@ def test_last_words_path_gives_the_ids_of_the_whole_text_rule(tmp_path, bpe_file
         chunk = preprocess.Chunk(list(range(len(pairs))), [None] * len(pairs))
         prepared = preprocess.Prepared(chunk, chunk.locations, *map(list, zip(*pairs)), [])
         tokenized = encoder.tokenize(prepared)
-        ids = [tokenizer.tokenize_batch([p, p + c, p + r]) for p, c, r in pairs]
-        whole = [preprocess.Tokenized(prompt, 0, chosen, rejected) for prompt, chosen, rejected in ids]
+        n = len(pairs)
+        prompts = [p for p, _, _ in pairs]
+        ids = tokenizer.tokenize_batch(prompts + [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs])
+        whole = [preprocess.Tokenized(ids[i], 0, ids[n + i], ids[2 * n + i]) for i in range(n)]
         new, old = encoder.finish(prepared, tokenized), encoder.finish(prepared, whole)
         assert new.tokens.tolist() == old.tokens.tolist() and new.offsets.tolist() == old.offsets.tolist(), name
         assert new.merges == old.merges and new.failures == old.failures, name
