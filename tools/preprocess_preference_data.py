@@ -8,8 +8,9 @@ Tokenization is that of the whole conversation, as TRL's and the SimPO repositor
 `build_tokenized_answer` do it: prompt + response is tokenized as one text and split where the
 tokenized prompt ends, one token earlier when the prompt's last token merges with the
 response's first (a "boundary merge", counted in the summary and the sidecar). So prompt +
-chosen and prompt + rejected are exactly the tokenized texts. Prompts and full texts are
-encoded in batches with the tokenizer's own threads.
+chosen and prompt + rejected are exactly the tokenized texts. When the tokenizer splits words
+at spaces, each prompt is encoded once and only its last words again with each response (the
+same ids; see PairEncoder). Texts are encoded in batches with the tokenizer's own threads.
 
 Input: JSON Lines (any extension), a .json file holding one array, or .parquet (pyarrow).
 Records hold three fields (renamed with --json-keys) in one of two shapes:
@@ -36,20 +37,18 @@ from __future__ import annotations
 import argparse
 import codecs
 import json
-import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-from tqdm import tqdm
 
 # Like Megatron-LM's tools: run from a checkout without installing the package.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,7 +103,7 @@ class Chunk:
 
 @dataclass
 class Prepared:
-    """A chunk's valid records as texts to tokenize (prompt, prompt + chosen, prompt + rejected)."""
+    """A chunk's valid records as texts to tokenize: the prompts and the responses that follow them."""
 
     chunk: Chunk
     locations: list[int]
@@ -113,6 +112,16 @@ class Prepared:
     rejected: list[str]
     failures: list[Failure]
     fast_path: bool = True
+
+
+class Tokenized(NamedTuple):
+    """A pair's ids: the prompt's, and prompt + chosen and prompt + rejected from token `head` on
+    (their first `head` ids are the prompt's)."""
+
+    prompt: list[int]
+    head: int
+    chosen: list[int]
+    rejected: list[int]
 
 
 class Failure(NamedTuple):
@@ -169,15 +178,48 @@ def split_pair(
     return chosen_full[:start], chosen_full[start:], rejected_full[start:], merged, shifted
 
 
+def tail_start(prompt: str, skip: int) -> int:
+    """Where a prompt's last words start, the part encoded again with each response: at the last
+    space between a non-space and an ASCII letter or digit (`skip` characters after it); 0 (the
+    whole prompt) when there is no such space."""
+    space = prompt.rfind(" ")
+    while space > 0:
+        after = prompt[space + 1 : space + 2]
+        if after.isascii() and after.isalnum() and not prompt[space - 1].isspace():
+            return space + skip
+        space = prompt.rfind(" ", 0, space)
+    return 0
+
+
 class PairEncoder:
     """Validates records, renders them (chat template if they hold messages) and tokenizes them:
-    prompt and prompt + response as one text each, split at the prompt's token boundary."""
+    prompt and prompt + response as one text each, split at the prompt's token boundary.
+
+    Encoding each prompt three times (alone and before each response) would be most of the
+    work. When the tokenizer splits words at spaces (`splits_at_spaces`), prompt + response is
+    encoded as the prompt's ids up to its last words (`tail_start`) followed by the ids of those
+    words + response: the same ids, since nothing merges across the split. Each prompt checks
+    it: its own ids must end with those of its last words, else its pair is encoded whole.
+    """
 
     def __init__(self, tokenizer: BaseTokenizer, keys: tuple[str, str, str], append_eod: bool) -> None:
         self.tokenizer = tokenizer
         self.keys = keys
         self.append_eod = append_eod
         self._eos_token = tokenizer.special_tokens.get("eos_token")
+        self._tail_skip = self._tail_variant() if tokenizer.splits_at_spaces else None
+
+    def _tail_variant(self) -> int | None:
+        """Whether a prompt's last words are encoded with the space before them (0: byte-level BPE,
+        SentencePiece removing extra whitespace) or without (1: SentencePiece adding "▁" to a text
+        but keeping whitespace, as Llama-2's does); None when neither gives the ids of the whole."""
+        probes = ("ab cd", "Answer: 42", "x, y z")
+        for skip in (0, 1):
+            texts = [text[tail_start(text, skip) :] for text in probes]
+            ids = self.tokenizer.tokenize_batch([*probes, *texts])
+            if all(tail and full[-len(tail) :] == tail for full, tail in zip(ids, ids[len(probes) :])):
+                return skip
+        return None
 
     def encode_chunk(self, chunk: Chunk) -> EncodedChunk:
         """Validate, render, tokenize and split a chunk (the three stages below, in turn)."""
@@ -198,7 +240,7 @@ class PairEncoder:
             texts = None
             if not strict and type(record) is bytes:
                 try:
-                    parsed = json.loads(record)
+                    parsed = json.loads(record.decode())
                     prompt, chosen, rejected = parsed[k_prompt], parsed[k_chosen], parsed[k_rejected]
                 except (ValueError, TypeError, KeyError, IndexError):
                     pass  # the slow path names the problem
@@ -217,44 +259,81 @@ class PairEncoder:
                     continue
             prepared.locations.append(location)
             prepared.prompts.append(texts[0])
-            prepared.chosen.append(texts[0] + texts[1])
-            prepared.rejected.append(texts[0] + texts[2])
+            prepared.chosen.append(texts[1])
+            prepared.rejected.append(texts[2])
         return prepared
 
-    def tokenize(self, prepared: Prepared) -> list[list[int]]:
-        """Token ids of the prompts, then the full chosen texts, then the full rejected texts."""
+    def tokenize(self, prepared: Prepared) -> list[Tokenized]:
+        """Token ids of each prompt and of prompt + chosen and prompt + rejected, in one batch."""
         try:
-            return self.tokenizer.tokenize_batch(prepared.prompts + prepared.chosen + prepared.rejected)
+            return self._tokenize(prepared)
         except (UnicodeEncodeError, RuntimeError, TypeError, ValueError):
             if not prepared.fast_path:
                 raise
             strict = self.prepare(prepared.chunk, strict=True)  # finds the text the tokenizer rejected
             vars(prepared).update(vars(strict))
-            return self.tokenizer.tokenize_batch(prepared.prompts + prepared.chosen + prepared.rejected)
+            return self._tokenize(prepared)
 
-    def finish(self, prepared: Prepared, ids: list[list[int]]) -> EncodedChunk:
+    def _tokenize(self, prepared: Prepared) -> list[Tokenized]:
+        prompts, chosen, rejected = prepared.prompts, prepared.chosen, prepared.rejected
+        k = len(prompts)
+        skip = self._tail_skip
+        starts = [0] * k if skip is None else [tail_start(prompt, skip) for prompt in prompts]
+        tails = [prompt[start:] for prompt, start in zip(prompts, starts)]
+        cut = [i for i, start in enumerate(starts) if start]
+        ids = self.tokenizer.tokenize_batch(
+            prompts
+            + [tails[i] for i in cut]
+            + [tail + text for tail, text in zip(tails, chosen)]
+            + [tail + text for tail, text in zip(tails, rejected)]
+        )
+        m = k + len(cut)
+        prompt_ids, chosen_ids, rejected_ids = ids[:k], ids[m : m + k], ids[m + k :]
+        heads = [0] * k
+        whole = []  # prompts whose ids do not end with those of their last words
+        for i, tail in zip(cut, ids[k:m]):
+            head = len(prompt_ids[i]) - len(tail)
+            if tail and head >= 0 and prompt_ids[i][head:] == tail:
+                heads[i] = head
+            else:
+                whole.append(i)
+        if whole:
+            again = self.tokenizer.tokenize_batch(
+                [prompts[i] + chosen[i] for i in whole] + [prompts[i] + rejected[i] for i in whole]
+            )
+            for j, i in enumerate(whole):
+                chosen_ids[i], rejected_ids[i] = again[j], again[len(whole) + j]
+        return list(map(Tokenized, prompt_ids, heads, chosen_ids, rejected_ids))
+
+    def finish(self, prepared: Prepared, tokenized: list[Tokenized]) -> EncodedChunk:
         """Split each pair at its prompt's token boundary, place BOS/EOS, and flatten the chunk."""
         failures = prepared.failures
-        k = len(prepared.locations)
         bos, eos, append_eod = self.tokenizer.bos_id, self.tokenizer.eos_id, self.append_eod
         tokens: list[int] = []
         offsets = [0]
-        merges: Counter[str] = Counter(responses=0, shifted=0)
-        for i, location in enumerate(prepared.locations):
-            prompt, chosen, rejected, merged, shifted = split_pair(ids[i], ids[k + i], ids[2 * k + i])
+        merged_total = shifted_total = 0
+        for location, (ids, head, chosen_ids, rejected_ids) in zip(prepared.locations, tokenized):
+            # split_pair on the ids after the shared head: the same split, shifted by `head`.
+            tail = ids[head:]
+            n = len(tail)
+            if chosen_ids[:n] == tail and rejected_ids[:n] == tail:  # no boundary merge
+                prompt, chosen, rejected, merged, shifted = ids, chosen_ids[n:], rejected_ids[n:], 0, 0
+            else:
+                prompt, chosen, rejected, merged, shifted = split_pair(tail, chosen_ids, rejected_ids)
+                prompt = ids[:head] + prompt
             if bos is not None and prompt[:1] != [bos]:
-                prompt.insert(0, bos)
+                prompt = [bos, *prompt]
             if append_eod:
                 if chosen[-1:] != [eos]:
                     chosen.append(eos)
                 if rejected[-1:] != [eos]:
                     rejected.append(eos)
-            problem = self._problem(prompt, chosen, rejected)
-            if problem is not None:
+            if not (prompt and chosen and rejected and chosen != rejected):
+                problem = self._problem(prompt, chosen, rejected)
                 failures.append(Failure(location, problem.reason, problem.message, problem.fatal))
                 continue
-            merges["responses"] += merged
-            merges["shifted"] += shifted
+            merged_total += merged
+            shifted_total += shifted
             tokens += prompt
             offsets.append(len(tokens))
             tokens += chosen
@@ -267,18 +346,16 @@ class PairEncoder:
             np.array(offsets, dtype=np.int64),
             len(prepared.chunk.records),
             failures,
-            merges,
+            Counter(responses=merged_total, shifted=shifted_total),
         )
 
-    def _problem(self, prompt: list[int], chosen: list[int], rejected: list[int]) -> PairError | None:
+    def _problem(self, prompt: list[int], chosen: list[int], rejected: list[int]) -> PairError:
         if not prompt:
             return PairError("empty_prompt", f"field {self.keys[0]!r} tokenizes to nothing")
         for key, ids in zip(self.keys[1:], (chosen, rejected)):
             if not ids:
                 return PairError("empty_response", f"field {key!r} tokenizes to nothing")
-        if chosen == rejected:
-            return PairError("identical_responses", f"fields {self.keys[1]!r} and {self.keys[2]!r} are identical")
-        return None
+        return PairError("identical_responses", f"fields {self.keys[1]!r} and {self.keys[2]!r} are identical")
 
     def texts(self, record: Any) -> tuple[str, str, str]:
         """(prompt, chosen, rejected) texts of a record, rendered; raises PairError."""
@@ -490,20 +567,43 @@ def _encoded_chunks(
 ) -> Iterator[Iterator[EncodedChunk]]:
     """The encoded chunks in input order; with workers > 1, encoded by a process pool."""
     if workers == 1:
-        with ThreadPoolExecutor(1) as thread:
-            yield _pipelined(chunks, encoder, thread)
+        yield _pipelined(chunks, encoder)
         return
+    import multiprocessing  # only here: its import costs start-up time
+
     with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
         yield _in_order(pool, chunks, max_pending=4 * workers)
 
 
-def _pipelined(chunks: Iterator[Chunk], encoder: PairEncoder, thread: ThreadPoolExecutor) -> Iterator[EncodedChunk]:
+class _Background:
+    """One call on its own thread; `result()` waits for it and returns its value or raises its error."""
+
+    def __init__(self, function: Any, *args: Any) -> None:
+        self._outcome: tuple[bool, Any] = (False, None)
+        self._thread = threading.Thread(target=self._run, args=(function, args), daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Any, args: tuple[Any, ...]) -> None:
+        try:
+            self._outcome = (True, function(*args))
+        except BaseException as e:  # re-raised in the caller's thread
+            self._outcome = (False, e)
+
+    def result(self) -> Any:
+        self._thread.join()
+        ok, value = self._outcome
+        if not ok:
+            raise value
+        return value
+
+
+def _pipelined(chunks: Iterator[Chunk], encoder: PairEncoder) -> Iterator[EncodedChunk]:
     """Encode in one process: the tokenizer (which releases the GIL) runs on a thread while this
     one reads, parses and splits the neighbouring chunks."""
-    pending: tuple[Prepared, Future[list[list[int]]]] | None = None
+    pending: tuple[Prepared, _Background] | None = None
     for chunk in chunks:
         prepared = encoder.prepare(chunk)
-        future = thread.submit(encoder.tokenize, prepared)
+        future = _Background(encoder.tokenize, prepared)
         if pending is not None:
             yield encoder.finish(pending[0], pending[1].result())
         pending = (prepared, future)
@@ -529,7 +629,11 @@ class _Progress:
     """A tqdm bar on a terminal; elsewhere a log line every `log_interval` pairs."""
 
     def __init__(self, total: int | None, log_interval: int) -> None:
-        self.bar = tqdm(total=total, unit="pairs", file=sys.stderr, disable=None, dynamic_ncols=True)
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm  # only here: its import costs start-up time
+
+            self.bar = tqdm(total=total, unit="pairs", file=sys.stderr, dynamic_ncols=True)
         self.log_interval = log_interval
         self.start = time.perf_counter()
         self.done = 0
@@ -537,16 +641,18 @@ class _Progress:
 
     def update(self, records: int, skipped: int) -> None:
         self.done += records
-        self.bar.update(records)
-        if skipped:
-            self.bar.set_postfix(skipped=skipped, refresh=False)
-        if self.bar.disable and self.done >= self.next_log:
+        if self.bar is not None:
+            self.bar.update(records)
+            if skipped:
+                self.bar.set_postfix(skipped=skipped, refresh=False)
+        elif self.done >= self.next_log:
             rate = self.done / max(time.perf_counter() - self.start, 1e-9)
             print(f"processed {self.done} pairs ({rate:.0f} pairs/s), skipped {skipped}", file=sys.stderr)
             self.next_log += self.log_interval
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _summary(prefix: str, meta: dict[str, Any], lengths: np.ndarray, skipped: Counter[str], seconds: float) -> str:

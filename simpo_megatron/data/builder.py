@@ -6,9 +6,11 @@ extension `simpo_megatron._pair_builder` in batches. The sidecar PREFIX.meta.jso
 tokenizer, the layout, the dtype and the counts, so the trainer can check that its tokenizer
 is the one that wrote the data.
 
-Publishing is atomic per file and safe as a whole: everything is written to temporary files
-beside the output (`PREFIX.bin.tmp-HOST-PID`, ...) and renamed into place only when the
-writer closes without error, the .idx last, after any previous PREFIX.idx has been removed.
+Publishing is atomic per file and safe as a whole, with the project's one scheme
+(`simpo_megatron.fsutil`): everything is written to temporary files beside the output
+(`fsutil.temporary_path`: `PREFIX.bin.tmp-HOST-PID`, ...), made durable, and published
+(`fsutil.publish`) only when the writer closes without error, the .idx last, after any previous
+PREFIX.idx has been removed.
 A reader therefore sees the old dataset, no dataset, or the complete new one, never a
 partial one. Temporary files of a killed run (SIGKILL cannot be caught) are removed by the
 next writer of the same prefix on the same host.
@@ -27,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from simpo_megatron.data.tokenizers import same_tokenizer
-from simpo_megatron.fsutil import fsync_directory
+from simpo_megatron import fsutil
 
 try:
     from simpo_megatron import _pair_builder
@@ -109,13 +111,12 @@ class PreferencePairWriter:
         vocab_size = int(self.tokenizer_info["vocab_size"])
         self.dtype: type[np.number] = optimal_dtype(vocab_size)
         _remove_stale_temporaries(output_prefix)
-        suffix = f".tmp-{socket.gethostname()}-{os.getpid()}"
         self._final = {
             "bin": get_bin_path(output_prefix),
             "meta": sidecar_path(output_prefix),
             "idx": get_idx_path(output_prefix),
         }
-        self._temp = {key: path + suffix for key, path in self._final.items()}
+        self._temp = {key: fsutil.temporary_path(path) for key, path in self._final.items()}
         self._builder = _pair_builder.PairBuilder(
             self._temp["bin"], DTYPE_CODES[self.dtype], vocab_size
         )
@@ -165,7 +166,7 @@ class PreferencePairWriter:
         if self._closed:
             raise RuntimeError(f"writer for {self.output_prefix} is already closed")
         try:
-            self._builder.finalize(self._temp["idx"])
+            self._builder.finalize(self._temp["idx"])  # fsyncs the .bin and the .idx
             meta = self._sidecar()
             with open(self._temp["meta"], "w", encoding="utf-8") as f:
                 json.dump(meta, f, indent=2)
@@ -174,11 +175,9 @@ class PreferencePairWriter:
                 os.fsync(f.fileno())
             # Remove the old index first: a crash between the renames then leaves no dataset
             # rather than an old index over new tokens.
-            if os.path.lexists(self._final["idx"]):
-                os.remove(self._final["idx"])
+            fsutil.remove(self._final["idx"])
             for key in ("bin", "meta", "idx"):
-                os.replace(self._temp[key], self._final[key])
-            fsync_directory(os.path.dirname(os.path.abspath(self.output_prefix)))
+                fsutil.publish(self._temp[key], self._final[key], durable=False)
         except BaseException:
             self.abort()
             raise
@@ -189,8 +188,7 @@ class PreferencePairWriter:
         """Stop writing and remove the temporary files; publishes nothing."""
         self._builder.abort()
         for path in self._temp.values():
-            if os.path.lexists(path):
-                os.remove(path)
+            fsutil.remove(path)
         self._closed = True
 
     def __enter__(self) -> PreferencePairWriter:
@@ -239,7 +237,8 @@ def merge_pair_datasets(inputs: Sequence[str], output_prefix: str) -> dict[str, 
 
 
 def _remove_stale_temporaries(prefix: str) -> None:
-    """Remove this host's temporary files of PREFIX left by writers that no longer run."""
+    """Remove this host's temporary files of PREFIX (`fsutil.temporary_path` names) left by
+    writers that no longer run."""
     host = socket.gethostname()
     for final in (get_bin_path(prefix), sidecar_path(prefix), get_idx_path(prefix)):
         for path in glob.glob(glob.escape(final) + ".tmp-*"):

@@ -103,6 +103,14 @@ class BaseTokenizer(ABC):
         """The serialized tokenizer whose contents define the tokenization."""
 
     @property
+    @abstractmethod
+    def splits_at_spaces(self) -> bool:
+        """Whether tokenization splits text into words before a space (pre-tokenization) and never
+        merges across that split, so a text's ids are the ids of its part before such a space
+        followed by those of the rest. The preprocessing tool then encodes a prompt's words once
+        and only its last words again with each response (it checks the split on every prompt)."""
+
+    @property
     def pad_id(self) -> int:
         for candidate in (self._own_pad_id, self.eos_id):
             if candidate is not None:
@@ -193,7 +201,11 @@ class SentencePieceTokenizer(BaseTokenizer):
         return {key: self._sp.id_to_piece(i) for key, i in ids.items() if i is not None}
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        has_control = [self._control_re is not None and self._control_re.search(t) is not None for t in texts]
+        control_re = self._control_re
+        if control_re is None or control_re.search("\0".join(texts)) is None:  # one scan for the usual batch
+            has_control = [False] * len(texts)
+        else:
+            has_control = [control_re.search(t) is not None for t in texts]
         plain = [t for t, control in zip(texts, has_control) if not control]
         try:
             encoded = iter(self._sp.encode(plain, num_threads=self.num_threads) if plain else [])
@@ -233,6 +245,15 @@ class SentencePieceTokenizer(BaseTokenizer):
 
     def _fingerprint_bytes(self) -> bytes:
         return self._sp.serialized_model_proto()
+
+    @cached_property
+    def splits_at_spaces(self) -> bool:
+        from sentencepiece import sentencepiece_model_pb2
+
+        proto = sentencepiece_model_pb2.ModelProto()
+        proto.ParseFromString(self._sp.serialized_model_proto())
+        # Words start with "▁" and no piece spans one (unless whitespace is a suffix).
+        return proto.trainer_spec.split_by_whitespace and not proto.trainer_spec.treat_whitespace_as_suffix
 
 
 class HuggingFaceTokenizer(BaseTokenizer):
@@ -319,6 +340,15 @@ class HuggingFaceTokenizer(BaseTokenizer):
 
     def _fingerprint_bytes(self) -> bytes:
         return self._tok.backend_tokenizer.to_str().encode("utf-8")
+
+    @cached_property
+    def splits_at_spaces(self) -> bool:
+        # The model tokenizes each pre-tokenized word on its own; without a pre-tokenizer BPE may
+        # merge anywhere.
+        pre_tokenizer = self._tok.backend_tokenizer.pre_tokenizer
+        if pre_tokenizer is None:
+            return False
+        return any(end in (2, 3) for _, (_, end) in pre_tokenizer.pre_tokenize_str("ab cd")[:-1])
 
 
 def build_tokenizer(

@@ -257,3 +257,80 @@ def test_training_checks_the_sidecar_with_the_same_rule(tmp_path, bpe_file):
 def test_split_pair(chosen_full, rejected_full, expected):
     """Prompt + response is always the full tokenization; the prompt ends at TRL's boundary or earlier."""
     assert preprocess.split_pair([1, 2, 3, 4], chosen_full, rejected_full) == expected
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# Prompt endings and response starts that merge across the boundary, or do not: a newline after
+# a ChatML header, "▁8" + "8", a space before punctuation, repeated whitespace, special tokens.
+PROMPT_PARTS = ["Sort", " ascending:", " 42 7 19", "\nAnswer:", " 8", " x", "\n", "\n\n", " ", "  ", "é",
+                "<|im_start|>assistant\n", "<|im_end|>\n", "<s>", " [INST]", "sure,", "\t", " Ünï", " Su", " 4",
+                " asc"]
+RESPONSE_PARTS = ["8", " 8", "\n", "\n\n42", " 7 19 42", "42", "!", " ", "  yes", "é", "<end_of_turn>",
+                  "</s>", "Sure: 7", "\tok", "19", "re: 7", "2 19", "ending"]
+
+
+def random_pairs(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
+    rng = __import__("random").Random(seed)
+    part = lambda parts, lo, hi: "".join(rng.choice(parts) for _ in range(rng.randint(lo, hi)))  # noqa: E731
+    return [(part(PROMPT_PARTS, 1, 10), part(RESPONSE_PARTS, 1, 4), part(RESPONSE_PARTS, 1, 4)) for _ in range(n)]
+
+
+def sp_variant(tmp_path: Path, name: str, **options) -> str:
+    path = tmp_path / f"{name}.model"
+    with open(path, "wb") as f:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(CORPUS + ["8 88 42 7 19 Ünï é"] * 5), model_writer=f, model_type="bpe",
+            vocab_size=120, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+            user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], num_threads=1, minloglevel=2, **options)
+    return str(path)
+
+
+def bpe_variant(tmp_path: Path, bpe_file: str, name: str, pre_tokenizer) -> str:
+    tok = tokenizers.Tokenizer.from_file(bpe_file)
+    tok.pre_tokenizer = pre_tokenizer
+    directory = tmp_path / name
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return str(directory)
+
+
+def test_last_words_path_gives_the_ids_of_the_whole_text_rule(tmp_path, bpe_file, sp_model):
+    """Encoding a prompt's last words again with each response (PairEncoder's path) stores exactly
+    what tokenizing prompt, prompt + chosen and prompt + rejected whole stores (TRL's rule, split_pair),
+    boundary merges included, on byte-level BPE (GPT-2 and Llama-3 pre-tokenizers), SentencePiece
+    with and without whitespace cleanup, and tokenizers that do not split at spaces (encoded whole)."""
+    from tokenizers import Regex
+
+    kinds = {
+        "bpe-gpt2": ("HuggingFaceTokenizer", hf_dir(tmp_path, bpe_file, "qwen2"), True),
+        "bpe-llama3": ("HuggingFaceTokenizer", bpe_variant(tmp_path, bpe_file, "llama3-split", pre_tokenizers.Sequence(
+            [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])), True),
+        "bpe-no-pre-tokenizer": ("HuggingFaceTokenizer", bpe_variant(
+            tmp_path, bpe_file, "bare", pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)), False),
+        "sp": ("SentencePieceTokenizer", sp_model, True),
+        "sp-keeps-whitespace": ("SentencePieceTokenizer", sp_variant(
+            tmp_path, "llama2", remove_extra_whitespaces=False), True),
+        "sp-no-word-split": ("SentencePieceTokenizer",
+                             sp_variant(tmp_path, "nosplit", split_by_whitespace=False), False),
+    }
+    pairs = random_pairs(1000)
+    for name, (kind, model, splits) in kinds.items():
+        tokenizer = build_tokenizer(kind, model)
+        assert tokenizer.splits_at_spaces == splits, name
+        encoder = preprocess.PairEncoder(tokenizer, ("prompt", "chosen", "rejected"), append_eod=True)
+        chunk = preprocess.Chunk(list(range(len(pairs))), [None] * len(pairs))
+        prepared = preprocess.Prepared(chunk, chunk.locations, *map(list, zip(*pairs)), [])
+        tokenized = encoder.tokenize(prepared)
+        n = len(pairs)
+        prompts = [p for p, _, _ in pairs]
+        ids = tokenizer.tokenize_batch(prompts + [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs])
+        whole = [preprocess.Tokenized(ids[i], 0, ids[n + i], ids[2 * n + i]) for i in range(n)]
+        new, old = encoder.finish(prepared, tokenized), encoder.finish(prepared, whole)
+        assert new.tokens.tolist() == old.tokens.tolist() and new.offsets.tolist() == old.offsets.tolist(), name
+        assert new.merges == old.merges and new.failures == old.failures, name
+        assert old.merges["responses"] >= 10, name  # the cases exercise boundary merges
+        heads = sum(t.head > 0 for t in tokenized)
+        assert heads > len(pairs) // 2 if splits else heads == 0, name  # the last-words path ran

@@ -6,8 +6,10 @@ For each case, runs as separate processes, in turn (A B C A B C ...):
 - tools/preprocess_preference_data.py with --workers 1 and --workers 2 (start-up, reading,
   tokenizing prompt + response together, splitting and writing included).
 `ratio_vs_sentencepiece` is the median over rounds of baseline seconds / tool seconds (>1: the
-tool is faster than the baseline); CPU seconds (all threads and processes) say how much work
-each did, which a shared machine distorts less than wall time. Cases: "example" (--pairs of the
+tool is faster than the baseline), each round's pair run back to back; CPU seconds (all threads
+and processes) say how much work each did, which a shared machine distorts less than wall time,
+and `cpu_ratio_vs_sentencepiece` is the same median of baseline / tool CPU seconds (what the
+wall-time ratio would be without any parallelism). Cases: "example" (--pairs of the
 example data's short pairs, cycled) and "long" (--pairs / 10 pairs with prompts of 150 words and
 responses of 100). Also times `--help` (start-up). The outputs of 1 and 2 workers are checked
 to be identical. Prints one JSON line per case.
@@ -131,6 +133,8 @@ def main() -> None:
                     "sentencepiece_cpu_seconds": round(statistics.median(cpu for _, cpu in times["baseline"]), 2),
                     "ratio_vs_sentencepiece": round(statistics.median(
                         b[0] / t[0] for b, t in zip(times["baseline"], times[workers])), 2),
+                    "cpu_ratio_vs_sentencepiece": round(statistics.median(
+                        b[1] / t[1] for b, t in zip(times["baseline"], times[workers])), 2),
                     "cpus": len(os.sched_getaffinity(0)),
                 }), flush=True)
             assert outputs[0] == outputs[1], "1 and 2 workers wrote different data"
