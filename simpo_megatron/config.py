@@ -517,7 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             help_text = f"{f.metadata['help']} (default: {default})"
             if scalar is bool:
-                group.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
+                # Megatron-LM's negative switches (--no-load-optim) are plain store_true flags.
+                action = "store_true" if f.name.startswith("no_") else argparse.BooleanOptionalAction
+                group.add_argument(_flag(f.name), action=action, help=help_text)
                 continue
             choices = f.metadata.get("choices")
             if choices is not None:

@@ -175,6 +175,7 @@ class _CpuSupport:
 
 
 _CPU_SUPPORT = _CpuSupport()
+_ENV_SET: list[str] = []  # rendezvous variables initialize_distributed set itself
 
 
 def cpu_support_active() -> bool:
@@ -223,11 +224,13 @@ def initialize_distributed(
     if not use_cuda:
         _CPU_SUPPORT.enter()
     if not dist.is_initialized():
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("LOCAL_RANK", "0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        # A plain `python` run: a world of one. What is set here goes again on destroy, so
+        # that a later torchrun or process group started from this process starts clean.
+        for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
+                              ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", None)):
+            if name not in os.environ:
+                os.environ[name] = default or str(_free_port())
+                _ENV_SET.append(name)
         if use_cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
         dist.init_process_group(
@@ -267,6 +270,8 @@ def destroy_distributed() -> None:
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
+    while _ENV_SET:
+        os.environ.pop(_ENV_SET.pop(), None)
     _CPU_SUPPORT.exit()
 
 

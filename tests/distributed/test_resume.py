@@ -49,7 +49,8 @@ FLAGS = [
 
 # ---------------------------------------------------------------------------- launcher helpers
 def _env(**extra) -> dict:
-    env = dict(os.environ)
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
     env.update(
         GPUS_PER_NODE="2", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore",
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),

@@ -359,3 +359,10 @@ def test_simpo_knob_errors_from_yaml(tmp_path):
     path = write_yaml(tmp_path, "mock-data: true\nlabel-smoothing: 0.7\n", "ls.yaml")
     with pytest.raises(ConfigError, match="^--label-smoothing must be in"):
         load_config(["--config", path]).validate(1)
+
+
+@pytest.mark.parametrize("name", ["no_load_optim", "no_load_rng"])
+def test_megatron_negative_switches_are_plain_flags(name):
+    flag = "--" + name.replace("_", "-")
+    assert getattr(load_config([flag]), name) is True
+    assert getattr(load_config([]), name) is False
