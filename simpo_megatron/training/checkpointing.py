@@ -184,6 +184,19 @@ def save_checkpoint(
     return final
 
 
+def _restore_adam_steps(inner) -> None:
+    """Each param's Adam step from its group's, as the checkpoint saved it.
+
+    Without Apex or TE, megatron-core's DistributedOptimizer loads torch Adam's per-param
+    "step" from placeholders and shares one tensor among all params (which Adam would then
+    advance once per param): the group's "step" entry holds the saved value.
+    """
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if "step" in group and "step" in inner.state.get(p, {}):
+                inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
 def load_checkpoint(
     root: str,
     state,
@@ -256,11 +269,7 @@ def load_checkpoint(
             state.optimizer.load_state_dict(loaded["optimizer"])
         for o in optimizers:
             if isinstance(o, DistributedOptimizer):
-                # Without Apex or TE it gives every param one shared "step" tensor, which torch's
-                # Adam would advance once per param and step: give each param its own.
-                for param_state in o.optimizer.state.values():
-                    if torch.is_tensor(param_state.get("step")):
-                        param_state["step"] = param_state["step"].clone()
+                _restore_adam_steps(o.optimizer)
         state.scheduler.load_state_dict(common["scheduler"])
     else:
         # Mixed-precision optimizers keep fp32 main copies: refresh them from the new weights.
