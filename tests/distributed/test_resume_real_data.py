@@ -12,9 +12,11 @@ One spawned pair of gloo processes then does everything, several checks per spaw
    file: the same tokenizer at another path is accepted.
 2. The real entry ``main([...])`` on set-ups that must be refused: a tokenizer other than the
    one the data was preprocessed with (for the train and for the validation prefix), a tracker
-   naming a missing iteration, a garbled tracker, a checkpoint of another model shape, and
-   distributed-optimizer state on another layout. Each returns exit code 2 on every rank with
-   an error naming the problem, and leaves the checkpoint directory as it was.
+   naming a missing iteration, a garbled or empty tracker, a checkpoint of another model shape
+   (hidden size, layer count), and distributed-optimizer state on another layout. Each returns
+   exit code 2 on every rank with an error naming the problem (and for the last, what to pass),
+   and leaves the checkpoint directory as it was. The remedy it names, no_load_optim, then
+   loads the weights on the new layout.
 """
 
 from __future__ import annotations
