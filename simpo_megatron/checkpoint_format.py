@@ -26,7 +26,7 @@ def read_tracker(root: str) -> int | None:
     path = os.path.join(root, TRACKER_FILE)
     if not os.path.isfile(path):
         return None
-    text = open(path).read().strip()
+    text = open(path, errors="replace").read().strip()
     try:
         return int(text)
     except ValueError:

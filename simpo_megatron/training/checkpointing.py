@@ -20,7 +20,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -32,6 +33,23 @@ from simpo_megatron.checkpoint_format import (  # noqa: F401 - public API of thi
     read_tracker,
 )
 from simpo_megatron.fsutil import atomic_write_text, publish
+
+
+def _check_model_shapes(ckpt: str, sharded: dict) -> None:
+    """Refuse a checkpoint of another model shape, naming the first tensor that differs
+    (dist_checkpointing would fail deep inside torch.distributed.checkpoint instead)."""
+    saved = dist_checkpointing.load_tensors_metadata(ckpt)
+    for tensor in nested_values(sharded):
+        if not isinstance(tensor, ShardedTensor):
+            continue
+        theirs = saved.get(tensor.key)
+        if theirs is None or tuple(theirs.global_shape) != tuple(tensor.global_shape):
+            found = "absent" if theirs is None else f"of shape {tuple(theirs.global_shape)}"
+            raise CheckpointError(
+                f"{ckpt} holds another model: {tensor.key} is {found} there, {tuple(tensor.global_shape)} "
+                "in this run; pass the checkpoint's --num-layers, --hidden-size, --ffn-hidden-size, "
+                "--num-attention-heads, --num-query-groups and --kv-channels"
+            )
 
 
 def _layout() -> dict[str, int]:
@@ -148,6 +166,19 @@ def save_checkpoint(
     return final
 
 
+def _restore_adam_steps(inner) -> None:
+    """Each param's Adam step from its group's, as the checkpoint saved it.
+
+    Without Apex or TE, megatron-core's DistributedOptimizer loads torch Adam's per-param
+    "step" from placeholders and shares one tensor among all params (which Adam would then
+    advance once per param): the group's "step" entry holds the saved value.
+    """
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if "step" in group and "step" in inner.state.get(p, {}):
+                inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
 def load_checkpoint(
     root: str,
     state,
@@ -198,7 +229,13 @@ def load_checkpoint(
             "or save with --dist-ckpt-optim-fully-reshardable"
         )
     sharded = _model_sharded_state_dict(state.model)
+    _check_model_shapes(ckpt, sharded)
     if load_optim:
+        for o in optimizers:
+            # Its checkpoint layout is built from existing state, which torch's Adam (no Apex or
+            # TE) creates at the first step only: placeholders for the load to overwrite.
+            if isinstance(o, DistributedOptimizer) and not o.optimizer.state:
+                o._init_optimizer_states_with_dummy_values()
         sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
     if load_rng:
         sharded["rng_state"] = _rng_sharded_object(None)
@@ -208,7 +245,13 @@ def load_checkpoint(
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(loaded["model"] if len(chunks) == 1 else loaded[f"model{i}"])
     if load_optim:
-        state.optimizer.load_state_dict(loaded["optimizer"])
+        # In fp32 the distributed optimizer's main params are views of the weights: copy into
+        # them outside autograd, as any load.
+        with torch.no_grad():
+            state.optimizer.load_state_dict(loaded["optimizer"])
+        for o in optimizers:
+            if isinstance(o, DistributedOptimizer):
+                _restore_adam_steps(o.optimizer)
         state.scheduler.load_state_dict(common["scheduler"])
     else:
         # Mixed-precision optimizers keep fp32 main copies: refresh them from the new weights.
