@@ -42,9 +42,9 @@ def _per_pair(cfg, state) -> dict[str, list[float]]:
     values = {key: [] for key in METRICS}
     for start in range(0, len(data.valid), 32):
         samples = [data.valid[i] for i in range(start, min(start + 32, len(data.valid)))]
-        batch = collate_pairs(samples, cfg.seq_length, data.pad_id)
+        batch = collate_pairs(samples, cfg.data.seq_length, data.pad_id)
         logits = module(batch["tokens"], batch["position_ids"], attention_mask=None, labels=None)
-        logps = torch.log_softmax(logits[..., : cfg.vocab_size].float(), -1)
+        logps = torch.log_softmax(logits[..., : cfg.model.vocab_size].float(), -1)
         logps = logps.gather(-1, batch["labels"][..., None]).squeeze(-1)
         mask = batch["loss_mask"]
         seq = (logps * mask).sum(-1) / mask.sum(-1)

@@ -227,7 +227,7 @@ def _forward(cfg, model, batches: list[dict]) -> dict | None:
     from simpo_megatron.logprobs import sequence_logps, vocab_parallel_token_logps
 
     def loss_func(labels, loss_mask, output):
-        token_logps = vocab_parallel_token_logps(output.clone(), labels, cfg.vocab_size)
+        token_logps = vocab_parallel_token_logps(output.clone(), labels, cfg.model.vocab_size)
         logits = gather_from_tensor_model_parallel_region(output)
         out = {"logits": logits, "token_logps": token_logps, "logps": sequence_logps(token_logps, loss_mask)}
         return torch.zeros(()), torch.tensor(1, dtype=torch.int), out
@@ -318,14 +318,14 @@ def _layout_worker(tp: int, pp: int, vpp: int | None, sources: dict, batches: li
         cfg = _config(hf_dir, tp, pp, save=os.path.join(save, name), **extra)
         state, results[name] = _check(cfg, load, batches)
         if tp == 2 and name == "gemma2":
-            results["gemma2/step_loss"] = _gemma2_step(cfg, state, batches, cfg.save)
+            results["gemma2/step_loss"] = _gemma2_step(cfg, state, batches, cfg.checkpoint.save)
         elif tp == 2 and name == "llama":
             for seed in range(3):
                 assert not train_step(cfg, state, make_batches(100 + seed))["skipped"]
-            save_checkpoint(cfg.save, state, config_dict=config_to_dict(cfg))
+            save_checkpoint(cfg.checkpoint.save, state, config_dict=config_to_dict(cfg))
             results["trained"] = _forward(cfg, state.model, batches)
         elif tp == 1:
-            save_checkpoint(cfg.save, state, config_dict=config_to_dict(cfg))
+            save_checkpoint(cfg.checkpoint.save, state, config_dict=config_to_dict(cfg))
     return _by_value(results)
 
 

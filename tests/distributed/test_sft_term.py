@@ -47,16 +47,16 @@ def _independent(cfg, state) -> dict:
     for m in state.model:
         m.zero_grad_buffer()
     logits = module(batch["tokens"], batch["position_ids"], attention_mask=None, labels=None)
-    logits = logits[..., : cfg.vocab_size].float()  # drop the vocabulary padding
+    logits = logits[..., : cfg.model.vocab_size].float()  # drop the vocabulary padding
     labels, mask = batch["labels"], batch["loss_mask"]
     logps = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
     seq = (logps * mask).sum(-1) / mask.sum(-1)
     simpo = -F.logsigmoid(BETA * ((seq[:4] - seq[4:]) - RATIO)).mean()
     ignored = torch.where(mask[:4] > 0, labels[:4], -100)
-    ce = torch.nn.CrossEntropyLoss()(logits[:4].reshape(-1, cfg.vocab_size), ignored.reshape(-1))
+    ce = torch.nn.CrossEntropyLoss()(logits[:4].reshape(-1, cfg.model.vocab_size), ignored.reshape(-1))
     (simpo + SFT_WEIGHT * ce).backward()
     params = dict(module.named_parameters())
-    grads = {name: params[name].main_grad.detach().clone()[: cfg.vocab_size] for name in CHECKED_GRADS}
+    grads = {name: params[name].main_grad.detach().clone()[: cfg.model.vocab_size] for name in CHECKED_GRADS}
     lengths = mask[:4].sum(-1).tolist()
     return {"loss": (simpo + SFT_WEIGHT * ce).item(), "sft_loss": ce.item(), "grads": grads, "lengths": lengths}
 

@@ -112,7 +112,7 @@ def train(impl: str, fp8: bool) -> dict:
         batches = [next(stream) for _ in range(cfg.num_micro_batches(1))]
         before = {name: p.detach().float().clone() for name, p in model.named_parameters()}
         steps, zero_grads, fp8_modules = [], None, []
-        for i in range(cfg.train_iters):
+        for i in range(cfg.optimizer.train_iters):
             result = train_step(cfg, state, batches)
             metrics = result["metrics"] or {}
             steps.append({

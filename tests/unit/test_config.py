@@ -36,15 +36,15 @@ def test_no_arguments_gives_the_dataclass_defaults():
 def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
     path = write_yaml(tmp_path, "hidden_size: 512\nnum_layers: 6\nbeta: 10\nlr: 1.0e-6\n")
     cfg = load_config(["--config", path])
-    assert (cfg.hidden_size, cfg.num_layers, cfg.beta, cfg.lr) == (512, 6, 10.0, 1e-6)
+    assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.loss.beta, cfg.optimizer.lr) == (512, 6, 10.0, 1e-6)
     # untouched by either: the default
-    assert cfg.gamma_beta_ratio == SimPOConfig().gamma_beta_ratio
+    assert cfg.loss.gamma_beta_ratio == SimPOConfig().gamma_beta_ratio
 
     cfg = load_config(["--config", path, "--hidden-size", "1024", "--beta", "2.5"])
-    assert cfg.hidden_size == 1024  # the flag wins over the YAML file
-    assert cfg.beta == 2.5
-    assert cfg.num_layers == 6  # still from the YAML file
-    assert cfg.lr == 1e-6
+    assert cfg.model.hidden_size == 1024  # the flag wins over the YAML file
+    assert cfg.loss.beta == 2.5
+    assert cfg.model.num_layers == 6  # still from the YAML file
+    assert cfg.optimizer.lr == 1e-6
 
 
 def test_flag_order_relative_to_config_does_not_matter(tmp_path):
@@ -56,7 +56,7 @@ def test_flag_order_relative_to_config_does_not_matter(tmp_path):
 def test_yaml_keys_may_use_dashes_or_underscores(tmp_path):
     path = write_yaml(tmp_path, "hidden-size: 384\nnum_attention_heads: 6\ngamma-beta-ratio: 0.3\n")
     cfg = load_config(["--config", path])
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.gamma_beta_ratio) == (384, 6, 0.3)
+    assert (cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.loss.gamma_beta_ratio) == (384, 6, 0.3)
 
 
 def test_unknown_yaml_key_is_an_error_naming_it(tmp_path):
@@ -81,16 +81,16 @@ def test_yaml_floats_in_exponent_form_are_floats(tmp_path):
     path = write_yaml(tmp_path, "lr: 1e-6\nmin_lr: 0\nbeta: 10\n")
     assert yaml.safe_load(open(path))["lr"] == "1e-6"
     cfg = load_config(["--config", path])
-    assert cfg.lr == 1e-6 and isinstance(cfg.lr, float)
-    assert cfg.min_lr == 0.0 and isinstance(cfg.min_lr, float)
-    assert cfg.beta == 10.0 and isinstance(cfg.beta, float)
+    assert cfg.optimizer.lr == 1e-6 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.optimizer.min_lr == 0.0 and isinstance(cfg.optimizer.min_lr, float)
+    assert cfg.loss.beta == 10.0 and isinstance(cfg.loss.beta, float)
 
 
 def test_cli_values_are_typed():
     cfg = load_config(["--hidden-size", "128", "--lr", "3e-4", "--max-prompt-length", "100"])
-    assert cfg.hidden_size == 128 and isinstance(cfg.hidden_size, int)
-    assert cfg.lr == 3e-4 and isinstance(cfg.lr, float)
-    assert cfg.max_prompt_length == 100
+    assert cfg.model.hidden_size == 128 and isinstance(cfg.model.hidden_size, int)
+    assert cfg.optimizer.lr == 3e-4 and isinstance(cfg.optimizer.lr, float)
+    assert cfg.data.max_prompt_length == 100
 
 
 # ------------------------------------------------------------------ list flags
@@ -98,8 +98,8 @@ def test_cli_values_are_typed():
 
 def test_data_path_flag_takes_several_values():
     cfg = load_config(["--data-path", "0.7", "/data/a", "0.3", "/data/b", "--valid-data-path", "/data/v"])
-    assert cfg.data_path == ["0.7", "/data/a", "0.3", "/data/b"]
-    assert cfg.valid_data_path == ["/data/v"]
+    assert cfg.data.data_path == ["0.7", "/data/a", "0.3", "/data/b"]
+    assert cfg.data.valid_data_path == ["/data/v"]
 
 
 def test_data_path_in_yaml_as_string_or_list(tmp_path):
@@ -140,11 +140,11 @@ def test_boolean_flags_have_a_negative_form(name, default):
 def test_cli_boolean_overrides_yaml_boolean(tmp_path):
     path = write_yaml(tmp_path, "average-log-prob: false\nswiglu: false\n")
     cfg = load_config(["--config", path])
-    assert cfg.average_log_prob is False and cfg.swiglu is False
+    assert cfg.loss.average_log_prob is False and cfg.model.swiglu is False
     cfg = load_config(["--config", path, "--average-log-prob", "--swiglu"])
-    assert cfg.average_log_prob is True and cfg.swiglu is True
+    assert cfg.loss.average_log_prob is True and cfg.model.swiglu is True
     cfg = load_config(["--config", write_yaml(tmp_path, "swiglu: true\n", "t.yaml"), "--no-swiglu"])
-    assert cfg.swiglu is False
+    assert cfg.model.swiglu is False
 
 
 def test_no_swiglu_changes_the_default_ffn_size():

@@ -73,7 +73,7 @@ def recipe(name: str, *extra: str) -> SimPOConfig:
 
 
 def model_parallel(cfg: SimPOConfig) -> int:
-    return cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size
+    return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
 
 
 def test_the_recipes_exist():
@@ -95,35 +95,35 @@ def test_paper_recipes_validate_on_multi_node_worlds(name, dp):
     world = dp * model_parallel(cfg)  # e.g. 8 x TP x PP GPUs
     cfg.validate(world)
     assert cfg.data_parallel_size(world) == dp
-    assert cfg.num_micro_batches(world) * cfg.micro_batch_size * dp == 128
+    assert cfg.num_micro_batches(world) * cfg.data.micro_batch_size * dp == 128
 
 
 def test_tiny_recipe_validates_as_the_launcher_runs_it():
     cfg = recipe("tiny.yaml", "--mock-data")
     cfg.validate(2)  # bash examples/pretrain_simpo.sh: 2 processes, TP=2
-    assert cfg.tensor_model_parallel_size == 2
+    assert cfg.parallel.tensor_model_parallel_size == 2
 
 
 @pytest.mark.parametrize("name", PAPER)
 def test_paper_recipes_carry_the_published_hyperparameters(name):
     cfg = recipe(name, "--mock-data")
     published = PUBLISHED[name]
-    assert cfg.loss.loss == "simpo" and cfg.loss_type == "sigmoid"
-    assert cfg.beta == published["beta"]
-    assert cfg.gamma_beta_ratio == published["gamma_beta_ratio"]
-    assert cfg.lr == published["lr"]
-    assert cfg.label_smoothing == 0.0 and cfg.sft_weight == 0.0 and cfg.average_log_prob
-    assert cfg.global_batch_size == 128
-    assert (cfg.seq_length, cfg.max_prompt_length) == (2048, 1800)
-    assert cfg.bf16 and not cfg.fp16
-    assert cfg.lr_decay_style == "cosine" and cfg.min_lr == 0.0
-    assert cfg.lr_warmup_fraction == 0.1 and cfg.lr_warmup_iters == 0
+    assert cfg.loss.loss == "simpo" and cfg.loss.loss_type == "sigmoid"
+    assert cfg.loss.beta == published["beta"]
+    assert cfg.loss.gamma_beta_ratio == published["gamma_beta_ratio"]
+    assert cfg.optimizer.lr == published["lr"]
+    assert cfg.loss.label_smoothing == 0.0 and cfg.loss.sft_weight == 0.0 and cfg.loss.average_log_prob
+    assert cfg.data.global_batch_size == 128
+    assert (cfg.data.seq_length, cfg.data.max_prompt_length) == (2048, 1800)
+    assert cfg.model.bf16 and not cfg.model.fp16
+    assert cfg.optimizer.lr_decay_style == "cosine" and cfg.optimizer.min_lr == 0.0
+    assert cfg.optimizer.lr_warmup_fraction == 0.1 and cfg.optimizer.lr_warmup_iters == 0
     # HF AdamW (adamw_torch) defaults and Trainer's gradient clipping.
-    assert (cfg.optimizer.optimizer, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps) == ("adam", 0.9, 0.999, 1e-8)
-    assert cfg.weight_decay == 0.0 and cfg.clip_grad == 1.0
-    assert cfg.seed == 42
+    assert (cfg.optimizer.optimizer, cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2, cfg.optimizer.adam_eps) == ("adam", 0.9, 0.999, 1e-8)
+    assert cfg.optimizer.weight_decay == 0.0 and cfg.optimizer.clip_grad == 1.0
+    assert cfg.optimizer.seed == 42
     # One epoch of ~60k UltraFeedback pairs.
-    assert 0.95 <= cfg.train_iters * cfg.global_batch_size / 60_000 <= 1.0
+    assert 0.95 <= cfg.optimizer.train_iters * cfg.data.global_batch_size / 60_000 <= 1.0
 
 
 @pytest.mark.parametrize("name", PAPER)
@@ -137,10 +137,10 @@ def test_paper_recipes_cite_their_source(name):
 def test_recipes_match_what_the_hf_importer_reads(name):
     """The model shape in the recipe is the one --load of the HF model directory sets."""
     cfg = recipe(name, "--mock-data")
-    overrides = hf_config_to_overrides(HF_CONFIGS[name], seq_length=cfg.seq_length)
+    overrides = hf_config_to_overrides(HF_CONFIGS[name], seq_length=cfg.data.seq_length)
     assert {k: getattr(cfg, k) for k in MODEL_FIELDS} == {k: overrides[k] for k in MODEL_FIELDS}
     # Megatron pads the vocabulary to a multiple of 128 x TP; these need no padding.
-    assert cfg.padded_vocab_size() == cfg.vocab_size
+    assert cfg.padded_vocab_size() == cfg.model.vocab_size
 
 
 def test_gemma2_recipe_is_gemma2():
@@ -148,12 +148,12 @@ def test_gemma2_recipe_is_gemma2():
     config.json); the Transformer Engine layers, which cannot soft-cap, are refused at start."""
     cfg = recipe("gemma2-9b-it.yaml", *FAKE_DATA)
     cfg.validate(8 * model_parallel(cfg))
-    assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups,
-            cfg.kv_channels, cfg.vocab_size) == (42, 3584, 16, 8, 256, 256000)
-    assert cfg.untie_embeddings_and_output_weights is False
-    assert cfg.geglu and cfg.sandwich_norm and cfg.apply_layernorm_1p and cfg.scale_embeddings
-    assert (cfg.attn_logit_softcapping, cfg.final_logit_softcapping) == (50.0, 30.0)
-    assert (cfg.sliding_window, cfg.window_attn_skip_freq, cfg.softmax_scale) == (4096, 2, 256 ** -0.5)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.num_query_groups,
+            cfg.model.kv_channels, cfg.model.vocab_size) == (42, 3584, 16, 8, 256, 256000)
+    assert cfg.model.untie_embeddings_and_output_weights is False
+    assert cfg.model.geglu and cfg.model.sandwich_norm and cfg.model.apply_layernorm_1p and cfg.model.scale_embeddings
+    assert (cfg.model.attn_logit_softcapping, cfg.model.final_logit_softcapping) == (50.0, 30.0)
+    assert (cfg.model.sliding_window, cfg.model.window_attn_skip_freq, cfg.model.softmax_scale) == (4096, 2, 256 ** -0.5)
     te = recipe("gemma2-9b-it.yaml", *FAKE_DATA, "--transformer-impl", "transformer_engine")
     with pytest.raises(ConfigError, match="--attn-logit-softcapping .* needs --transformer-impl local"):
         te.validate(8 * model_parallel(te))
@@ -161,12 +161,12 @@ def test_gemma2_recipe_is_gemma2():
 
 def test_llama31_recipe_scales_rope_by_8():
     cfg = recipe("llama3.1-8b-instruct.yaml", "--mock-data")
-    assert cfg.use_rope_scaling and cfg.rope_scaling_factor == 8.0 and cfg.max_position_embeddings == 131072
+    assert cfg.model.use_rope_scaling and cfg.model.rope_scaling_factor == 8.0 and cfg.model.max_position_embeddings == 131072
 
 
 def test_command_line_overrides_a_recipe():
     cfg = recipe("llama3-8b-instruct.yaml", "--mock-data", "--beta", "2.5", "--gamma-beta-ratio", "0.55",
                  "--tensor-model-parallel-size", "4")
-    assert (cfg.beta, cfg.gamma_beta_ratio, cfg.tensor_model_parallel_size) == (2.5, 0.55, 4)
-    assert cfg.lr == 1e-6
+    assert (cfg.loss.beta, cfg.loss.gamma_beta_ratio, cfg.parallel.tensor_model_parallel_size) == (2.5, 0.55, 4)
+    assert cfg.optimizer.lr == 1e-6
     cfg.validate(32)

@@ -33,12 +33,12 @@ class _Groups:
 
 
 def _megatron_lrs(cfg: SimPOConfig) -> list[float]:
-    optimizer = _Groups(cfg.lr)
+    optimizer = _Groups(cfg.optimizer.lr)
     scheduler = build_scheduler(cfg, optimizer)
     lrs = []
-    for _ in range(cfg.train_iters):
+    for _ in range(cfg.optimizer.train_iters):
         lrs.append(optimizer.param_groups[0]["lr"])
-        scheduler.step(increment=cfg.global_batch_size)
+        scheduler.step(increment=cfg.data.global_batch_size)
     return lrs
 
 
@@ -71,11 +71,11 @@ def test_schedule_matches_hugging_face(style, fraction, iters):
         mock_data=True, lr=3e-4, min_lr=0.0, lr_decay_style=style, lr_warmup_fraction=fraction,
         train_iters=iters, global_batch_size=8, micro_batch_size=4,
     ).validate(1)
-    ours, theirs = _megatron_lrs(cfg), _hf_lrs(style, cfg.lr, fraction, iters)
+    ours, theirs = _megatron_lrs(cfg), _hf_lrs(style, cfg.optimizer.lr, fraction, iters)
     assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)
     warmup = math.ceil(iters * fraction)
     if warmup < iters:  # the peak is reached right after the warmup
-        assert ours[warmup] == pytest.approx(cfg.lr)
+        assert ours[warmup] == pytest.approx(cfg.optimizer.lr)
 
 
 def test_warmup_fraction_is_validated():
