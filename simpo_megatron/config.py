@@ -79,6 +79,19 @@ class SimPOConfig:
     global_batch_size: int = _opt(8, "Preference pairs per optimizer step, over all data-parallel ranks.")
     seq_length: int = _opt(256, "Tokens per sequence (prompt + response).")
     max_prompt_length: int | None = _opt(None, "Keep at most this many prompt tokens when truncating.")
+    pad_to_multiple_of: int = _opt(
+        8, "Pad each micro-batch to its longest sequence rounded up to this multiple "
+        "(0: always to --seq-length)."
+    )
+    packing: bool = _opt(
+        False, "Pack the sequences of each global batch densely into rows of --seq-length "
+        "(attention within each sequence only); a packed micro-batch holds at most "
+        "2 x --micro-batch-size x --seq-length tokens."
+    )
+    logprob_chunk_size: int = _opt(
+        0, "Compute the log-prob head from the hidden states in chunks of this many tokens, "
+        "so the full-vocabulary logits of a micro-batch never exist at once (0: off)."
+    )
 
     # --- SimPO ---
     loss: str = _opt("simpo", "Preference loss, by registry name.")
@@ -179,6 +192,9 @@ class SimPOConfig:
                 raise ConfigError(f"{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if cp != 1:
             raise ConfigError("--context-parallel-size > 1 is not supported yet")
+        for name in ("pad_to_multiple_of", "logprob_chunk_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         if world_size % (tp * pp * cp) != 0:
             raise ConfigError(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) "

@@ -21,6 +21,38 @@ from simpo_megatron.model.attention import SDPAttention
 from simpo_megatron.model.fp8 import check_transformer_engine, fp8_config_kwargs
 
 
+class SimPOGPTModel(GPTModel):
+    """GPTModel whose last stage can return the final hidden states instead of the logits.
+
+    With ``return_hidden_states`` the output layer is skipped: the loss computes the
+    log-probs from ``[s, b, h]`` hidden states and :meth:`output_weight` in chunks
+    (``simpo_megatron.logprobs.chunked_vocab_parallel_token_logps``), so the logits of the
+    whole micro-batch never exist.
+    """
+
+    # Tokens per chunk of the log-prob head (0: the output layer computes the logits).
+    logprob_chunk_size: int = 0
+    # An elementwise function of the fp32 logits applied before the softmax (None: identity).
+    logits_transform = None
+
+    @property
+    def return_hidden_states(self) -> bool:
+        return self.logprob_chunk_size > 0
+
+    def output_weight(self) -> torch.Tensor:
+        """This rank's ``[V/tp, h]`` output weight (the word embeddings when tied)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        if self.post_process and self.return_hidden_states:
+            if self.config.mtp_num_layers is not None:
+                raise ValueError("--logprob-chunk-size does not support multi-token prediction")
+            return hidden_states
+        return super()._postprocess(hidden_states, *args, **kwargs)
+
+
 def params_dtype(cfg: SimPOConfig) -> torch.dtype:
     return torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
 
@@ -108,7 +140,7 @@ def build_model(cfg: SimPOConfig, padded_vocab_size: int) -> list[GPTModel]:
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
-        model = GPTModel(
+        model = SimPOGPTModel(
             config=config,
             transformer_layer_spec=spec,
             vocab_size=padded_vocab_size,
@@ -124,6 +156,7 @@ def build_model(cfg: SimPOConfig, padded_vocab_size: int) -> list[GPTModel]:
             rope_scaling_factor=cfg.rope_scaling_factor,
             vp_stage=stage,
         )
+        model.logprob_chunk_size = cfg.logprob_chunk_size
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

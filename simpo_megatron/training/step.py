@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+from megatron.core.utils import get_attr_wrapped_model
 
-from simpo_megatron.logprobs import sequence_logps, vocab_parallel_token_logps
+from simpo_megatron.logprobs import chunked_vocab_parallel_token_logps, sequence_logps, vocab_parallel_token_logps
 from simpo_megatron.losses import get_loss
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
@@ -54,13 +55,19 @@ def loss_func(
     labels: torch.Tensor,
     loss_mask: torch.Tensor,
     output_tensor: torch.Tensor,
+    head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ):
     """SimPO loss of one micro-batch from the last stage's vocab-parallel logits ``[2m, s, V/tp]``.
 
+    ``head(output_tensor, labels)`` returns the ``[2m, s]`` token log-probs when the last
+    stage returns something else than the logits (the hidden states of the chunked head).
     Returns ``(loss_sum, num_pairs, {"simpo": sums})`` where ``sums`` holds the summed
     statistics of ``METRIC_SUMS`` followed by the number of pairs.
     """
-    token_logps = vocab_parallel_token_logps(output_tensor, labels, vocab_size)
+    if head is None:
+        token_logps = vocab_parallel_token_logps(output_tensor, labels, vocab_size)
+    else:
+        token_logps = head(output_tensor, labels)
     seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob)
     num_pairs = seq_logps.shape[0] // 2
     chosen, rejected = seq_logps[:num_pairs], seq_logps[num_pairs:]
@@ -101,7 +108,24 @@ def forward_step(settings: LossSettings, vocab_size: int, data_iterator: Iterato
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     output = model(tokens, position_ids, attention_mask=None, labels=None)
-    return output, partial(loss_func, settings, vocab_size, labels, loss_mask)
+    return output, partial(loss_func, settings, vocab_size, labels, loss_mask, head=_chunked_head(model, vocab_size))
+
+
+def _chunked_head(model, vocab_size: int):
+    """The chunked log-prob head of a last stage that returns hidden states; None otherwise."""
+    unwrapped = get_attr_wrapped_model(model, "logprob_chunk_size", return_model_obj=True)
+    if not (unwrapped.post_process and unwrapped.logprob_chunk_size > 0):
+        return None
+
+    def head(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # hidden is [s, b, h]; labels and the result are [b, s].
+        return chunked_vocab_parallel_token_logps(
+            hidden, unwrapped.output_weight(), labels.t(), vocab_size,
+            chunk_size=unwrapped.logprob_chunk_size, logits_transform=unwrapped.logits_transform,
+            sequence_parallel=unwrapped.config.sequence_parallel,
+        ).t()
+
+    return head
 
 
 def reduce_metrics(step_outputs: list[dict], group=None) -> dict[str, float]:

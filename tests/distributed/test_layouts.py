@@ -16,8 +16,8 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from simpo_megatron.testing import run_distributed, tiny_config
 
-# name: (TP, PP, micro-batch size, distributed optimizer, layers per virtual pipeline stage);
-# global batch 4 pairs throughout.
+# name: (TP, PP, micro-batch size, distributed optimizer, layers per virtual pipeline stage
+# [, other config fields]); global batch 4 pairs throughout.
 BY_WORLD = {
     1: {"tp1pp1dp1_4mb": (1, 1, 1, False, None), "tp1pp1dp1_1mb": (1, 1, 4, False, None)},
     2: {
@@ -26,6 +26,7 @@ BY_WORLD = {
         "pp2_vpp2": (1, 2, 1, False, 1),  # interleaved 1F1B, two model chunks per stage
         "dp2": (1, 1, 2, False, None),
         "dp2_distopt": (1, 1, 2, True, None),
+        "tp2_chunked_head": (2, 1, 2, False, None, {"logprob_chunk_size": 7}),
     },
     4: {"tp2pp2": (2, 2, 2, False, None)},
 }
@@ -58,9 +59,10 @@ def _run_layouts(layouts: dict, root: str, build_reference: bool):
         save_checkpoint(ref, setup_model_and_optimizer(cfg, cfg.padded_vocab_size()), weights_only=True)
         parallel_state.destroy_model_parallel()
     summaries = {}
-    for name, (tp, pp, mbs, distopt, vpp_layers) in layouts.items():
+    for name, (tp, pp, mbs, distopt, vpp_layers, *extra) in layouts.items():
         cfg = _config(tp, pp, mbs, use_distributed_optimizer=distopt, load=ref, save=os.path.join(root, name),
-                      dist_ckpt_optim_fully_reshardable=distopt, num_layers_per_virtual_pipeline_stage=vpp_layers)
+                      dist_ckpt_optim_fully_reshardable=distopt, num_layers_per_virtual_pipeline_stage=vpp_layers,
+                      **(extra[0] if extra else {}))
         summaries[name] = pretrain(cfg)["train"]
         parallel_state.destroy_model_parallel()
     return summaries
