@@ -128,8 +128,7 @@ def collate_pairs(
     """Build one micro-batch: m pairs -> 2m rows, all chosen first, then all rejected.
 
     Row x = prompt + response, right-padded with `pad_id` to S columns; S = seq_length, or,
-    with `pad_to_multiple_of`, the longest row rounded up to that multiple (variable shapes do
-    not suit pipeline parallelism). `labels[:, t] = x[t + 1]` (pad_id where there is no next
+    with `pad_to_multiple_of`, the longest row rounded up to that multiple (at most seq_length). `labels[:, t] = x[t + 1]` (pad_id where there is no next
     token: a valid id, the mask hides it) and `loss_mask[:, t] = 1` exactly where that label is
     a response token, so each row's mask sums to its response length.
     """
@@ -146,7 +145,7 @@ def collate_pairs(
     if pad_to_multiple_of is None:
         width = seq_length
     else:
-        width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        width = min(-(-longest // pad_to_multiple_of) * pad_to_multiple_of, seq_length)
 
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     labels = torch.full((len(rows), width), pad_id, dtype=torch.int64)
@@ -165,3 +164,18 @@ def collate_pairs(
         "num_pairs": len(samples),
         "num_tokens": sum(len(p) + len(r) for p, r in rows),
     }
+
+
+def pad_micro_batch(batch: dict, width: int) -> dict:
+    """``batch`` right-padded to ``width`` columns (masked padding: token and label id 0)."""
+    extra = width - batch["tokens"].shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad a micro-batch of width {batch['tokens'].shape[1]} to {width}")
+    if extra == 0:
+        return batch
+    padded = dict(batch)
+    for key in ("tokens", "labels", "loss_mask"):
+        padded[key] = torch.nn.functional.pad(batch[key], (0, extra))
+    rows = batch["tokens"].shape[0]
+    padded["position_ids"] = torch.arange(width, dtype=torch.int64).repeat(rows, 1)
+    return padded

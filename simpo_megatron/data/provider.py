@@ -8,6 +8,7 @@ data-parallel rank, resuming exactly from a consumed-samples count.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
@@ -81,6 +82,18 @@ def build_datasets(cfg) -> DataSetup:
     return DataSetup(train=train, valid=valid, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
 
 
+def pad_multiple(cfg) -> int | None:
+    """The multiple micro-batch widths are rounded up to; None pads to ``--seq-length``.
+
+    With sequence parallelism the width must also split evenly over the TP ranks.
+    """
+    if not cfg.pad_to_multiple_of:
+        return None
+    if cfg.sequence_parallel:
+        return math.lcm(cfg.pad_to_multiple_of, cfg.tensor_model_parallel_size)
+    return cfg.pad_to_multiple_of
+
+
 def micro_batches(
     dataset,
     cfg,
@@ -92,7 +105,9 @@ def micro_batches(
 ) -> Iterator[dict]:
     """Endless collated micro-batches of ``cfg.micro_batch_size`` pairs for one DP rank.
 
-    Sequences are padded to ``--seq-length``: pipeline stages exchange fixed-shape tensors.
+    Each micro-batch is padded to its longest sequence rounded up to ``--pad-to-multiple-of``
+    (to ``--seq-length`` when 0); pipeline stages exchange the varying shapes
+    (``variable_seq_lengths``).
     """
     sampler = PairBatchSampler(
         total_pairs=len(dataset),
@@ -107,7 +122,9 @@ def micro_batches(
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=partial(collate_pairs, seq_length=cfg.seq_length, pad_id=pad_id),
+        collate_fn=partial(
+            collate_pairs, seq_length=cfg.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg)
+        ),
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
     )

@@ -107,6 +107,10 @@ def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
         # not match the receiver's when both neighbors are the same rank (interleaved PP=2):
         # activations and gradients would swap. The unbatched ops are ordered to match.
         batch_p2p_comm=on_gpu,
+        # Micro-batches are padded to their own longest sequence: stages exchange shapes first.
+        variable_seq_lengths=cfg.pipeline_model_parallel_size > 1,
+        # Unused by dense models, but the default ("allgather") refuses variable_seq_lengths.
+        moe_token_dispatcher_type="alltoall",
         **fp8_config_kwargs(cfg),
     )
 

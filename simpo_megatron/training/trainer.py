@@ -19,6 +19,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from simpo_megatron.config import SimPOConfig
+from simpo_megatron.data.pair_dataset import pad_micro_batch
 from simpo_megatron.model import build_model
 from simpo_megatron.model.gpt import params_dtype
 from simpo_megatron.training.step import LossSettings, forward_step, reduce_metrics
@@ -117,9 +118,14 @@ def build_scheduler(cfg: SimPOConfig, optimizer) -> OptimizerParamScheduler:
 def _run_schedule(cfg: SimPOConfig, model, batches: list[dict], forward_only: bool):
     """Run megatron-core's schedule over one global batch's micro-batches on this rank."""
     settings = LossSettings.from_config(cfg)
+    seq_length = max(b["tokens"].shape[1] for b in batches)
+    if len(model) > 1 and not torch.cuda.is_available():
+        # megatron-core exchanges shapes with batched p2p ops, which on gloo swap the two
+        # messages between neighbours that are the same rank (interleaved PP=2): harmless
+        # only when every micro-batch of the step has the same shape.
+        batches = [pad_micro_batch(b, seq_length) for b in batches]
     # Every model chunk (virtual stage) walks the same micro-batches with its own iterator.
     iterators = [iter(batches) for _ in model]
-    seq_length = batches[0]["tokens"].shape[1]
     return get_forward_backward_func()(
         forward_step_func=partial(forward_step, settings, cfg.vocab_size),
         data_iterator=iterators if len(model) > 1 else iterators[0],

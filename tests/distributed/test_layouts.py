@@ -23,6 +23,8 @@ BY_WORLD = {
     2: {
         "tp2": (2, 1, 2, False, None),
         "pp2": (1, 2, 2, False, None),
+        # Micro-batches of 24 and 32 columns: stages exchange shapes (variable_seq_lengths).
+        "pp2_4mb": (1, 2, 1, False, None),
         "pp2_vpp2": (1, 2, 1, False, 1),  # interleaved 1F1B, two model chunks per stage
         "dp2": (1, 1, 2, False, None),
         "dp2_distopt": (1, 1, 2, True, None),
