@@ -205,3 +205,32 @@ def chunked_vocab_parallel_token_logps(
         chunk_size, start, vocab_size, logits_transform, group,
     )
     return logps.view(labels.shape)
+
+
+def segment_logps(
+    per_token_logps: torch.Tensor,
+    loss_mask: torch.Tensor,
+    segment_ids: torch.Tensor,
+    num_segments: int,
+    average: bool = True,
+) -> torch.Tensor:
+    """Per-sequence log-probs of packed rows: :func:`sequence_logps` over segments.
+
+    ``segment_ids`` (same shape as the log-probs) names each token's sequence in
+    ``[0, num_segments)``; tokens with ids >= ``num_segments`` (padding) are left out. Raises
+    ValueError for a sequence without a response token.
+    """
+    if not per_token_logps.shape == loss_mask.shape == segment_ids.shape:
+        raise ValueError(
+            f"per_token_logps {tuple(per_token_logps.shape)}, loss_mask {tuple(loss_mask.shape)} "
+            f"and segment_ids {tuple(segment_ids.shape)} must have the same shape"
+        )
+    ids = segment_ids.reshape(-1).clamp(max=num_segments)
+    mask = loss_mask.reshape(-1).to(per_token_logps.dtype)
+    total = per_token_logps.new_zeros(num_segments + 1).index_add(0, ids, per_token_logps.reshape(-1) * mask)
+    count = mask.new_zeros(num_segments + 1).index_add(0, ids, mask)
+    total, count = total[:num_segments], count[:num_segments]
+    if (count == 0).any():
+        empty = torch.nonzero(count == 0).flatten().tolist()
+        raise ValueError(f"sequences {empty} have no response token in loss_mask")
+    return total / count if average else total

@@ -119,6 +119,16 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         return {"prompt": prompt, "chosen": chosen[:c], "rejected": rejected[:r]}
 
 
+def sequence_row(prompt: np.ndarray, response: np.ndarray, pad_id: int):
+    """Tokens ``x = prompt + response``, labels ``x[t + 1]`` (``pad_id`` after the last token)
+    and the loss mask (1 exactly where the label is a response token)."""
+    x = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))
+    labels = torch.cat([x[1:], torch.tensor([pad_id])])
+    mask = torch.zeros(len(x), dtype=torch.float32)
+    mask[len(prompt) - 1 : len(x) - 1] = 1.0
+    return x, labels, mask
+
+
 def collate_pairs(
     samples: Sequence[PairSample],
     seq_length: int,
@@ -151,10 +161,10 @@ def collate_pairs(
     labels = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
     for row, (prompt, response) in enumerate(rows):
-        x = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))
+        x, y, mask = sequence_row(prompt, response, pad_id)
         tokens[row, : len(x)] = x
-        labels[row, : len(x) - 1] = x[1:]
-        loss_mask[row, len(prompt) - 1 : len(x) - 1] = 1.0
+        labels[row, : len(x)] = y
+        loss_mask[row, : len(x)] = mask
     position_ids = torch.arange(width, dtype=torch.int64).repeat(len(rows), 1)
     return {
         "tokens": tokens,
@@ -176,6 +186,12 @@ def pad_micro_batch(batch: dict, width: int) -> dict:
     padded = dict(batch)
     for key in ("tokens", "labels", "loss_mask"):
         padded[key] = torch.nn.functional.pad(batch[key], (0, extra))
-    rows = batch["tokens"].shape[0]
-    padded["position_ids"] = torch.arange(width, dtype=torch.int64).repeat(rows, 1)
+    if "cu_seqlens" in batch:  # packed: the extra columns are one more padding segment
+        padded["cu_seqlens"] = torch.cat([batch["cu_seqlens"], batch["cu_seqlens"][-1:] + extra])
+        padded["max_seqlen"] = max(batch["max_seqlen"], extra)
+        padded["position_ids"] = torch.cat([batch["position_ids"], torch.arange(extra)[None]], dim=1)
+        padded["segment_ids"] = torch.nn.functional.pad(batch["segment_ids"], (0, extra), value=2 * batch["num_pairs"])
+    else:
+        rows = batch["tokens"].shape[0]
+        padded["position_ids"] = torch.arange(width, dtype=torch.int64).repeat(rows, 1)
     return padded

@@ -129,3 +129,57 @@ def micro_batches(
         persistent_workers=cfg.num_workers > 0,
     )
     return iter(loader)
+
+
+def global_batches(
+    dataset,
+    cfg,
+    pad_id: int,
+    consumed_samples: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    shuffle: bool = True,
+) -> Iterator[list[dict]]:
+    """Endless steps: this DP rank's list of micro-batches for each global batch.
+
+    Unpacked, ``--global-batch-size / (--micro-batch-size x DP)`` collated micro-batches. With
+    ``--packing``, the global batch's pairs packed by ``simpo_megatron.data.packing`` (every
+    rank reads the whole global batch to plan the same balanced split); the number of
+    micro-batches then varies from step to step, equal on every rank.
+    """
+    if not cfg.packing:
+        stream = micro_batches(dataset, cfg, pad_id, consumed_samples, data_parallel_rank, data_parallel_size, shuffle)
+        count = cfg.global_batch_size // (cfg.micro_batch_size * data_parallel_size)
+        while True:
+            yield [next(stream) for _ in range(count)]
+    from simpo_megatron.data.packing import packed_micro_batches
+
+    sampler = PairBatchSampler(
+        total_pairs=len(dataset),
+        consumed_samples=consumed_samples,
+        micro_batch_size=cfg.global_batch_size,
+        global_batch_size=cfg.global_batch_size,
+        data_parallel_rank=0,
+        data_parallel_size=1,
+        shuffle=shuffle,
+        seed=cfg.seed,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=list,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    interleaved = cfg.virtual_pipeline_model_parallel_size() is not None
+    for samples in loader:
+        yield packed_micro_batches(
+            samples,
+            budget=2 * cfg.micro_batch_size * cfg.seq_length,
+            data_parallel_rank=data_parallel_rank,
+            data_parallel_size=data_parallel_size,
+            pad_id=pad_id,
+            pad_to_multiple_of=pad_multiple(cfg),
+            # The interleaved schedule needs a multiple of the pipeline size.
+            count_multiple_of=cfg.pipeline_model_parallel_size if interleaved else 1,
+        )

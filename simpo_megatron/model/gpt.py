@@ -108,7 +108,11 @@ def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
         # activations and gradients would swap. The unbatched ops are ordered to match.
         batch_p2p_comm=on_gpu,
         # Micro-batches are padded to their own longest sequence: stages exchange shapes first.
-        variable_seq_lengths=cfg.pipeline_model_parallel_size > 1,
+        # Not for the interleaved schedule on gloo: its shape exchange can deadlock there (seen
+        # with 2 micro-batches at PP=2), so the trainer gives all micro-batches of a step one
+        # shape and passes it to the schedule instead.
+        variable_seq_lengths=cfg.pipeline_model_parallel_size > 1
+        and (on_gpu or cfg.virtual_pipeline_model_parallel_size() is None),
         # Unused by dense models, but the default ("allgather") refuses variable_seq_lengths.
         moe_token_dispatcher_type="alltoall",
         **fp8_config_kwargs(cfg),

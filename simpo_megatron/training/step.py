@@ -15,9 +15,15 @@ from functools import partial
 from typing import Callable, Iterator
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_attr_wrapped_model
 
-from simpo_megatron.logprobs import chunked_vocab_parallel_token_logps, sequence_logps, vocab_parallel_token_logps
+from simpo_megatron.logprobs import (
+    chunked_vocab_parallel_token_logps,
+    segment_logps,
+    sequence_logps,
+    vocab_parallel_token_logps,
+)
 from simpo_megatron.losses import get_loss
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
@@ -56,11 +62,15 @@ def loss_func(
     loss_mask: torch.Tensor,
     output_tensor: torch.Tensor,
     head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    segments: tuple[torch.Tensor, int] | None = None,
 ):
     """SimPO loss of one micro-batch from the last stage's vocab-parallel logits ``[2m, s, V/tp]``.
 
     ``head(output_tensor, labels)`` returns the ``[2m, s]`` token log-probs when the last
     stage returns something else than the logits (the hidden states of the chunked head).
+    ``segments = (segment_ids, m)`` for a packed micro-batch of ``m`` pairs: each token's
+    sequence, ``k`` for pair k's chosen response, ``m + k`` for its rejected one, ``2m`` for
+    padding.
     Returns ``(loss_sum, num_pairs, {"simpo": sums})`` where ``sums`` holds the summed
     statistics of ``METRIC_SUMS`` followed by the number of pairs.
     """
@@ -68,7 +78,11 @@ def loss_func(
         token_logps = vocab_parallel_token_logps(output_tensor, labels, vocab_size)
     else:
         token_logps = head(output_tensor, labels)
-    seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob)
+    if segments is None:
+        seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob)
+    else:
+        segment_ids, packed_pairs = segments
+        seq_logps = segment_logps(token_logps, loss_mask, segment_ids, 2 * packed_pairs, settings.average_log_prob)
     num_pairs = seq_logps.shape[0] // 2
     chosen, rejected = seq_logps[:num_pairs], seq_logps[num_pairs:]
     losses, chosen_rewards, rejected_rewards = get_loss(settings.loss)(
@@ -80,7 +94,8 @@ def loss_func(
         label_smoothing=settings.label_smoothing,
         sft_weight=settings.sft_weight,
     )
-    loss_sum = losses.sum()
+    # An empty (packed) micro-batch still needs a loss connected to the graph for backward.
+    loss_sum = losses.sum() if num_pairs else 0.0 * token_logps.sum()
     sums = torch.stack(
         [
             loss_sum.detach(),
@@ -107,8 +122,19 @@ def forward_step(settings: LossSettings, vocab_size: int, data_iterator: Iterato
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    output = model(tokens, position_ids, attention_mask=None, labels=None)
-    return output, partial(loss_func, settings, vocab_size, labels, loss_mask, head=_chunked_head(model, vocab_size))
+    packed, segments = None, None
+    if "cu_seqlens" in batch:  # a packed micro-batch: one THD row, attention per sequence
+        cu_seqlens = batch["cu_seqlens"].to(device, non_blocking=True)
+        packed = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"],
+        )
+        segments = (batch["segment_ids"].to(device, non_blocking=True), batch["num_pairs"])
+    output = model(tokens, position_ids, attention_mask=None, labels=None, packed_seq_params=packed)
+    return output, partial(
+        loss_func, settings, vocab_size, labels, loss_mask, head=_chunked_head(model, vocab_size),
+        segments=segments,
+    )
 
 
 def _chunked_head(model, vocab_size: int):

@@ -120,9 +120,8 @@ def _run_schedule(cfg: SimPOConfig, model, batches: list[dict], forward_only: bo
     settings = LossSettings.from_config(cfg)
     seq_length = max(b["tokens"].shape[1] for b in batches)
     if len(model) > 1 and not torch.cuda.is_available():
-        # megatron-core exchanges shapes with batched p2p ops, which on gloo swap the two
-        # messages between neighbours that are the same rank (interleaved PP=2): harmless
-        # only when every micro-batch of the step has the same shape.
+        # The interleaved schedule on gloo runs without variable_seq_lengths (see
+        # model/gpt.py): every micro-batch of the step gets the shape passed below.
         batches = [pad_micro_batch(b, seq_length) for b in batches]
     # Every model chunk (virtual stage) walks the same micro-batches with its own iterator.
     iterators = [iter(batches) for _ in model]
@@ -132,7 +131,9 @@ def _run_schedule(cfg: SimPOConfig, model, batches: list[dict], forward_only: bo
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(batches),
         seq_length=seq_length,
-        micro_batch_size=2 * cfg.micro_batch_size,
+        # Rows of the first micro-batch (packed micro-batches are one row); with PP>1 the
+        # stages exchange each micro-batch's shape (variable_seq_lengths).
+        micro_batch_size=batches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )
 

@@ -32,6 +32,13 @@ BY_WORLD = {
     },
     4: {"tp2pp2": (2, 2, 2, False, None)},
 }
+# Every layout again with --packing, at a budget of 2 x 2 x 32 tokens a micro-batch: the 4 pairs
+# (40-43 tokens each) pack as 3 + 1 on one DP rank, 2 + 2 over two.
+PACKED = {"packing": True}
+for _layouts in BY_WORLD.values():
+    for _name, (_tp, _pp, _mbs, _distopt, _vpp, *_extra) in list(_layouts.items()):
+        if _name != "tp1pp1dp1_1mb":
+            _layouts[f"{_name}_packed"] = (_tp, _pp, 2, _distopt, _vpp, {**(_extra[0] if _extra else {}), **PACKED})
 BASELINE = "tp1pp1dp1_4mb"
 
 
