@@ -119,9 +119,9 @@ def _run_schedule(cfg: SimPOConfig, model, batches: list[dict], forward_only: bo
     """Run megatron-core's schedule over one global batch's micro-batches on this rank."""
     settings = LossSettings.from_config(cfg)
     seq_length = max(b["tokens"].shape[1] for b in batches)
-    if len(model) > 1 and not torch.cuda.is_available():
-        # The interleaved schedule on gloo runs without variable_seq_lengths (see
-        # model/gpt.py): every micro-batch of the step gets the shape passed below.
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1 and not model[0].config.variable_seq_lengths:
+        # Stages that do not exchange shapes (the interleaved schedule on gloo, see
+        # model/gpt.py) need every micro-batch of the step in the shape passed below.
         batches = [pad_micro_batch(b, seq_length) for b in batches]
     # Every model chunk (virtual stage) walks the same micro-batches with its own iterator.
     iterators = [iter(batches) for _ in model]

@@ -2,7 +2,7 @@
 
 The layout test compares packed and unpacked gradients and updates on every layout; this one
 covers what it does not: a step where one rank gets an empty micro-batch (its loss must still
-be connected to the graph for backward), and evaluation with packing.
+be connected to the graph for backward), evaluation with packing, and exact resume.
 """
 
 import pytest
@@ -14,11 +14,12 @@ SEED = 5
 
 
 def _config(**kw):
-    return tiny_config(global_batch_size=8, seed=SEED, train_iters=1, log_interval=1, eval_interval=1,
-                       eval_iters=2, clip_grad=0.0, **kw)
+    settings = dict(global_batch_size=8, seed=SEED, train_iters=1, log_interval=1, eval_interval=1,
+                    eval_iters=2, clip_grad=0.0)
+    return tiny_config(**{**settings, **kw})
 
 
-def _worker():
+def _worker(root: str):
     import os
 
     from megatron.core import parallel_state
@@ -33,12 +34,21 @@ def _worker():
     for name, cfg in (("packed", packed), ("unpacked", _config(micro_batch_size=2))):
         out[name] = pretrain(cfg)
         parallel_state.destroy_model_parallel()
+    # Resume: 3 packed steps straight, against 2 steps, save, and 1 more from the checkpoint
+    # (constant lr: the 2-step run's schedule would otherwise decay over 2 steps, not 3).
+    for name, iters, load in (("straight", 3, None), ("first", 2, None), ("resumed", 3, "resume")):
+        cfg = _config(micro_batch_size=1, packing=True, train_iters=iters, eval_interval=None,
+                      lr_decay_style="constant",
+                      save=os.path.join(root, "straight" if name == "straight" else "resume"),
+                      load=load and os.path.join(root, load))
+        out[name] = pretrain(cfg)["train"]
+        parallel_state.destroy_model_parallel()
     return out
 
 
 @pytest.fixture(scope="module")
-def results():
-    return run_distributed(_worker, 2)
+def results(tmp_path_factory):
+    return run_distributed(_worker, 2, str(tmp_path_factory.mktemp("packing")))
 
 
 def test_a_rank_with_an_empty_micro_batch_trains_and_evaluates_like_unpacked(results):
@@ -49,3 +59,9 @@ def test_a_rank_with_an_empty_micro_batch_trains_and_evaluates_like_unpacked(res
         for key, value in unpacked[phase].items():
             if isinstance(value, float):
                 assert packed[phase][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (phase, key)
+
+
+def test_resume_with_packing_is_exact(results):
+    straight, resumed = results[-1]["straight"], results[-1]["resumed"]
+    assert resumed["consumed_samples"] == straight["consumed_samples"] == 24
+    assert resumed == straight
