@@ -344,11 +344,11 @@ def _nan_worker(root: str) -> dict:
     real_loss_func, real_train_step = step.loss_func, loop.train_step
     poison = {"iterations": set(), "current": 0}
 
-    def loss_func(settings, vocab_size, labels, loss_mask, output_tensor):
+    def loss_func(settings, vocab_size, labels, loss_mask, output_tensor, **kwargs):
         # NaN logits on rank 0 only: every rank must still skip the same update.
         if poison["current"] in poison["iterations"] and dist.get_rank() == 0:
             output_tensor = output_tensor * float("nan")
-        return real_loss_func(settings, vocab_size, labels, loss_mask, output_tensor)
+        return real_loss_func(settings, vocab_size, labels, loss_mask, output_tensor, **kwargs)
 
     events = []
 
