@@ -196,6 +196,15 @@ class DataConfig:
         "the SimPO recipes do. Without it the prompt yields only what is needed (down to its BOS). "
         "No response is ever left empty."
     )
+    pad_to_multiple_of: int = _opt(
+        8, "Pad each micro-batch to its longest sequence rounded up to this multiple "
+        "(0: always to --seq-length)."
+    )
+    packing: bool = _opt(
+        False, "Pack the sequences of each global batch densely into rows of --seq-length "
+        "(attention within each sequence only); a packed micro-batch holds at most "
+        "2 x --micro-batch-size x --seq-length tokens."
+    )
     data_path: list[str] = _list_opt("Preprocessed prefixes, optionally weighted: 'A' or '0.7 A 0.3 B'.")
     valid_data_path: list[str] = _list_opt("Separate validation prefixes (instead of --split).")
     split: str = _opt("98,2,0", "Train/valid/test split of --data-path, in proportions.")
@@ -206,6 +215,8 @@ class DataConfig:
 
     def validate(self) -> None:
         _require_positive(self, "micro_batch_size", "global_batch_size", "seq_length")
+        if self.pad_to_multiple_of < 0:
+            raise ConfigError(f"--pad-to-multiple-of must be >= 0, got {self.pad_to_multiple_of}")
         if self.seq_length < 2:
             raise ConfigError("--seq-length must be >= 2 (a prompt token and a response token)")
         if self.max_prompt_length is not None and not 1 <= self.max_prompt_length < self.seq_length:
@@ -233,6 +244,10 @@ class LossConfig:
         "--average-log-prob says).", ("token", "pair"),
     )
     average_log_prob: bool = _opt(True, "Length-normalized log-probs (SimPO); --no-average-log-prob sums.")
+    logprob_chunk_size: int = _opt(
+        0, "Compute the log-prob head from the hidden states in chunks of this many tokens, "
+        "so the full-vocabulary logits of a micro-batch never exist at once (0: off)."
+    )
 
     @property
     def token_sft(self) -> bool:
@@ -240,6 +255,8 @@ class LossConfig:
         return self.sft_weight > 0 and self.sft_loss_form == "token"
 
     def validate(self) -> None:
+        if self.logprob_chunk_size < 0:
+            raise ConfigError(f"--logprob-chunk-size must be >= 0, got {self.logprob_chunk_size}")
         from simpo_megatron.losses import check_simpo_args, get_loss
 
         try:

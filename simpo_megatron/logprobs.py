@@ -9,6 +9,8 @@ matching backward). The vocabulary is never gathered.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
 
@@ -68,4 +70,167 @@ def sequence_logps(
         empty = torch.nonzero(count == 0).flatten().tolist()
         raise ValueError(f"sequences {empty} have no response token in loss_mask")
     total = (per_token_logps * mask).sum(-1)
+    return total / count if average else total
+
+
+class _ChunkedTokenLogps(torch.autograd.Function):
+    """Label log-probs of ``hidden @ weight.T`` over the vocab-parallel softmax, chunk by chunk.
+
+    The forward keeps only the per-token log-sum-exp; the backward recomputes each chunk's
+    logits, so no more than ``chunk_size x V/tp`` fp32 logits exist at a time. The gradient
+    returned for ``hidden`` is this rank's partial sum over its vocabulary slice (the caller
+    all-reduces it over TP, as the output layer's input mapping does).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, vocab_start, vocab_size, transform, group):
+        n, partition = hidden.shape[0], weight.shape[0]
+        pad = None
+        if vocab_size is not None and vocab_start + partition > vocab_size:
+            pad = torch.arange(vocab_start, vocab_start + partition, device=hidden.device) >= vocab_size
+        local = labels - vocab_start
+        owned = (local >= 0) & (local < partition)
+        local = local.clamp(0, partition - 1)
+        tp = group is not None and torch.distributed.get_world_size(group) > 1
+        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        for begin in range(0, n, chunk_size):
+            end = min(begin + chunk_size, n)
+            logits = _chunk_logits(hidden[begin:end], weight, transform, pad)
+            peak = logits.max(-1).values
+            if tp:
+                torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=group)
+            label_logits = logits.gather(-1, local[begin:end, None]).squeeze(-1) * owned[begin:end]
+            sums = torch.stack([logits.sub_(peak[:, None]).exp_().sum(-1), label_logits])
+            del logits
+            if tp:
+                torch.distributed.all_reduce(sums, group=group)
+            lse[begin:end] = peak + sums[0].log()
+            logps[begin:end] = sums[1] - lse[begin:end]
+        ctx.save_for_backward(hidden, weight, local, owned, lse)
+        ctx.chunk_size, ctx.transform, ctx.pad = chunk_size, transform, pad
+        return logps
+
+    @staticmethod
+    def backward(ctx, grad_logps):
+        hidden, weight, local, owned, lse = ctx.saved_tensors
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # Accumulated in the weight's dtype over token chunks (as fused linear cross-entropy
+        # kernels do): an fp32 accumulator would add the weight's size in fp32 to the peak.
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for begin in range(0, hidden.shape[0], ctx.chunk_size):
+            end = min(begin + ctx.chunk_size, hidden.shape[0])
+            h = hidden[begin:end]
+            with torch.enable_grad():
+                raw = (h @ weight.t()).float()
+                if ctx.transform is not None:
+                    raw.requires_grad_(True)
+                    logits = ctx.transform(raw)
+                else:
+                    logits = raw
+                # d logp / d logits = onehot(label) - softmax, scaled by the incoming gradient.
+                g = grad_logps[begin:end, None]
+                # In place on the logits when autograd does not need them (no transform).
+                grad = logits.detach() if ctx.transform is None else logits.detach().clone()
+                grad = grad.sub_(lse[begin:end, None]).exp_().mul_(-g)
+                if ctx.pad is not None:
+                    grad.masked_fill_(ctx.pad, 0.0)
+                grad.scatter_add_(-1, local[begin:end, None], g * owned[begin:end, None])
+                if ctx.transform is not None:
+                    (grad,) = torch.autograd.grad(logits, raw, grad)
+            del raw, logits
+            grad = grad.to(weight.dtype)
+            if grad_hidden is not None:
+                torch.matmul(grad, weight, out=grad_hidden[begin:end])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), h)
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+def _chunk_logits(hidden, weight, transform, pad):
+    logits = (hidden @ weight.t()).float()
+    if transform is not None:
+        logits = transform(logits)
+    if pad is not None:
+        logits = logits.masked_fill(pad, float("-inf"))
+    return logits
+
+
+def chunked_vocab_parallel_token_logps(
+    hidden: torch.Tensor,
+    output_weight: torch.Tensor,
+    labels: torch.Tensor,
+    vocab_size: int | None = None,
+    chunk_size: int = 1024,
+    logits_transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    sequence_parallel: bool = False,
+) -> torch.Tensor:
+    """Label log-probs straight from the last hidden states, never holding all the logits.
+
+    Equal (values and gradients w.r.t. ``hidden`` and ``output_weight``) to the output layer
+    followed by :func:`vocab_parallel_token_logps`, but the fp32 logits exist for
+    ``chunk_size`` tokens at a time; the backward recomputes them chunk by chunk.
+
+    Args:
+        hidden: ``[s, b, h]`` final hidden states (after the final norm) of the last stage;
+            with ``sequence_parallel``, this rank's ``[s/tp, b, h]`` slice.
+        output_weight: this rank's ``[V/tp, h]`` rows of the (possibly tied) output weight.
+        labels: ``[s, b]`` valid token ids.
+        vocab_size: the true vocabulary size; padded entries are left out of the softmax.
+        chunk_size: tokens per chunk (of the ``s x b`` flattened tokens).
+        logits_transform: an elementwise function applied to the fp32 logits before the
+            softmax (e.g. Gemma-2's final soft-capping); differentiated with autograd.
+        sequence_parallel: gather the hidden states over TP first (as the output layer does).
+
+    Returns:
+        ``[s, b]`` fp32 log-probs; collective over the tensor-parallel group.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if (labels < 0).any():
+        raise ValueError("labels must be valid token ids (>= 0); mask ignored positions instead")
+    if sequence_parallel:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=True)
+    else:
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+    if hidden.shape[:-1] != labels.shape or hidden.shape[-1] != output_weight.shape[-1]:
+        raise ValueError(
+            f"hidden {tuple(hidden.shape)}, labels {tuple(labels.shape)} and output_weight "
+            f"{tuple(output_weight.shape)} do not fit: need [s, b, h], [s, b] and [V/tp, h]"
+        )
+    group = parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
+    start = parallel_state.get_tensor_model_parallel_rank() * output_weight.shape[0]
+    logps = _ChunkedTokenLogps.apply(
+        hidden.reshape(-1, hidden.shape[-1]), output_weight, labels.reshape(-1),
+        chunk_size, start, vocab_size, logits_transform, group,
+    )
+    return logps.view(labels.shape)
+
+
+def segment_logps(
+    per_token_logps: torch.Tensor,
+    loss_mask: torch.Tensor,
+    segment_ids: torch.Tensor,
+    num_segments: int,
+    average: bool = True,
+) -> torch.Tensor:
+    """Per-sequence log-probs of packed rows: :func:`sequence_logps` over segments.
+
+    ``segment_ids`` (same shape as the log-probs) names each token's sequence in
+    ``[0, num_segments)``; tokens with ids >= ``num_segments`` (padding) are left out. Raises
+    ValueError for a sequence without a response token.
+    """
+    if not per_token_logps.shape == loss_mask.shape == segment_ids.shape:
+        raise ValueError(
+            f"per_token_logps {tuple(per_token_logps.shape)}, loss_mask {tuple(loss_mask.shape)} "
+            f"and segment_ids {tuple(segment_ids.shape)} must have the same shape"
+        )
+    ids = segment_ids.reshape(-1).clamp(max=num_segments)
+    mask = loss_mask.reshape(-1).to(per_token_logps.dtype)
+    total = per_token_logps.new_zeros(num_segments + 1).index_add(0, ids, per_token_logps.reshape(-1) * mask)
+    count = mask.new_zeros(num_segments + 1).index_add(0, ids, mask)
+    total, count = total[:num_segments], count[:num_segments]
+    if (count == 0).any():
+        empty = torch.nonzero(count == 0).flatten().tolist()
+        raise ValueError(f"sequences {empty} have no response token in loss_mask")
     return total / count if average else total

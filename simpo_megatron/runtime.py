@@ -183,18 +183,28 @@ def cpu_support_active() -> bool:
     return _CPU_SUPPORT.active
 
 
-def pipeline_communication_settings() -> dict[str, bool]:
-    """TransformerConfig's pipeline p2p fields for the process group's backend.
+def pipeline_communication_settings(layout: "ParallelLayout | None" = None) -> dict[str, bool]:
+    """TransformerConfig's pipeline p2p fields for the process group's backend (and ``layout``).
 
     NCCL (Megatron-LM's defaults): batched isend/irecv, and a stage's output freed once sent
     (stream-ordered, so safe). Gloo matches messages between two ranks in posting order, and
     the batched order (send_prev before send_next) does not match the receiver's when both
     neighbours are the same rank (interleaved PP=2): activations and gradients would swap; its
     sends are asynchronous and may still read the output, so outputs are kept.
+    Micro-batches are padded to their own longest sequence, so pipeline stages exchange shapes
+    first (``variable_seq_lengths``), except for the interleaved schedule on gloo, whose shape
+    exchange can deadlock (seen with 2 micro-batches at PP=2): there the trainer gives all
+    micro-batches of a step one shape instead.
     """
     backend = dist.get_backend() if dist.is_initialized() else ("nccl" if torch.cuda.is_available() else "gloo")
     nccl = backend == "nccl"
-    return {"batch_p2p_comm": nccl, "deallocate_pipeline_outputs": nccl}
+    settings = {"batch_p2p_comm": nccl, "deallocate_pipeline_outputs": nccl}
+    if layout is not None:
+        interleaved = layout.virtual_pipeline_model_parallel_size is not None
+        settings["variable_seq_lengths"] = layout.pipeline_model_parallel_size > 1 and (nccl or not interleaved)
+        # Unused by dense models, but its default ("allgather") refuses variable_seq_lengths.
+        settings["moe_token_dispatcher_type"] = "alltoall"
+    return settings
 
 
 @dataclass(frozen=True)

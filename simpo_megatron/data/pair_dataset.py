@@ -126,6 +126,16 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         return {"prompt": prompt, "chosen": chosen[:c], "rejected": rejected[:r]}
 
 
+def sequence_row(prompt: np.ndarray, response: np.ndarray, pad_id: int):
+    """Tokens ``x = prompt + response``, labels ``x[t + 1]`` (``pad_id`` after the last token)
+    and the loss mask (1 exactly where the label is a response token)."""
+    x = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))
+    labels = torch.cat([x[1:], torch.tensor([pad_id])])
+    mask = torch.zeros(len(x), dtype=torch.float32)
+    mask[len(prompt) - 1 : len(x) - 1] = 1.0
+    return x, labels, mask
+
+
 def collate_pairs(
     samples: Sequence[PairSample],
     seq_length: int,
@@ -135,8 +145,7 @@ def collate_pairs(
     """Build one micro-batch: m pairs -> 2m rows, all chosen first, then all rejected.
 
     Row x = prompt + response, right-padded with `pad_id` to S columns; S = seq_length, or,
-    with `pad_to_multiple_of`, the longest row rounded up to that multiple (variable shapes do
-    not suit pipeline parallelism). `labels[:, t] = x[t + 1]` (pad_id where there is no next
+    with `pad_to_multiple_of`, the longest row rounded up to that multiple (at most seq_length). `labels[:, t] = x[t + 1]` (pad_id where there is no next
     token: a valid id, the mask hides it) and `loss_mask[:, t] = 1` exactly where that label is
     a response token, so each row's mask sums to its response length.
     """
@@ -153,16 +162,16 @@ def collate_pairs(
     if pad_to_multiple_of is None:
         width = seq_length
     else:
-        width = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+        width = min(-(-longest // pad_to_multiple_of) * pad_to_multiple_of, seq_length)
 
     tokens = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     labels = torch.full((len(rows), width), pad_id, dtype=torch.int64)
     loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
     for row, (prompt, response) in enumerate(rows):
-        x = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))
+        x, y, mask = sequence_row(prompt, response, pad_id)
         tokens[row, : len(x)] = x
-        labels[row, : len(x) - 1] = x[1:]
-        loss_mask[row, len(prompt) - 1 : len(x) - 1] = 1.0
+        labels[row, : len(x)] = y
+        loss_mask[row, : len(x)] = mask
     position_ids = torch.arange(width, dtype=torch.int64).repeat(len(rows), 1)
     return {
         "tokens": tokens,
@@ -172,3 +181,24 @@ def collate_pairs(
         "num_pairs": len(samples),
         "num_tokens": sum(len(p) + len(r) for p, r in rows),
     }
+
+
+def pad_micro_batch(batch: dict, width: int) -> dict:
+    """``batch`` right-padded to ``width`` columns (masked padding: token and label id 0)."""
+    extra = width - batch["tokens"].shape[1]
+    if extra < 0:
+        raise ValueError(f"cannot pad a micro-batch of width {batch['tokens'].shape[1]} to {width}")
+    if extra == 0:
+        return batch
+    padded = dict(batch)
+    for key in ("tokens", "labels", "loss_mask"):
+        padded[key] = torch.nn.functional.pad(batch[key], (0, extra))
+    if "cu_seqlens" in batch:  # packed: the extra columns are one more padding segment
+        padded["cu_seqlens"] = torch.cat([batch["cu_seqlens"], batch["cu_seqlens"][-1:] + extra])
+        padded["max_seqlen"] = max(batch["max_seqlen"], extra)
+        padded["position_ids"] = torch.cat([batch["position_ids"], torch.arange(extra)[None]], dim=1)
+        padded["segment_ids"] = torch.nn.functional.pad(batch["segment_ids"], (0, extra), value=2 * batch["num_pairs"])
+    else:
+        rows = batch["tokens"].shape[0]
+        padded["position_ids"] = torch.arange(width, dtype=torch.int64).repeat(rows, 1)
+    return padded

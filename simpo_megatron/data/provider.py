@@ -8,6 +8,7 @@ data-parallel rank, resuming exactly from a consumed-samples count.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from typing import Iterator
@@ -83,6 +84,18 @@ def build_datasets(cfg) -> DataSetup:
     return DataSetup(train=train, valid=valid, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
 
 
+def pad_multiple(cfg) -> int | None:
+    """The multiple micro-batch widths are rounded up to; None pads to ``--seq-length``.
+
+    With sequence parallelism the width must also split evenly over the TP ranks.
+    """
+    if not cfg.pad_to_multiple_of:
+        return None
+    if cfg.sequence_parallel:
+        return math.lcm(cfg.pad_to_multiple_of, cfg.tensor_model_parallel_size)
+    return cfg.pad_to_multiple_of
+
+
 def micro_batches(
     dataset,
     cfg,
@@ -94,7 +107,9 @@ def micro_batches(
 ) -> Iterator[dict]:
     """Endless collated micro-batches of ``cfg.micro_batch_size`` pairs for one DP rank.
 
-    Sequences are padded to ``--seq-length``: pipeline stages exchange fixed-shape tensors.
+    Each micro-batch is padded to its longest sequence rounded up to ``--pad-to-multiple-of``
+    (to ``--seq-length`` when 0); pipeline stages exchange the varying shapes
+    (``variable_seq_lengths``).
     """
     sampler = PairBatchSampler(
         total_pairs=len(dataset),
@@ -109,22 +124,81 @@ def micro_batches(
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
-        collate_fn=partial(collate_pairs, seq_length=cfg.seq_length, pad_id=pad_id),
+        collate_fn=partial(
+            collate_pairs, seq_length=cfg.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg)
+        ),
         num_workers=cfg.num_workers,
         persistent_workers=cfg.num_workers > 0,
     )
     return iter(loader)
 
 
-def collate_padded(samples, filler, micro_batch_size: int, seq_length: int, pad_id: int) -> dict:
+def global_batches(
+    dataset,
+    cfg,
+    pad_id: int,
+    consumed_samples: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    shuffle: bool = True,
+) -> Iterator[list[dict]]:
+    """Endless steps: this DP rank's list of micro-batches for each global batch.
+
+    Unpacked, ``--global-batch-size / (--micro-batch-size x DP)`` collated micro-batches. With
+    ``--packing``, the global batch's pairs packed by ``simpo_megatron.data.packing`` (every
+    rank reads the whole global batch to plan the same balanced split); the number of
+    micro-batches then varies from step to step, equal on every rank.
+    """
+    if not cfg.packing:
+        stream = micro_batches(dataset, cfg, pad_id, consumed_samples, data_parallel_rank, data_parallel_size, shuffle)
+        count = cfg.global_batch_size // (cfg.micro_batch_size * data_parallel_size)
+        while True:
+            yield [next(stream) for _ in range(count)]
+    from simpo_megatron.data.packing import packed_micro_batches
+
+    sampler = PairBatchSampler(
+        total_pairs=len(dataset),
+        consumed_samples=consumed_samples,
+        micro_batch_size=cfg.global_batch_size,
+        global_batch_size=cfg.global_batch_size,
+        data_parallel_rank=0,
+        data_parallel_size=1,
+        shuffle=shuffle,
+        seed=cfg.seed,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=list,
+        num_workers=cfg.num_workers,
+        persistent_workers=cfg.num_workers > 0,
+    )
+    interleaved = cfg.virtual_pipeline_model_parallel_size() is not None
+    for samples in loader:
+        yield packed_micro_batches(
+            samples,
+            budget=2 * cfg.micro_batch_size * cfg.seq_length,
+            data_parallel_rank=data_parallel_rank,
+            data_parallel_size=data_parallel_size,
+            pad_id=pad_id,
+            pad_to_multiple_of=pad_multiple(cfg),
+            # The interleaved schedule needs a multiple of the pipeline size.
+            count_multiple_of=cfg.pipeline_model_parallel_size if interleaved else 1,
+        )
+
+
+def collate_padded(
+    samples, filler, micro_batch_size: int, seq_length: int, pad_id: int, pad_to_multiple_of: int | None = None
+) -> dict:
     """``collate_pairs`` of up to ``micro_batch_size`` samples, topped up with copies of ``filler``.
 
-    Pipeline stages exchange fixed-shape tensors, so a short (or empty) micro-batch of an
-    evaluation keeps its shape; ``pair_weights`` (1 real, 0 padding) keeps the padding out of
+    A short (or empty) micro-batch of an evaluation keeps its number of rows; ``pair_weights`` (1 real, 0 padding) keeps the padding out of
     every sum and count, and ``num_pairs`` / ``num_tokens`` count the real pairs only.
     """
     real = len(samples)
-    batch = collate_pairs(list(samples) + [filler] * (micro_batch_size - real), seq_length, pad_id)
+    batch = collate_pairs(
+        list(samples) + [filler] * (micro_batch_size - real), seq_length, pad_id, pad_to_multiple_of=pad_to_multiple_of
+    )
     batch["pair_weights"] = torch.tensor([1.0] * real + [0.0] * (micro_batch_size - real))
     batch["num_pairs"] = real
     batch["num_tokens"] = sum(2 * len(s["prompt"]) + len(s["chosen"]) + len(s["rejected"]) for s in samples)
@@ -147,7 +221,7 @@ def eval_micro_batches(
         batch_sampler=sampler,
         collate_fn=partial(
             collate_padded, filler=dataset[0], micro_batch_size=cfg.micro_batch_size,
-            seq_length=cfg.seq_length, pad_id=pad_id,
+            seq_length=cfg.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg),
         ),
         num_workers=cfg.num_workers,
     )

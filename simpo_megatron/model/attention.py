@@ -119,9 +119,14 @@ class SDPAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        """``query`` [sq, b, np, hn], ``key``/``value`` [sk, b, ng, hn] -> context [sq, b, np*hn]."""
-        if packed_seq_params is not None or attention_bias is not None:
-            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        """``query`` [sq, b, np, hn], ``key``/``value`` [sk, b, ng, hn] -> context [sq, b, np*hn].
+
+        Packed sequences (THD, ``packed_seq_params``): see :meth:`packed_forward`.
+        """
+        if attention_bias is not None:
+            raise ValueError("SDPAttention does not support attention bias")
+        if packed_seq_params is not None:
+            return self.packed_forward(query, key, value, packed_seq_params)
         sq, b, heads, head_dim = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, hn]
         mask = causal_window_mask(sq, k.shape[2], self.window, q.device)
@@ -133,3 +138,25 @@ class SDPAttention(MegatronModule):
         else:
             context = core_attention(q, k, v, **kwargs)
         return context.permute(2, 0, 1, 3).reshape(sq, b, heads * head_dim)
+
+    def packed_forward(self, query, key, value, packed_seq_params) -> torch.Tensor:
+        """Attention within each packed sequence only: ``query`` [t, np, hn], ``key``/``value``
+        [t, ng, hn] (megatron-core's THD layout, RoPE already restarted per sequence by
+        ``cu_seqlens``) -> context [t, 1, np*hn].
+
+        Each sequence runs through :meth:`forward` on its own, so packing changes nothing in
+        what one sequence's tokens attend to (same mask, same kernel as unpacked).
+        """
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention packs the 'thd' format only, got {packed_seq_params.qkv_format!r}")
+        if packed_seq_params.cu_seqlens_q_padded is not None or packed_seq_params.cu_seqlens_kv_padded is not None:
+            raise ValueError("SDPAttention does not support padded cu_seqlens")
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        if packed_seq_params.cu_seqlens_kv.tolist() != bounds or bounds[-1] != query.shape[0]:
+            raise ValueError("SDPAttention needs cu_seqlens_q == cu_seqlens_kv covering every token")
+        parts = [
+            self.forward(query[a:b, None], key[a:b, None], value[a:b, None], None)
+            for a, b in zip(bounds[:-1], bounds[1:])
+            if b > a
+        ]
+        return torch.cat(parts, dim=0)

@@ -58,12 +58,44 @@ def final_logit_transform(config: TransformerConfig) -> Callable[[torch.Tensor],
 
 
 class GPTModel(MegatronGPTModel):
-    """megatron-core's GPTModel with the model-level Gemma-2 features of ``GPTConfig``:
-    embeddings scaled by sqrt(hidden) and ``final_logit_transform`` applied to the logits."""
+    """megatron-core's GPTModel with the model-level Gemma-2 features of ``GPTConfig``
+    (embeddings scaled by sqrt(hidden), ``final_logit_transform`` applied to the logits), whose
+    last stage can return the final hidden states instead of the logits.
+
+    With ``logprob_chunk_size > 0`` the output layer is skipped: the loss computes the
+    log-probs from the ``[s, b, h]`` hidden states and :meth:`output_weight` in chunks
+    (``simpo_megatron.logprobs.chunked_vocab_parallel_token_logps``), applying
+    ``logits_transform`` to each chunk, so the logits of the whole micro-batch never exist.
+    """
+
+    # Tokens per chunk of the log-prob head (0: the output layer computes the logits).
+    logprob_chunk_size: int = 0
 
     def __init__(self, config: TransformerConfig, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         self.final_logit_transform = final_logit_transform(config)
+
+    @property
+    def logits_transform(self):
+        """The elementwise function of the logits applied before the softmax (None: identity)."""
+        return self.final_logit_transform
+
+    @property
+    def return_hidden_states(self) -> bool:
+        return self.logprob_chunk_size > 0
+
+    def output_weight(self) -> torch.Tensor:
+        """This rank's ``[V/tp, h]`` output weight (the word embeddings when tied)."""
+        if self.share_embeddings_and_output_weights:
+            return self.shared_embedding_or_output_weight()
+        return self.output_layer.weight
+
+    def _postprocess(self, hidden_states, *args, **kwargs):
+        if self.post_process and self.return_hidden_states:
+            if self.config.mtp_num_layers is not None:
+                raise ValueError("--logprob-chunk-size does not support multi-token prediction")
+            return hidden_states
+        return super()._postprocess(hidden_states, *args, **kwargs)
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
         embedded = decoder_input is None and self.pre_process
@@ -81,7 +113,8 @@ class GPTModel(MegatronGPTModel):
         output = super().forward(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
         )
-        if self.post_process and labels is None and self.final_logit_transform is not None:
+        if (self.post_process and labels is None and self.final_logit_transform is not None
+                and not self.return_hidden_states):
             output = self.final_logit_transform(output)
         return output
 
@@ -143,7 +176,7 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout = ParallelLayout
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        **pipeline_communication_settings(),  # by the process group's backend
+        **pipeline_communication_settings(layout),  # by the process group's backend
         **fp8_config_kwargs(cfg),
     )
 
@@ -217,6 +250,7 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, padded_vocab_size: int
             rope_scaling_factor=cfg.rope_scaling_factor,
             vp_stage=stage,
         )
+        model.logprob_chunk_size = cfg.logprob_chunk_size
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

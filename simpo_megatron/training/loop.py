@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from simpo_megatron.config import ConfigError, SimPOConfig, load_config
-from simpo_megatron.data.provider import DataMismatchError, build_datasets, eval_micro_batches, micro_batches
+from simpo_megatron.data.provider import DataMismatchError, build_datasets, eval_micro_batches, global_batches
 from simpo_megatron.model.fp8 import FP8UnavailableError, check_transformer_engine
 from simpo_megatron.hf import HFConversionError, hf_model_overrides, is_hf_checkpoint, load_hf_weights, save_hf_config
 from simpo_megatron.runtime import destroy_distributed, initialize_distributed
@@ -59,13 +59,16 @@ class _ExitSignal:
             signal.signal(sig, handler)
 
 
-def _global_tokens(batches: list[dict]) -> int:
-    """Tokens (prompt + response, no padding) in the global batch, over data-parallel ranks."""
-    count = torch.tensor([sum(b["num_tokens"] for b in batches)], dtype=torch.float64)
+def _global_tokens(batches: list[dict]) -> tuple[int, int]:
+    """Real tokens (prompt + response, no padding) and token slots (with padding) in the
+    global batch, over data-parallel ranks."""
+    count = torch.tensor(
+        [sum(b["num_tokens"] for b in batches), sum(b["tokens"].numel() for b in batches)], dtype=torch.float64
+    )
     if torch.cuda.is_available():
         count = count.cuda()
     dist.all_reduce(count, group=parallel_state.get_data_parallel_group())
-    return int(count.item())
+    return int(count[0].item()), int(count[1].item())
 
 
 def evaluate(cfg: SimPOConfig, state: TrainState, dataset, pad_id: int) -> dict | None:
@@ -207,16 +210,14 @@ def pretrain(cfg: SimPOConfig) -> dict:
 
 
 def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | None, metrics_file) -> dict:
-    world_size = dist.get_world_size()
-    num_micro_batches = cfg.num_micro_batches(world_size)
-    stream = micro_batches(
+    stream = global_batches(
         data.train, cfg, data.pad_id, state.consumed_samples,
         parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
     )
     exit_signal = _ExitSignal()
     config_dict = config_to_dict(cfg)
     consecutive_skips = 0
-    window = {"time": 0.0, "tokens": 0, "pairs": 0, "iters": 0}
+    window = {"time": 0.0, "tokens": 0, "slots": 0, "pairs": 0, "iters": 0}
     log_window = LogWindow()
     health = HealthMonitor(cfg.logging.health_check_window, cfg.loss.average_log_prob)
     last_train, last_valid, interrupted = None, None, False
@@ -228,13 +229,14 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
             print_rank_last(format_eval_line(0, last_valid))
     try:
         while state.iteration < cfg.optimizer.train_iters:
-            batches = [next(stream) for _ in range(num_micro_batches)]
+            batches = next(stream)
             start = time.perf_counter()
             result = train_step(cfg, state, batches)
             elapsed = time.perf_counter() - start
-            tokens = _global_tokens(batches)
+            tokens, slots = _global_tokens(batches)
             window["time"] += elapsed
             window["tokens"] += tokens
+            window["slots"] += slots
             window["pairs"] += cfg.data.global_batch_size
             window["iters"] += 1
 
@@ -270,7 +272,8 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
                     if writer is not None:
                         writer.write("warning", state.iteration, warning)
                 throughput = {
-                    "tokens_per_s": window["tokens"] / window["time"],
+                    "tokens_per_s": window["tokens"] / window["time"],  # real tokens, no padding
+                    "packing_efficiency": window["tokens"] / window["slots"],
                     "pairs_per_s": window["pairs"] / window["time"],
                     "ms_per_iter": 1000 * window["time"] / window["iters"],
                     "skipped_iters": consecutive_skips,
@@ -279,7 +282,7 @@ def _train(cfg: SimPOConfig, state: TrainState, data, writer: MetricsWriter | No
                     writer.write("throughput", state.iteration, throughput)
                 line = {**last_train, **averaged, **throughput}
                 print_rank_last(format_train_line(state.iteration, cfg.optimizer.train_iters, line))
-                window = {"time": 0.0, "tokens": 0, "pairs": 0, "iters": 0}
+                window = {"time": 0.0, "tokens": 0, "slots": 0, "pairs": 0, "iters": 0}
 
             if cfg.logging.eval_interval and data.valid is not None and state.iteration % cfg.logging.eval_interval == 0:
                 last_valid = evaluate(cfg, state, data.valid, data.pad_id)

@@ -142,7 +142,7 @@ def format_train_line(iteration: int, train_iters: int, values: dict[str, Any]) 
     """Megatron-LM style: `` iteration   10/ 100 | lr: ... | loss: ... | ...``."""
     width = len(str(train_iters))
     parts = [f" iteration {iteration:>{width}}/{train_iters}"]
-    for key in ("lr", "grad_norm", *CONSOLE_KEYS, "tokens_per_s", "pairs_per_s", "ms_per_iter"):
+    for key in ("lr", "grad_norm", *CONSOLE_KEYS, "tokens_per_s", "packing_efficiency", "pairs_per_s", "ms_per_iter"):
         value = values.get(key)
         if value is None:
             continue

@@ -13,12 +13,19 @@ set by the trainer), which makes it the exact mean over the global batch's chose
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.utils import get_attr_wrapped_model
 
-from simpo_megatron.logprobs import sequence_logps, vocab_parallel_token_logps
 from simpo_megatron.config import LossConfig
+from simpo_megatron.logprobs import (
+    chunked_vocab_parallel_token_logps,
+    segment_logps,
+    sequence_logps,
+    vocab_parallel_token_logps,
+)
 from simpo_megatron.losses import get_loss, sft_token_nll_sum
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
@@ -37,7 +44,10 @@ METRIC_NAMES = METRIC_SUMS[:4] + ("rewards/margins",) + METRIC_SUMS[4:] + (SFT_K
 
 
 def chosen_token_count(batch: dict) -> torch.Tensor:
-    """Chosen-response tokens of a micro-batch (rows ``[0, m)``), padding pairs left out."""
+    """Chosen-response tokens of a micro-batch (rows ``[0, m)``, or packed segments ``[0, m)``),
+    padding pairs left out."""
+    if "segment_ids" in batch:
+        return (batch["loss_mask"] * (batch["segment_ids"] < batch["num_pairs"])).sum()
     mask = batch["loss_mask"][: batch["loss_mask"].shape[0] // 2]
     if batch.get("pair_weights") is not None:
         mask = mask * batch["pair_weights"][:, None].to(mask.dtype)
@@ -52,6 +62,8 @@ def loss_func(
     output_tensor: torch.Tensor,
     pair_weights: torch.Tensor | None = None,
     sft_token_scale: float | None = None,
+    head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    segments: tuple[torch.Tensor, int] | None = None,
 ):
     """SimPO loss of one micro-batch from the last stage's vocab-parallel logits ``[2m, s, V/tp]``.
 
@@ -61,9 +73,21 @@ def loss_func(
     padding pairs out of every sum and count. ``sft_token_scale`` is global pairs / global
     chosen-response tokens (the token-level SFT form); without it this micro-batch's own
     ratio is used, which is exact for a global batch of one micro-batch.
+    ``head(output_tensor, labels)`` returns the token log-probs when the last stage returns
+    something else than the logits (the hidden states of the chunked head).
+    ``segments = (segment_ids, m)`` for a packed micro-batch of ``m`` pairs: each token's
+    sequence, ``k`` for pair k's chosen response, ``m + k`` for its rejected one, ``2m`` for
+    padding.
     """
-    token_logps = vocab_parallel_token_logps(output_tensor, labels, vocab_size)
-    seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob)
+    if head is None:
+        token_logps = vocab_parallel_token_logps(output_tensor, labels, vocab_size)
+    else:
+        token_logps = head(output_tensor, labels)
+    if segments is None:
+        seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob)
+    else:
+        segment_ids, packed_pairs = segments
+        seq_logps = segment_logps(token_logps, loss_mask, segment_ids, 2 * packed_pairs, settings.average_log_prob)
     num_pairs = seq_logps.shape[0] // 2
     chosen, rejected = seq_logps[:num_pairs], seq_logps[num_pairs:]
     if pair_weights is None:
@@ -85,13 +109,17 @@ def loss_func(
         label_smoothing=settings.label_smoothing,
         sft_weight=0.0 if settings.token_sft else settings.sft_weight,
     )
-    loss_sum = pair_sum(losses)
+    # An empty (packed) micro-batch still needs a loss connected to the graph for backward.
+    loss_sum = pair_sum(losses) if num_pairs else 0.0 * token_logps.sum()
     metrics = {}
     if settings.token_sft:
-        chosen_mask = loss_mask[:num_pairs] * weights[:, None].to(loss_mask.dtype)
+        if segments is None:
+            chosen_logps, chosen_mask = token_logps[:num_pairs], loss_mask[:num_pairs] * weights[:, None].to(loss_mask.dtype)
+        else:
+            chosen_logps, chosen_mask = token_logps, loss_mask * (segments[0] < num_pairs).to(loss_mask.dtype)
         if sft_token_scale is None:
             sft_token_scale = weights.sum().item() / max(chosen_mask.sum().item(), 1.0)
-        sft_sum = sft_token_nll_sum(token_logps[:num_pairs], chosen_mask, sft_token_scale)
+        sft_sum = sft_token_nll_sum(chosen_logps, chosen_mask, sft_token_scale)
         loss_sum = loss_sum + settings.sft_weight * sft_sum
         metrics[SFT_KEY] = sft_sum.detach()
     elif settings.sft_weight > 0:
@@ -123,11 +151,37 @@ def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    output = model(tokens, position_ids, attention_mask=None, labels=None)
+    packed, segments = None, None
+    if "cu_seqlens" in batch:  # a packed micro-batch: one THD row, attention per sequence
+        cu_seqlens = batch["cu_seqlens"].to(device, non_blocking=True)
+        packed = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"],
+        )
+        segments = (batch["segment_ids"].to(device, non_blocking=True), batch["num_pairs"])
+    output = model(tokens, position_ids, attention_mask=None, labels=None, packed_seq_params=packed)
     return output, partial(
         loss_func, settings, vocab_size, labels, loss_mask,
         pair_weights=batch.get("pair_weights"), sft_token_scale=batch.get("sft_token_scale"),
+        head=_chunked_head(model, vocab_size), segments=segments,
     )
+
+
+def _chunked_head(model, vocab_size: int):
+    """The chunked log-prob head of a last stage that returns hidden states; None otherwise."""
+    unwrapped = get_attr_wrapped_model(model, "logprob_chunk_size", return_model_obj=True)
+    if not (unwrapped.post_process and unwrapped.logprob_chunk_size > 0):
+        return None
+
+    def head(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        # hidden is [s, b, h]; labels and the result are [b, s].
+        return chunked_vocab_parallel_token_logps(
+            hidden, unwrapped.output_weight(), labels.t(), vocab_size,
+            chunk_size=unwrapped.logprob_chunk_size, logits_transform=unwrapped.logits_transform,
+            sequence_parallel=unwrapped.config.sequence_parallel,
+        ).t()
+
+    return head
 
 
 def reduce_metrics(step_outputs: list[dict], group=None) -> dict[str, float]:

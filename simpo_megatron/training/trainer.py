@@ -20,6 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from simpo_megatron.config import SimPOConfig
+from simpo_megatron.data.pair_dataset import pad_micro_batch
 from simpo_megatron.model import build_model
 from simpo_megatron.model.gpt import params_dtype
 from simpo_megatron.training.step import chosen_token_count, forward_step, reduce_metrics
@@ -124,16 +125,22 @@ def build_scheduler(cfg: SimPOConfig, optimizer) -> OptimizerParamScheduler:
 
 def _run_schedule(cfg: SimPOConfig, model, batches: list[dict], forward_only: bool):
     """Run megatron-core's schedule over one global batch's micro-batches on this rank."""
+    seq_length = max(b["tokens"].shape[1] for b in batches)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1 and not model[0].config.variable_seq_lengths:
+        # Stages that do not exchange shapes (the interleaved schedule on gloo, see
+        # model/gpt.py) need every micro-batch of the step in the shape passed below.
+        batches = [pad_micro_batch(b, seq_length) for b in batches]
     # Every model chunk (virtual stage) walks the same micro-batches with its own iterator.
     iterators = [iter(batches) for _ in model]
-    seq_length = batches[0]["tokens"].shape[1]
     return get_forward_backward_func()(
         forward_step_func=partial(forward_step, cfg.loss, cfg.model.vocab_size),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(batches),
         seq_length=seq_length,
-        micro_batch_size=2 * cfg.micro_batch_size,
+        # Rows of the first micro-batch (packed micro-batches are one row); with PP>1 the
+        # stages exchange each micro-batch's shape (variable_seq_lengths).
+        micro_batch_size=batches[0]["tokens"].shape[0],
         forward_only=forward_only,
     )
 

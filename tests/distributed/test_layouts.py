@@ -16,19 +16,29 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from simpo_megatron.testing import run_distributed, tiny_config
 
-# name: (TP, PP, micro-batch size, distributed optimizer, layers per virtual pipeline stage);
-# global batch 4 pairs throughout.
+# name: (TP, PP, micro-batch size, distributed optimizer, layers per virtual pipeline stage
+# [, other config fields]); global batch 4 pairs throughout.
 BY_WORLD = {
     1: {"tp1pp1dp1_4mb": (1, 1, 1, False, None), "tp1pp1dp1_1mb": (1, 1, 4, False, None)},
     2: {
         "tp2": (2, 1, 2, False, None),
         "pp2": (1, 2, 2, False, None),
+        # Micro-batches of 24 and 32 columns: stages exchange shapes (variable_seq_lengths).
+        "pp2_4mb": (1, 2, 1, False, None),
         "pp2_vpp2": (1, 2, 1, False, 1),  # interleaved 1F1B, two model chunks per stage
         "dp2": (1, 1, 2, False, None),
         "dp2_distopt": (1, 1, 2, True, None),
+        "tp2_chunked_head": (2, 1, 2, False, None, {"logprob_chunk_size": 7}),
     },
     4: {"tp2pp2": (2, 2, 2, False, None)},
 }
+# Every layout again with --packing, at a budget of 2 x 2 x 32 tokens a micro-batch: the 4 pairs
+# (40-43 tokens each) pack as 3 + 1 on one DP rank, 2 + 2 over two.
+PACKED = {"packing": True}
+for _layouts in BY_WORLD.values():
+    for _name, (_tp, _pp, _mbs, _distopt, _vpp, *_extra) in list(_layouts.items()):
+        if _name != "tp1pp1dp1_1mb":
+            _layouts[f"{_name}_packed"] = (_tp, _pp, 2, _distopt, _vpp, {**(_extra[0] if _extra else {}), **PACKED})
 BASELINE = "tp1pp1dp1_4mb"
 
 
@@ -58,9 +68,10 @@ def _run_layouts(layouts: dict, root: str, build_reference: bool):
         save_checkpoint(ref, setup_model_and_optimizer(cfg, cfg.padded_vocab_size()), weights_only=True)
         parallel_state.destroy_model_parallel()
     summaries = {}
-    for name, (tp, pp, mbs, distopt, vpp_layers) in layouts.items():
+    for name, (tp, pp, mbs, distopt, vpp_layers, *extra) in layouts.items():
         cfg = _config(tp, pp, mbs, use_distributed_optimizer=distopt, load=ref, save=os.path.join(root, name),
-                      dist_ckpt_optim_fully_reshardable=distopt, num_layers_per_virtual_pipeline_stage=vpp_layers)
+                      dist_ckpt_optim_fully_reshardable=distopt, num_layers_per_virtual_pipeline_stage=vpp_layers,
+                      **(extra[0] if extra else {}))
         summaries[name] = pretrain(cfg)["train"]
         parallel_state.destroy_model_parallel()
     return summaries
