@@ -360,3 +360,10 @@ def test_simpo_knob_errors_from_yaml(tmp_path):
     path = write_yaml(tmp_path, "mock-data: true\nlabel-smoothing: 0.7\n", "ls.yaml")
     with pytest.raises(ConfigError, match="^--label-smoothing must be in"):
         load_config(["--config", path]).validate(1)
+
+
+@pytest.mark.parametrize("flag", ["pad_to_multiple_of", "logprob_chunk_size"])
+def test_padding_and_chunk_flags_must_be_non_negative(flag):
+    with pytest.raises(ConfigError, match=f"--{flag.replace('_', '-')} must be >= 0"):
+        SimPOConfig(mock_data=True, **{flag: -1}).validate(1)
+    SimPOConfig(mock_data=True, **{flag: 0}).validate(1)
