@@ -366,3 +366,10 @@ def test_megatron_negative_switches_are_plain_flags(name):
     flag = "--" + name.replace("_", "-")
     assert getattr(load_config([flag]), name) is True
     assert getattr(load_config([]), name) is False
+
+
+@pytest.mark.parametrize("flag", ["pad_to_multiple_of", "logprob_chunk_size"])
+def test_padding_and_chunk_flags_must_be_non_negative(flag):
+    with pytest.raises(ConfigError, match=f"--{flag.replace('_', '-')} must be >= 0"):
+        SimPOConfig.from_flat(mock_data=True, **{flag: -1}).validate(1)
+    SimPOConfig.from_flat(mock_data=True, **{flag: 0}).validate(1)
