@@ -95,12 +95,16 @@ class ModelConfig:
     fp8_amax_history_len: int = _opt(1, "FP8 amax history length (delayed scaling).")
     fp8_amax_compute_algo: str = _opt("most_recent", "FP8 amax reduction over the history.", ("max", "most_recent"))
     fp8_param_gather: bool = _opt(False, "Keep parameters in FP8 and all-gather them in FP8.")
+    logprob_chunk_size: int = _opt(
+        0, "The last stage returns its hidden states and the loss computes the log-prob head in chunks of this many tokens, "
+        "so the full-vocabulary logits of a micro-batch never exist at once (0: off)."
+    )
 
     # Settings of how the model is trained or run, not of the function it computes.
     NOT_ARCHITECTURE = (
         "make_vocab_size_divisible_by", "init_method_std", "hidden_dropout", "attention_dropout",
         "transformer_impl", "bf16", "fp16", "fp8_format", "fp8_recipe", "fp8_margin",
-        "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_param_gather",
+        "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_param_gather", "logprob_chunk_size",
     )
 
     @classmethod
@@ -130,6 +134,8 @@ class ModelConfig:
             )
         if self.bf16 and self.fp16:
             raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+        if self.logprob_chunk_size < 0:
+            raise ConfigError(f"--logprob-chunk-size must be >= 0, got {self.logprob_chunk_size}")
         if self.geglu and self.swiglu:
             raise ConfigError("--geglu and --swiglu are mutually exclusive (pass --no-swiglu)")
         for name in ("softmax_scale", "attn_logit_softcapping", "final_logit_softcapping",
@@ -244,10 +250,6 @@ class LossConfig:
         "--average-log-prob says).", ("token", "pair"),
     )
     average_log_prob: bool = _opt(True, "Length-normalized log-probs (SimPO); --no-average-log-prob sums.")
-    logprob_chunk_size: int = _opt(
-        0, "Compute the log-prob head from the hidden states in chunks of this many tokens, "
-        "so the full-vocabulary logits of a micro-batch never exist at once (0: off)."
-    )
 
     @property
     def token_sft(self) -> bool:
@@ -255,8 +257,6 @@ class LossConfig:
         return self.sft_weight > 0 and self.sft_loss_form == "token"
 
     def validate(self) -> None:
-        if self.logprob_chunk_size < 0:
-            raise ConfigError(f"--logprob-chunk-size must be >= 0, got {self.logprob_chunk_size}")
         from simpo_megatron.losses import check_simpo_args, get_loss
 
         try:

@@ -61,9 +61,16 @@ def test_tp2_matches_single_process(tp2_results, dtype_name):
     weights = torch.linspace(-1, 1, ref.numel(), dtype=torch.float64).view_as(ref)
     (ref * weights).sum().backward()
     grad = torch.cat([g for _, g, _ in results], dim=-1)
-    # bf16 logits get bf16 gradients: compare at bf16 resolution.
-    atol = 1e-5 if dtype_name == "float32" else 1e-2
-    torch.testing.assert_close(grad, ref_logits.grad, rtol=0, atol=atol)
+    expected_grad = ref_logits.grad
+    if dtype_name == "bfloat16":
+        # bf16 logits get the fp32 gradient rounded to bf16: the reference rounded the same way,
+        # within one bf16 step (2**-8 relative) for values that fall near a rounding boundary.
+        expected_grad = expected_grad.to(torch.bfloat16).float()
+        torch.testing.assert_close(grad, expected_grad, rtol=2**-8, atol=1e-9)
+    else:
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=1e-5)
+    # The comparison must be able to fail: the gradient is far from zero where it is checked.
+    assert expected_grad[..., :VOCAB].abs().max() > 0.1
     assert torch.all(grad[..., VOCAB:] == 0)
 
 
