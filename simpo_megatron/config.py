@@ -96,8 +96,9 @@ class ModelConfig:
     fp8_amax_compute_algo: str = _opt("most_recent", "FP8 amax reduction over the history.", ("max", "most_recent"))
     fp8_param_gather: bool = _opt(False, "Keep parameters in FP8 and all-gather them in FP8.")
     logprob_chunk_size: int = _opt(
-        0, "The last stage returns its hidden states and the loss computes the log-prob head in chunks of this many tokens, "
-        "so the full-vocabulary logits of a micro-batch never exist at once (0: off)."
+        0, "The last stage returns its hidden states and the loss computes the log-prob head in "
+        "chunks of this many tokens, so the full-vocabulary logits of a micro-batch never exist at "
+        "once (0: off)."
     )
 
     # Settings of how the model is trained or run, not of the function it computes.
