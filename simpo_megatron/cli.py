@@ -16,7 +16,6 @@ def main(argv: Sequence[str] | None = None, example_defaults: bool = False) -> i
     # megatron-core warns at import that Apex / Transformer Engine are absent; on the CPU that
     # is expected, and where they matter the run itself says so.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed", category=UserWarning)
-    warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning)
     from simpo_megatron.training.loop import main as train
 
     argv = list(sys.argv[1:] if argv is None else argv)

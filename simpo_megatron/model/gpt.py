@@ -176,6 +176,7 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout = ParallelLayout
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        cuda_graph_scope=[],  # megatron-core 0.16.1's default, "full", is deprecated and warns
         **pipeline_communication_settings(layout),  # by the process group's backend
         **fp8_config_kwargs(cfg),
     )
