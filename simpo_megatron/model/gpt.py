@@ -50,6 +50,7 @@ def transformer_config(cfg: SimPOConfig) -> TransformerConfig:
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size(),
         sequence_parallel=cfg.sequence_parallel,
         context_parallel_size=cfg.context_parallel_size,
+        cp_comm_type=cfg.cp_comm_type,  # Transformer Engine's CP attention; the local one all-gathers
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=cfg.bf16,

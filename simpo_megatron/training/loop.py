@@ -148,6 +148,7 @@ def pretrain(cfg: SimPOConfig) -> dict:
             cfg.tensor_model_parallel_size,
             cfg.pipeline_model_parallel_size,
             cfg.virtual_pipeline_model_parallel_size(),
+            cfg.context_parallel_size,
         ),
         seed=cfg.seed,
     )

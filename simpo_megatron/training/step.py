@@ -8,6 +8,13 @@ megatron-core divides the summed gradients by the global number of pairs, so the
 loss is the exact mean over the pairs of the global batch. The token-level SFT term enters
 each micro-batch's sum scaled by global pairs / global chosen tokens (``sft_token_scale``,
 set by the trainer), which makes it the exact mean over the global batch's chosen tokens.
+
+With context parallelism (``--context-parallel-size N``) ``forward_step`` gives the model this
+CP rank's two chunks of every sequence (tokens, labels, loss mask and positions alike) and
+``loss_func`` reduces per-sequence sums and counts over the CP group before the average: every
+CP rank then holds the same pair losses and metrics. Gradients flow back through each rank's
+own tokens, and megatron-core sums them over data-parallel x CP ranks and divides by the pair
+count all-reduced over the same ranks, so only CP rank 0 reports the pairs: each counts once.
 """
 
 from __future__ import annotations
@@ -16,9 +23,11 @@ from functools import partial
 from typing import Iterator
 
 import torch
+from megatron.core import parallel_state
 
-from simpo_megatron.logprobs import sequence_logps, vocab_parallel_token_logps
+from simpo_megatron.logprobs import sequence_logps, sum_over_group, vocab_parallel_token_logps
 from simpo_megatron.config import LossConfig
+from simpo_megatron.model.context_parallel import split_for_context_parallel
 from simpo_megatron.losses import get_loss, sft_token_nll_sum
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
@@ -60,8 +69,9 @@ def loss_func(
     chosen-response tokens (the token-level SFT form); without it this micro-batch's own
     ratio is used, which is exact for a global batch of one micro-batch.
     """
+    cp_group = _context_parallel_group()
     token_logps = vocab_parallel_token_logps(output_tensor, labels, vocab_size)
-    seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob)
+    seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob, group=cp_group)
     num_pairs = seq_logps.shape[0] // 2
     chosen, rejected = seq_logps[:num_pairs], seq_logps[num_pairs:]
     if pair_weights is None:
@@ -88,8 +98,9 @@ def loss_func(
     if settings.token_sft:
         chosen_mask = loss_mask[:num_pairs] * weights[:, None].to(loss_mask.dtype)
         if sft_token_scale is None:
-            sft_token_scale = weights.sum().item() / max(chosen_mask.sum().item(), 1.0)
-        sft_sum = sft_token_nll_sum(token_logps[:num_pairs], chosen_mask, sft_token_scale)
+            chosen_tokens = sum_over_group(chosen_mask.sum(), cp_group).item()
+            sft_token_scale = weights.sum().item() / max(chosen_tokens, 1.0)
+        sft_sum = sum_over_group(sft_token_nll_sum(token_logps[:num_pairs], chosen_mask, sft_token_scale), cp_group)
         loss_sum = loss_sum + settings.sft_weight * sft_sum
         metrics[SFT_KEY] = sft_sum.detach()
     elif settings.sft_weight > 0:
@@ -106,7 +117,15 @@ def loss_func(
             count,
         ]
     )
-    return loss_sum, count.round().to(torch.int), metrics
+    reported = count if cp_group is None or cp_group.rank() == 0 else torch.zeros_like(count)
+    return loss_sum, reported.round().to(torch.int), metrics
+
+
+def _context_parallel_group():
+    """The CP group when sequences are split over more than one rank, else None."""
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_context_parallel_group()
 
 
 def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[dict], model):
@@ -121,6 +140,12 @@ def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size > 1:
+        cp_rank = parallel_state.get_context_parallel_rank()
+        tokens, position_ids, labels, loss_mask = (
+            split_for_context_parallel(t, cp_size, cp_rank) for t in (tokens, position_ids, labels, loss_mask)
+        )
     output = model(tokens, position_ids, attention_mask=None, labels=None)
     return output, partial(
         loss_func, settings, vocab_size, labels, loss_mask,
