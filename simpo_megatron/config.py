@@ -425,7 +425,7 @@ class SimPOConfig:
                 f"the interleaved schedule needs the number of micro-batches "
                 f"({self.num_micro_batches(world_size)}) to be a multiple of --pipeline-model-parallel-size ({pp})"
             )
-        if data.seq_length % (2 * cp) != 0:
+        if cp > 1 and data.seq_length % (2 * cp) != 0:
             raise ConfigError(
                 f"--seq-length ({data.seq_length}) must be divisible by 2 x --context-parallel-size "
                 f"({2 * cp}): each sequence is split into that many equal chunks"
