@@ -16,6 +16,8 @@ layers do context parallelism themselves (``--cp-comm-type``) and do not use thi
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 import torch.distributed as dist
@@ -88,21 +90,29 @@ def context_parallel_attention(
     ``query`` ``[s/N, b, np, hn]`` and ``key``/``value`` ``[s/N, b, ng, hn]`` hold this rank's
     two chunks (see the module docstring); returns the context ``[s/N, b, np*hn]``. Keys and
     values are gathered over ``cp_group`` in rank order (forward all-gather, backward
-    reduce-scatter: ``gather_sequence``), and the mask is
-    built from global positions: key position <= query position. Collective over ``cp_group``.
+    reduce-scatter: ``gather_sequence``), and the mask is built from global positions: key
+    position <= query position. The attention itself is recomputed in backward, so a layer
+    keeps only its inputs (O(s)) for backward. Collective over ``cp_group``.
     """
     cp_size, cp_rank = cp_group.size(), cp_group.rank()
     local, b, heads, head_dim = query.shape
-    seq_length = local * cp_size
     key, value = gather_sequence(key, cp_group), gather_sequence(value, cp_group)
+    attend = partial(_masked_attention, cp_size=cp_size, cp_rank=cp_rank, scale=softmax_scale, dropout_p=dropout_p)
+    # Recomputed in backward (megatron's checkpoint keeps the dropout RNG): SDPA would otherwise
+    # keep its [s/N, s] float mask of every layer for backward, memory quadratic in s.
+    context = tensor_parallel.checkpoint(attend, False, query, key, value)
+    return context.permute(2, 0, 1, 3).reshape(local, b, heads * head_dim)
+
+
+def _masked_attention(query, key, value, *, cp_size, cp_rank, scale, dropout_p):
+    """SDPA of the local queries over the gathered keys, with the chunks' causal mask."""
+    seq_length = key.shape[0]
     q_pos = local_positions(seq_length, cp_size, cp_rank, device=query.device)
     k_pos = torch.cat([local_positions(seq_length, cp_size, r, device=query.device) for r in range(cp_size)])
     mask = k_pos[None, :] <= q_pos[:, None]  # [s/N, s]: True where the query may attend
     q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, hn]
-    kwargs = dict(attn_mask=mask, scale=softmax_scale, enable_gqa=k.shape[1] != heads)
+    kwargs = dict(attn_mask=mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     if dropout_p > 0:
         with tensor_parallel.get_cuda_rng_tracker().fork():
-            context = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **kwargs)
-    else:
-        context = F.scaled_dot_product_attention(q, k, v, **kwargs)
-    return context.permute(2, 0, 1, 3).reshape(local, b, heads * head_dim)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, **kwargs)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
