@@ -123,9 +123,8 @@ def loss_func(
 
 def _context_parallel_group():
     """The CP group when sequences are split over more than one rank, else None."""
-    if parallel_state.get_context_parallel_world_size() == 1:
-        return None
-    return parallel_state.get_context_parallel_group()
+    group = parallel_state.get_context_parallel_group(check_initialized=False)
+    return group if group is not None and group.size() > 1 else None
 
 
 def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[dict], model):
@@ -140,11 +139,11 @@ def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    cp_size = parallel_state.get_context_parallel_world_size()
-    if cp_size > 1:
-        cp_rank = parallel_state.get_context_parallel_rank()
+    cp_group = _context_parallel_group()
+    if cp_group is not None:
         tokens, position_ids, labels, loss_mask = (
-            split_for_context_parallel(t, cp_size, cp_rank) for t in (tokens, position_ids, labels, loss_mask)
+            split_for_context_parallel(t, cp_group.size(), cp_group.rank())
+            for t in (tokens, position_ids, labels, loss_mask)
         )
     output = model(tokens, position_ids, attention_mask=None, labels=None)
     return output, partial(
