@@ -3,7 +3,7 @@
 As in test_layouts.py, reference weights are built once on one process and saved as a dist
 checkpoint; each layout loads them, takes one Adam step on the same global batch through the
 real training loop (token-level SFT term on, so both the per-sequence reductions and the
-token sums go over the CP group), and saves. The saved checkpoints are read back as full
+token sums go over the CP group), evaluates, and saves. The saved checkpoints are read back as full
 tensors: Adam's first moment after one step is (1 - beta1) x gradient, so comparing it
 compares the gradients; the updated parameters and the step's loss and metrics are compared
 too. Checkpoints saved at one CP size are then resumed at another and trained one more step.
@@ -22,18 +22,20 @@ from simpo_megatron.testing import run_distributed, tiny_config
 
 pytestmark = pytest.mark.distributed
 
-# name: (TP, PP, CP, micro-batch size, distributed optimizer); global batch 4 pairs throughout.
+# name: (TP, PP, CP, micro-batch size, distributed optimizer, layers per virtual pipeline
+# stage); global batch 4 pairs throughout.
 BY_WORLD = {
-    1: {"cp1": (1, 1, 1, 1, False)},
-    2: {"cp2": (1, 1, 2, 2, False), "cp2_4mb": (1, 1, 2, 1, False)},
+    1: {"cp1": (1, 1, 1, 1, False, None)},
+    2: {"cp2": (1, 1, 2, 2, False, None), "cp2_4mb": (1, 1, 2, 1, False, None)},
 }
-# 4 processes on 2 cores: about a minute more, run with -m slow.
+# 4 processes on 2 cores: 45-90 s (as loaded), run with -m slow.
 SLOW_BY_WORLD = {
     4: {
-        "cp2_tp2": (2, 1, 2, 2, False),
-        "cp2_pp2": (1, 2, 2, 1, False),
-        "cp2_dp2": (1, 1, 2, 1, False),
-        "cp2_dp2_distopt": (1, 1, 2, 1, True),
+        "cp2_tp2": (2, 1, 2, 2, False, None),
+        "cp2_pp2": (1, 2, 2, 1, False, None),
+        "cp2_pp2_vpp2": (1, 2, 2, 1, False, 1),
+        "cp2_dp2": (1, 1, 2, 1, False, None),
+        "cp2_dp2_distopt": (1, 1, 2, 1, True, None),
     },
 }
 BASELINE = "cp1"
@@ -50,7 +52,8 @@ def _config(tp, pp, cp, mbs, **kw):
     return tiny_config(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
         micro_batch_size=mbs, global_batch_size=4, seq_length=SEQ_LENGTH, lr=1e-3, clip_grad=0.0,
-        lr_decay_style="constant", adam_eps=1e-2, sft_weight=0.5, log_interval=1, **kw,
+        lr_decay_style="constant", adam_eps=1e-2, sft_weight=0.5, log_interval=1, eval_interval=1, eval_iters=1,
+        **kw,
     )
 
 
@@ -69,18 +72,23 @@ def _run(layouts: dict, resumes: dict, root: str, build_reference: bool):
         save_checkpoint(ref, setup_model_and_optimizer(cfg, cfg.padded_vocab_size()), weights_only=True)
         parallel_state.destroy_model_parallel()
     summaries = {}
-    for name, (tp, pp, cp, mbs, distopt) in layouts.items():
+    for name, (tp, pp, cp, mbs, distopt, vpp_layers) in layouts.items():
         cfg = _config(tp, pp, cp, mbs, use_distributed_optimizer=distopt, dist_ckpt_optim_fully_reshardable=distopt,
-                      load=ref, save=os.path.join(root, name),
+                      num_layers_per_virtual_pipeline_stage=vpp_layers, load=ref, save=os.path.join(root, name),
                       train_iters=1)
-        summaries[name] = pretrain(cfg)["train"]
+        summaries[name] = _summary(pretrain(cfg))
         parallel_state.destroy_model_parallel()
     for name, (source, tp, pp, cp) in resumes.items():
         save = os.path.join(root, name)
         cfg = _config(tp, pp, cp, 1, load=os.path.join(root, source), save=save, train_iters=2)
-        summaries[name] = pretrain(cfg)["train"]
+        summaries[name] = _summary(pretrain(cfg))
         parallel_state.destroy_model_parallel()
     return summaries
+
+
+def _summary(result: dict) -> dict:
+    """The last step's metrics and the last evaluation's (``valid/...``)."""
+    return {**(result["train"] or {}), **{f"valid/{k}": v for k, v in (result["valid"] or {}).items()}}
 
 
 def _full_tensors(ckpt_dir: str, flat_path: str) -> dict[str, torch.Tensor]:
@@ -102,8 +110,9 @@ def runs(tmp_path_factory):
     return root, metrics
 
 
-METRICS = ("loss", "sft_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "logps/chosen", "logps/rejected", "num_pairs", "grad_norm")
+_PAIR_METRICS = ("loss", "sft_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected", "num_pairs")
+METRICS = _PAIR_METRICS + ("grad_norm",) + tuple(f"valid/{k}" for k in _PAIR_METRICS)
 
 
 def _compare(root, metrics, name, base=BASELINE, iteration=1):
@@ -139,7 +148,8 @@ def test_resume_across_cp_sizes(runs, name):
 
 @pytest.mark.slow
 def test_cp2_with_tp_pp_dp_equals_cp1(tmp_path):
-    """CP=2 with TP=2, PP=2, DP=2 and DP=2 + distributed optimizer (4 processes each)."""
+    """CP=2 with TP=2, PP=2, PP=2 interleaved (VPP=2), DP=2 and DP=2 + distributed optimizer
+    (4 processes; 45-90 s on 2 cores)."""
     metrics = _runs(tmp_path, {1: BY_WORLD[1], **SLOW_BY_WORLD}, {})
     for name in SLOW_BY_WORLD[4]:
         _compare(tmp_path, metrics, name)
