@@ -58,11 +58,11 @@ class SDPAttention(MegatronModule):
         """``query`` [sq, b, np, hn], ``key``/``value`` [sk, b, ng, hn] -> context [sq, b, np*hn]."""
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
-        sq, b, heads, head_dim = query.shape
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, hn]
         dropout_p = self.dropout_p if self.training else 0.0
         if self.cp_group is not None:
             return context_parallel_attention(query, key, value, self.cp_group, self.softmax_scale, dropout_p)
+        sq, b, heads, head_dim = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, hn]
         enable_gqa = k.shape[1] != heads
         if dropout_p > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
