@@ -166,7 +166,16 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = _opt(1, "Pipeline-parallel size.")
     num_layers_per_virtual_pipeline_stage: int | None = _opt(None, "Layers per virtual pipeline stage (interleaved 1F1B).")
     sequence_parallel: bool = _opt(False, "Sequence parallelism (needs TP > 1 and Transformer Engine or Apex norms).")
-    context_parallel_size: int = _opt(1, "Context-parallel size (only 1 is supported).")
+    context_parallel_size: int = _opt(
+        1, "Context-parallel size: every sequence is split over this many ranks (2N chunks, rank r "
+        "holding chunks r and 2N-1-r, as megatron-core), to fit long sequences; --seq-length must "
+        "be a multiple of 2N."
+    )
+    cp_comm_type: str = _opt(
+        "p2p", "How Transformer Engine's attention exchanges keys and values with "
+        "--context-parallel-size > 1 (ring p2p, all-to-all over heads, or all-gather); the local "
+        "layers always all-gather them.", ("p2p", "a2a", "allgather"),
+    )
     use_distributed_optimizer: bool = _opt(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
     overlap_grad_reduce: bool = _opt(False, "Overlap the data-parallel gradient reduce with backward.")
     overlap_param_gather: bool = _opt(False, "Overlap the distributed optimizer's parameter all-gather.")
@@ -180,8 +189,6 @@ class ParallelConfig:
 
     def validate(self) -> None:
         _require_positive(self, "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
-        if self.context_parallel_size != 1:
-            raise ConfigError("--context-parallel-size > 1 is not supported yet")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.num_layers_per_virtual_pipeline_stage is not None and self.pipeline_model_parallel_size < 2:
@@ -434,6 +441,7 @@ class SimPOConfig:
             virtual_pipeline_model_parallel_size=self.virtual_pipeline_model_parallel_size(),
             context_parallel_size=par.context_parallel_size,
             sequence_parallel=par.sequence_parallel,
+            cp_comm_type=par.cp_comm_type,
         )
 
     def virtual_pipeline_model_parallel_size(self) -> int | None:
@@ -449,10 +457,12 @@ class SimPOConfig:
             getattr(self, section).validate()
         model, par, data = self.model, self.parallel, self.data
         tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+        cp = par.context_parallel_size
         if world_size % par.model_parallel_size != 0:
             raise ConfigError(
                 f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) "
                 f"x --pipeline-model-parallel-size ({pp})"
+                + (f" x --context-parallel-size ({cp})" if cp > 1 else "")
             )
         if model.num_attention_heads % tp != 0:
             raise ConfigError(
@@ -483,10 +493,27 @@ class SimPOConfig:
                 f"the interleaved schedule needs the number of micro-batches "
                 f"({self.num_micro_batches(world_size)}) to be a multiple of --pipeline-model-parallel-size ({pp})"
             )
-        if par.sequence_parallel and data.seq_length % tp != 0:
+        if cp > 1 and data.seq_length % (2 * cp) != 0:
+            raise ConfigError(
+                f"--seq-length ({data.seq_length}) must be divisible by 2 x --context-parallel-size "
+                f"({2 * cp}): each sequence is split into that many equal chunks"
+            )
+        if cp > 1 and data.packing:
+            raise ConfigError("--context-parallel-size > 1 does not support --packing yet: pass one of them")
+        if cp > 1 and model.transformer_impl == "local" and (model.attn_logit_softcapping or model.sliding_window):
+            raise ConfigError(
+                "--context-parallel-size > 1 on the local layers supports neither --attn-logit-softcapping "
+                "nor --sliding-window yet"
+            )
+        if cp > 1 and par.cp_comm_type == "a2a" and (model.num_attention_heads // tp) % cp != 0:
+            raise ConfigError(
+                f"--cp-comm-type a2a needs the attention heads per tensor-parallel rank "
+                f"({model.num_attention_heads // tp}) to be divisible by --context-parallel-size ({cp})"
+            )
+        if par.sequence_parallel and (data.seq_length // cp) % tp != 0:
             raise ConfigError(
                 f"--seq-length ({data.seq_length}) must be divisible by --tensor-model-parallel-size "
-                f"({tp}) with --sequence-parallel"
+                f"({tp}) x --context-parallel-size ({cp}) with --sequence-parallel"
             )
         if par.use_distributed_optimizer and self.optimizer.optimizer != "adam":
             raise ConfigError("--use-distributed-optimizer supports --optimizer adam only (megatron-core)")

@@ -60,6 +60,8 @@ class _CudaToCpuMode(TorchFunctionMode):
                 return name
         if "device" in kwargs:
             kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if kwargs.get("pin_memory"):  # e.g. megatron-core's RoPE slicing for context parallelism
+            kwargs["pin_memory"] = False
         # Tensor.to(device, ...): the device is the first argument after the tensor.
         if func is torch.Tensor.to and len(args) >= 2 and isinstance(args[1], (torch.device, str, int)):
             args = (args[0], _to_cpu_device(args[1]), *args[2:])
@@ -216,6 +218,7 @@ class ParallelLayout:
     virtual_pipeline_model_parallel_size: int | None = None
     context_parallel_size: int = 1
     sequence_parallel: bool = False
+    cp_comm_type: str = "p2p"
 
 
 def initialize_distributed(

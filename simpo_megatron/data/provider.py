@@ -87,13 +87,16 @@ def build_datasets(cfg) -> DataSetup:
 def pad_multiple(cfg) -> int | None:
     """The multiple micro-batch widths are rounded up to; None pads to ``--seq-length``.
 
-    With sequence parallelism the width must also split evenly over the TP ranks.
+    With context parallelism the width must split into 2 x CP equal chunks, and with sequence
+    parallelism each CP rank's part evenly over the TP ranks (``--seq-length`` itself is checked
+    for both at start).
     """
-    if not cfg.pad_to_multiple_of:
+    data, par = cfg.data, cfg.parallel
+    if not data.pad_to_multiple_of:
         return None
-    if cfg.sequence_parallel:
-        return math.lcm(cfg.pad_to_multiple_of, cfg.tensor_model_parallel_size)
-    return cfg.pad_to_multiple_of
+    cp = par.context_parallel_size
+    need = (2 * cp if cp > 1 else 1) * (par.tensor_model_parallel_size if par.sequence_parallel else 1)
+    return math.lcm(data.pad_to_multiple_of, need)
 
 
 def micro_batches(

@@ -19,12 +19,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 
+from simpo_megatron.model.context_parallel import context_parallel_attention
 from simpo_megatron.model.layers import softcap as _softcap
 
 
@@ -92,8 +93,11 @@ class SDPAttention(MegatronModule):
         pg_collection=None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention does not support context parallelism")
+        # Context parallelism: this rank holds two chunks of each sequence (context_parallel.py).
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            cp = getattr(pg_collection, "cp", None)
+            self.cp_group = cp if cp is not None else parallel_state.get_context_parallel_group()
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(f"SDPAttention supports causal masks only, got {attn_mask_type}")
         head_dim = config.kv_channels
@@ -127,10 +131,12 @@ class SDPAttention(MegatronModule):
             raise ValueError("SDPAttention does not support attention bias")
         if packed_seq_params is not None:
             return self.packed_forward(query, key, value, packed_seq_params)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.cp_group is not None:
+            return context_parallel_attention(query, key, value, self.cp_group, self.softmax_scale, dropout_p)
         sq, b, heads, head_dim = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, n, s, hn]
         mask = causal_window_mask(sq, k.shape[2], self.window, q.device)
-        dropout_p = self.dropout_p if self.training else 0.0
         kwargs = dict(scale=self.softmax_scale, mask=mask, softcap=self.softcap, dropout_p=dropout_p)
         if dropout_p > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():

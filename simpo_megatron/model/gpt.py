@@ -159,6 +159,7 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout = ParallelLayout
         virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
         sequence_parallel=layout.sequence_parallel,
         context_parallel_size=layout.context_parallel_size,
+        cp_comm_type=layout.cp_comm_type,  # Transformer Engine's CP attention; the local one all-gathers
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=cfg.bf16,

@@ -8,6 +8,13 @@ megatron-core divides the summed gradients by the global number of pairs, so the
 loss is the exact mean over the pairs of the global batch. The token-level SFT term enters
 each micro-batch's sum scaled by global pairs / global chosen tokens (``sft_token_scale``,
 set by the trainer), which makes it the exact mean over the global batch's chosen tokens.
+
+With context parallelism (``--context-parallel-size N``) ``forward_step`` gives the model this
+CP rank's two chunks of every sequence (tokens, labels, loss mask and positions alike) and
+``loss_func`` reduces per-sequence sums and counts over the CP group before the average: every
+CP rank then holds the same pair losses and metrics. Gradients flow back through each rank's
+own tokens, and megatron-core sums them over data-parallel x CP ranks and divides by the pair
+count all-reduced over the same ranks, so only CP rank 0 reports the pairs: each counts once.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from functools import partial
 from typing import Callable, Iterator
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_attr_wrapped_model
 
@@ -24,8 +32,10 @@ from simpo_megatron.logprobs import (
     chunked_vocab_parallel_token_logps,
     segment_logps,
     sequence_logps,
+    sum_over_group,
     vocab_parallel_token_logps,
 )
+from simpo_megatron.model.context_parallel import split_for_context_parallel
 from simpo_megatron.losses import get_loss, sft_token_nll_sum
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
@@ -79,12 +89,13 @@ def loss_func(
     sequence, ``k`` for pair k's chosen response, ``m + k`` for its rejected one, ``2m`` for
     padding.
     """
+    cp_group = _context_parallel_group()
     if head is None:
         token_logps = vocab_parallel_token_logps(output_tensor, labels, vocab_size)
     else:
         token_logps = head(output_tensor, labels)
     if segments is None:
-        seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob)
+        seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob, group=cp_group)
     else:
         segment_ids, packed_pairs = segments
         seq_logps = segment_logps(token_logps, loss_mask, segment_ids, 2 * packed_pairs, settings.average_log_prob)
@@ -118,8 +129,9 @@ def loss_func(
         else:
             chosen_logps, chosen_mask = token_logps, loss_mask * (segments[0] < num_pairs).to(loss_mask.dtype)
         if sft_token_scale is None:
-            sft_token_scale = weights.sum().item() / max(chosen_mask.sum().item(), 1.0)
-        sft_sum = sft_token_nll_sum(chosen_logps, chosen_mask, sft_token_scale)
+            chosen_tokens = sum_over_group(chosen_mask.sum(), cp_group).item()
+            sft_token_scale = weights.sum().item() / max(chosen_tokens, 1.0)
+        sft_sum = sum_over_group(sft_token_nll_sum(chosen_logps, chosen_mask, sft_token_scale), cp_group)
         loss_sum = loss_sum + settings.sft_weight * sft_sum
         metrics[SFT_KEY] = sft_sum.detach()
     elif settings.sft_weight > 0:
@@ -136,7 +148,14 @@ def loss_func(
             count,
         ]
     )
-    return loss_sum, count.round().to(torch.int), metrics
+    reported = count if cp_group is None or cp_group.rank() == 0 else torch.zeros_like(count)
+    return loss_sum, reported.round().to(torch.int), metrics
+
+
+def _context_parallel_group():
+    """The CP group when sequences are split over more than one rank, else None."""
+    group = parallel_state.get_context_parallel_group(check_initialized=False)
+    return group if group is not None and group.size() > 1 else None
 
 
 def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[dict], model):
@@ -159,6 +178,12 @@ def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[
             max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"],
         )
         segments = (batch["segment_ids"].to(device, non_blocking=True), batch["num_pairs"])
+    cp_group = _context_parallel_group()
+    if cp_group is not None:  # unpacked only (the configuration refuses CP with --packing)
+        tokens, position_ids, labels, loss_mask = (
+            split_for_context_parallel(t, cp_group.size(), cp_group.rank())
+            for t in (tokens, position_ids, labels, loss_mask)
+        )
     output = model(tokens, position_ids, attention_mask=None, labels=None, packed_seq_params=packed)
     return output, partial(
         loss_func, settings, vocab_size, labels, loss_mask,
