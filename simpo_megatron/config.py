@@ -521,13 +521,6 @@ class SimPOConfig:
             raise ConfigError("--eval-only needs --load")
         return self
 
-    def __getattr__(self, name: str) -> Any:
-        # Transitional flat read access (cfg.seq_length); prefer cfg.data.seq_length.
-        section = _section_of().get(name)
-        if section is None:
-            raise AttributeError(f"{type(self).__name__!r} has no setting {name!r}")
-        return getattr(object.__getattribute__(self, section), name)
-
 
 # ==================================================================== flags and YAML
 @functools.cache

@@ -56,29 +56,29 @@ def _check_sidecars(prefixes: list[str], tokenizer) -> None:
 
 def build_datasets(cfg) -> DataSetup:
     """The train and valid datasets of ``cfg`` and the tokenizer facts the model needs."""
-    if cfg.mock_data:
-        vocab = cfg.vocab_size or 256
+    if cfg.data.mock_data:
+        vocab = cfg.model.vocab_size or 256
         return DataSetup(
-            train=MockPairDataset(_MOCK_PAIRS["train"], vocab, cfg.seq_length, seed=cfg.seed),
-            valid=MockPairDataset(_MOCK_PAIRS["valid"], vocab, cfg.seq_length, seed=cfg.seed + 1),
+            train=MockPairDataset(_MOCK_PAIRS["train"], vocab, cfg.data.seq_length, seed=cfg.optimizer.seed),
+            valid=MockPairDataset(_MOCK_PAIRS["valid"], vocab, cfg.data.seq_length, seed=cfg.optimizer.seed + 1),
             vocab_size=vocab,
             pad_id=MockPairDataset.pad_id,
         )
     from simpo_megatron.data.tokenizers import build_tokenizer
 
-    tokenizer = build_tokenizer(cfg.tokenizer_type, cfg.tokenizer_model)
-    prefixes = parse_data_path(cfg.data_path)[0]
-    if cfg.valid_data_path:
-        prefixes += parse_data_path(cfg.valid_data_path)[0]
+    tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
+    prefixes = parse_data_path(cfg.data.data_path)[0]
+    if cfg.data.valid_data_path:
+        prefixes += parse_data_path(cfg.data.valid_data_path)[0]
     _check_sidecars(prefixes, tokenizer)
     train, valid = build_pair_datasets(
-        cfg.data_path,
-        cfg.split,
-        cfg.valid_data_path or None,
-        cfg.seq_length,
-        cfg.max_prompt_length,
-        cfg.seed,
-        train_samples=cfg.train_iters * cfg.global_batch_size,
+        cfg.data.data_path,
+        cfg.data.split,
+        cfg.data.valid_data_path or None,
+        cfg.data.seq_length,
+        cfg.data.max_prompt_length,
+        cfg.optimizer.seed,
+        train_samples=cfg.optimizer.train_iters * cfg.data.global_batch_size,
         valid_samples=None,
     )
     return DataSetup(train=train, valid=valid, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
@@ -108,7 +108,7 @@ def micro_batches(
     data_parallel_size: int,
     shuffle: bool = True,
 ) -> Iterator[dict]:
-    """Endless collated micro-batches of ``cfg.micro_batch_size`` pairs for one DP rank.
+    """Endless collated micro-batches of ``cfg.data.micro_batch_size`` pairs for one DP rank.
 
     Each micro-batch is padded to its longest sequence rounded up to ``--pad-to-multiple-of``
     (to ``--seq-length`` when 0); pipeline stages exchange the varying shapes
@@ -117,21 +117,21 @@ def micro_batches(
     sampler = PairBatchSampler(
         total_pairs=len(dataset),
         consumed_samples=consumed_samples,
-        micro_batch_size=cfg.micro_batch_size,
-        global_batch_size=cfg.global_batch_size,
+        micro_batch_size=cfg.data.micro_batch_size,
+        global_batch_size=cfg.data.global_batch_size,
         data_parallel_rank=data_parallel_rank,
         data_parallel_size=data_parallel_size,
         shuffle=shuffle,
-        seed=cfg.seed,
+        seed=cfg.optimizer.seed,
     )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=partial(
-            collate_pairs, seq_length=cfg.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg)
+            collate_pairs, seq_length=cfg.data.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg)
         ),
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
     )
     return iter(loader)
 
@@ -152,9 +152,9 @@ def global_batches(
     rank reads the whole global batch to plan the same balanced split); the number of
     micro-batches then varies from step to step, equal on every rank.
     """
-    if not cfg.packing:
+    if not cfg.data.packing:
         stream = micro_batches(dataset, cfg, pad_id, consumed_samples, data_parallel_rank, data_parallel_size, shuffle)
-        count = cfg.global_batch_size // (cfg.micro_batch_size * data_parallel_size)
+        count = cfg.data.global_batch_size // (cfg.data.micro_batch_size * data_parallel_size)
         while True:
             yield [next(stream) for _ in range(count)]
     from simpo_megatron.data.packing import packed_micro_batches
@@ -162,31 +162,31 @@ def global_batches(
     sampler = PairBatchSampler(
         total_pairs=len(dataset),
         consumed_samples=consumed_samples,
-        micro_batch_size=cfg.global_batch_size,
-        global_batch_size=cfg.global_batch_size,
+        micro_batch_size=cfg.data.global_batch_size,
+        global_batch_size=cfg.data.global_batch_size,
         data_parallel_rank=0,
         data_parallel_size=1,
         shuffle=shuffle,
-        seed=cfg.seed,
+        seed=cfg.optimizer.seed,
     )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=list,
-        num_workers=cfg.num_workers,
-        persistent_workers=cfg.num_workers > 0,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=cfg.data.num_workers > 0,
     )
     interleaved = cfg.virtual_pipeline_model_parallel_size() is not None
     for samples in loader:
         yield packed_micro_batches(
             samples,
-            budget=2 * cfg.micro_batch_size * cfg.seq_length,
+            budget=2 * cfg.data.micro_batch_size * cfg.data.seq_length,
             data_parallel_rank=data_parallel_rank,
             data_parallel_size=data_parallel_size,
             pad_id=pad_id,
             pad_to_multiple_of=pad_multiple(cfg),
             # The interleaved schedule needs a multiple of the pipeline size.
-            count_multiple_of=cfg.pipeline_model_parallel_size if interleaved else 1,
+            count_multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1,
         )
 
 
@@ -217,15 +217,15 @@ def eval_micro_batches(
     each rank yields the same number of fixed-shape micro-batches (see ``collate_padded``).
     """
     sampler = OnePassBatchSampler(
-        num_pairs, cfg.micro_batch_size, cfg.global_batch_size, data_parallel_rank, data_parallel_size
+        num_pairs, cfg.data.micro_batch_size, cfg.data.global_batch_size, data_parallel_rank, data_parallel_size
     )
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=partial(
-            collate_padded, filler=dataset[0], micro_batch_size=cfg.micro_batch_size,
-            seq_length=cfg.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg),
+            collate_padded, filler=dataset[0], micro_batch_size=cfg.data.micro_batch_size,
+            seq_length=cfg.data.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg),
         ),
-        num_workers=cfg.num_workers,
+        num_workers=cfg.data.num_workers,
     )
     return iter(loader)

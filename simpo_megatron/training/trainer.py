@@ -46,9 +46,9 @@ def setup_model_and_optimizer(cfg: SimPOConfig, padded_vocab_size: int) -> Train
     tf_config = chunks[0].config
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=cfg.overlap_grad_reduce,
-        overlap_param_gather=cfg.overlap_param_gather,
-        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        overlap_param_gather=cfg.parallel.overlap_param_gather,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         # Gradients are summed over pairs and divided by the global pair count once
         # (calculate_per_token_loss), so the collective must not average as well.
         average_in_collective=False,
@@ -65,10 +65,10 @@ def setup_model_and_optimizer(cfg: SimPOConfig, padded_vocab_size: int) -> Train
         m.broadcast_params()
     no_sync = [m.no_sync for m in model]
     tf_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
-    if cfg.overlap_grad_reduce:
+    if cfg.parallel.overlap_grad_reduce:
         grad_sync = [m.start_grad_sync for m in model]
         tf_config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
-    if cfg.overlap_param_gather:
+    if cfg.parallel.overlap_param_gather:
         param_sync = [m.start_param_sync for m in model]
         tf_config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
     tf_config.finalize_model_grads_func = finalize_model_grads
@@ -76,20 +76,20 @@ def setup_model_and_optimizer(cfg: SimPOConfig, padded_vocab_size: int) -> Train
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer=cfg.optimizer.optimizer,
-            lr=cfg.lr,
-            min_lr=cfg.min_lr,
-            weight_decay=cfg.weight_decay,
-            adam_beta1=cfg.adam_beta1,
-            adam_beta2=cfg.adam_beta2,
-            adam_eps=cfg.adam_eps,
-            sgd_momentum=cfg.sgd_momentum,
-            clip_grad=cfg.clip_grad,
-            bf16=cfg.bf16,
-            fp16=cfg.fp16,
+            lr=cfg.optimizer.lr,
+            min_lr=cfg.optimizer.min_lr,
+            weight_decay=cfg.optimizer.weight_decay,
+            adam_beta1=cfg.optimizer.adam_beta1,
+            adam_beta2=cfg.optimizer.adam_beta2,
+            adam_eps=cfg.optimizer.adam_eps,
+            sgd_momentum=cfg.optimizer.sgd_momentum,
+            clip_grad=cfg.optimizer.clip_grad,
+            bf16=cfg.model.bf16,
+            fp16=cfg.model.fp16,
             params_dtype=params_dtype(cfg.model),
-            initial_loss_scale=cfg.initial_loss_scale,
-            use_distributed_optimizer=cfg.use_distributed_optimizer,
-            overlap_param_gather=cfg.overlap_param_gather,
+            initial_loss_scale=cfg.optimizer.initial_loss_scale,
+            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
         ),
         model,
     )
@@ -103,21 +103,21 @@ def build_scheduler(cfg: SimPOConfig, optimizer) -> OptimizerParamScheduler:
     ``--lr-warmup-fraction f`` warms up for ``ceil(f x decay iterations)`` steps, rounded up as
     Hugging Face's ``warmup_ratio`` is, so a recipe's schedule matches the reference step for step.
     """
-    decay_iters = cfg.lr_decay_iters or cfg.train_iters
+    decay_iters = cfg.optimizer.lr_decay_iters or cfg.optimizer.train_iters
     warmup_iters = (
-        math.ceil(cfg.lr_warmup_fraction * decay_iters) if cfg.lr_warmup_fraction is not None else cfg.lr_warmup_iters
+        math.ceil(cfg.optimizer.lr_warmup_fraction * decay_iters) if cfg.optimizer.lr_warmup_fraction is not None else cfg.optimizer.lr_warmup_iters
     )
-    gbs = cfg.global_batch_size
+    gbs = cfg.data.global_batch_size
     return OptimizerParamScheduler(
         optimizer,
-        init_lr=0.0 if warmup_iters > 0 else cfg.lr,
-        max_lr=cfg.lr,
-        min_lr=cfg.min_lr,
+        init_lr=0.0 if warmup_iters > 0 else cfg.optimizer.lr,
+        max_lr=cfg.optimizer.lr,
+        min_lr=cfg.optimizer.min_lr,
         lr_warmup_steps=warmup_iters * gbs,
         lr_decay_steps=max(decay_iters * gbs, warmup_iters * gbs + 1),
-        lr_decay_style=cfg.lr_decay_style,
-        start_wd=cfg.weight_decay,
-        end_wd=cfg.weight_decay,
+        lr_decay_style=cfg.optimizer.lr_decay_style,
+        start_wd=cfg.optimizer.weight_decay,
+        end_wd=cfg.optimizer.weight_decay,
         wd_incr_steps=decay_iters * gbs,
         wd_incr_style="constant",
     )
@@ -202,14 +202,14 @@ def train_step(cfg: SimPOConfig, state: TrainState, batches: list[dict]) -> dict
     grad_norm = None
     # With --fp16 the dynamic loss scaler detects inf/NaN itself, and it must see every
     # overflow to lower the scale; the explicit check is for fp32 and bf16.
-    finite = cfg.fp16 or _grads_are_finite(state.model)
+    finite = cfg.model.fp16 or _grads_are_finite(state.model)
     if finite:
         update_successful, grad_norm, _ = state.optimizer.step()
         finite = update_successful and (grad_norm is None or math.isfinite(grad_norm))
     if finite:
-        state.scheduler.step(increment=cfg.global_batch_size)
+        state.scheduler.step(increment=cfg.data.global_batch_size)
     state.iteration += 1
-    state.consumed_samples += cfg.global_batch_size
+    state.consumed_samples += cfg.data.global_batch_size
     return {
         "metrics": _last_stage_metrics(outputs),
         "grad_norm": grad_norm,

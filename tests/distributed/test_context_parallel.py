@@ -189,7 +189,7 @@ def _direct(cp: int, batch: dict, seed: int):
                       global_batch_size=3, sft_weight=0.5, num_layers=2)
     initialize_distributed(ParallelLayout(context_parallel_size=cp), seed=seed)
     (model,) = build_model(cfg, cfg.padded_vocab_size())
-    output, loss_fn = forward_step(cfg.loss, cfg.vocab_size, iter([dict(batch)]), model)
+    output, loss_fn = forward_step(cfg.loss, cfg.model.vocab_size, iter([dict(batch)]), model)
     loss_sum, count, metrics = loss_fn(output)
     loss_sum.backward()
     grads = {}

@@ -38,7 +38,7 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
     cfg = load_config(["--config", path])
     assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.loss.beta, cfg.optimizer.lr) == (512, 6, 10.0, 1e-6)
     # untouched by either: the default
-    assert cfg.loss.gamma_beta_ratio == SimPOConfig().gamma_beta_ratio
+    assert cfg.loss.gamma_beta_ratio == SimPOConfig().loss.gamma_beta_ratio
 
     cfg = load_config(["--config", path, "--hidden-size", "1024", "--beta", "2.5"])
     assert cfg.model.hidden_size == 1024  # the flag wins over the YAML file
@@ -49,8 +49,8 @@ def test_yaml_overrides_defaults_and_flags_override_yaml(tmp_path):
 
 def test_flag_order_relative_to_config_does_not_matter(tmp_path):
     path = write_yaml(tmp_path, "seq_length: 512\n")
-    assert load_config(["--seq-length", "128", "--config", path]).seq_length == 128
-    assert load_config(["--config", path, "--seq-length", "128"]).seq_length == 128
+    assert load_config(["--seq-length", "128", "--config", path]).data.seq_length == 128
+    assert load_config(["--config", path, "--seq-length", "128"]).data.seq_length == 128
 
 
 def test_yaml_keys_may_use_dashes_or_underscores(tmp_path):
@@ -107,20 +107,20 @@ def test_data_path_in_yaml_as_string_or_list(tmp_path):
     as_list = write_yaml(tmp_path, "data-path: [0.7, /data/a, 0.3, /data/b]\n", "l.yaml")
     single = write_yaml(tmp_path, "data_path: /data/a\n", "one.yaml")
     expected = ["0.7", "/data/a", "0.3", "/data/b"]
-    assert load_config(["--config", as_string]).data_path == expected
-    assert load_config(["--config", as_list]).data_path == expected  # numbers become strings
-    assert load_config(["--config", single]).data_path == ["/data/a"]
+    assert load_config(["--config", as_string]).data.data_path == expected
+    assert load_config(["--config", as_list]).data.data_path == expected  # numbers become strings
+    assert load_config(["--config", single]).data.data_path == ["/data/a"]
 
 
 def test_data_path_flag_replaces_the_yaml_list(tmp_path):
     path = write_yaml(tmp_path, "data_path: [/data/a, /data/b]\n")
-    assert load_config(["--config", path, "--data-path", "/data/c"]).data_path == ["/data/c"]
+    assert load_config(["--config", path, "--data-path", "/data/c"]).data.data_path == ["/data/c"]
 
 
 def test_list_defaults_are_not_shared_between_configs():
     a, b = SimPOConfig(), SimPOConfig()
-    a.data_path.append("x")
-    assert b.data_path == []
+    a.data.data_path.append("x")
+    assert b.data.data_path == []
 
 
 # ------------------------------------------------------------------ booleans
@@ -131,10 +131,10 @@ def test_list_defaults_are_not_shared_between_configs():
 def test_boolean_flags_have_a_negative_form(name, default):
     flag = "--" + name.replace("_", "-")
     negative = "--no-" + name.replace("_", "-")
-    assert getattr(load_config([]), name) is default
-    assert getattr(load_config([flag]), name) is True
-    assert getattr(load_config([negative]), name) is False
-    assert getattr(load_config([flag, negative]), name) is False  # the last one wins
+    assert load_config([]).to_flat()[name] is default
+    assert load_config([flag]).to_flat()[name] is True
+    assert load_config([negative]).to_flat()[name] is False
+    assert load_config([flag, negative]).to_flat()[name] is False  # the last one wins
 
 
 def test_cli_boolean_overrides_yaml_boolean(tmp_path):
@@ -364,8 +364,8 @@ def test_simpo_knob_errors_from_yaml(tmp_path):
 @pytest.mark.parametrize("name", ["no_load_optim", "no_load_rng"])
 def test_megatron_negative_switches_are_plain_flags(name):
     flag = "--" + name.replace("_", "-")
-    assert getattr(load_config([flag]), name) is True
-    assert getattr(load_config([]), name) is False
+    assert load_config([flag]).to_flat()[name] is True
+    assert load_config([]).to_flat()[name] is False
 
 
 @pytest.mark.parametrize("flag", ["pad_to_multiple_of", "logprob_chunk_size"])

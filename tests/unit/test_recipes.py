@@ -138,7 +138,7 @@ def test_recipes_match_what_the_hf_importer_reads(name):
     """The model shape in the recipe is the one --load of the HF model directory sets."""
     cfg = recipe(name, "--mock-data")
     overrides = hf_config_to_overrides(HF_CONFIGS[name], seq_length=cfg.data.seq_length)
-    assert {k: getattr(cfg, k) for k in MODEL_FIELDS} == {k: overrides[k] for k in MODEL_FIELDS}
+    assert {k: getattr(cfg.model, k) for k in MODEL_FIELDS} == {k: overrides[k] for k in MODEL_FIELDS}
     # Megatron pads the vocabulary to a multiple of 128 x TP; these need no padding.
     assert cfg.padded_vocab_size() == cfg.model.vocab_size
 

@@ -66,7 +66,7 @@ def _measure(cp: int, seq_length: int, steps: int, warmup: int, threads: int) ->
     torch.set_num_threads(threads)
     cfg = tiny_config(seq_length=seq_length, context_parallel_size=cp, micro_batch_size=1, global_batch_size=1)
     cfg.validate(cp)
-    initialize_distributed(ParallelLayout(context_parallel_size=cp), seed=cfg.seed)
+    initialize_distributed(ParallelLayout(context_parallel_size=cp), seed=cfg.optimizer.seed)
     data = build_datasets(cfg)
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
     stream = micro_batches(data.train, cfg, data.pad_id, 0, parallel_state.get_data_parallel_rank(),

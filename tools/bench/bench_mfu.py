@@ -36,10 +36,10 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, 
 
 def model_flops(cfg, sequence_lengths: list[int]) -> float:
     """Forward + backward FLOPs of the model over these sequences (Megatron-LM's count)."""
-    h, layers = cfg.hidden_size, cfg.num_layers
-    heads, groups = cfg.num_attention_heads, cfg.num_query_groups or cfg.num_attention_heads
-    q_size = (cfg.kv_channels or h // heads) * heads
-    gated = 1.5 if cfg.swiglu else 1.0
+    h, layers = cfg.model.hidden_size, cfg.model.num_layers
+    heads, groups = cfg.model.num_attention_heads, cfg.model.num_query_groups or cfg.model.num_attention_heads
+    q_size = (cfg.model.kv_channels or h // heads) * heads
+    gated = 1.5 if cfg.model.swiglu else 1.0
     tokens = sum(sequence_lengths)
     per_token = 12 * layers * h * h * (
         (1 + groups / heads) * q_size / h
@@ -79,8 +79,8 @@ def _measure(steps: int, warmup: int, gbs: int, mbs: int, chunk: int, peak_overr
         lr=1e-6, clip_grad=1.0, train_iters=warmup + steps, mock_data=True,
     )
     cfg.validate(1)
-    initialize_distributed(ParallelLayout(), seed=cfg.seed)
-    pairs = ultrafeedback_pairs(gbs * (warmup + steps), cfg.vocab_size)
+    initialize_distributed(ParallelLayout(), seed=cfg.optimizer.seed)
+    pairs = ultrafeedback_pairs(gbs * (warmup + steps), cfg.model.vocab_size)
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
     stream = global_batches(pairs, cfg, 0, 0, 0, 1, shuffle=False)
     seconds, flops, tokens, slots = 0.0, 0.0, 0, 0
@@ -99,8 +99,8 @@ def _measure(steps: int, warmup: int, gbs: int, mbs: int, chunk: int, peak_overr
     peak = _peak_tflops(peak_override)
     achieved = flops / seconds / 1e12
     return {
-        "bench": "mfu", "device": torch.cuda.get_device_name(), "transformer_impl": cfg.transformer_impl,
-        "model": "llama-1b-shape", "global_batch_size": gbs, "micro_batch_size": mbs, "seq_length": cfg.seq_length,
+        "bench": "mfu", "device": torch.cuda.get_device_name(), "transformer_impl": cfg.model.transformer_impl,
+        "model": "llama-1b-shape", "global_batch_size": gbs, "micro_batch_size": mbs, "seq_length": cfg.data.seq_length,
         "logprob_chunk_size": chunk, "steps": steps,
         "step_s": round(seconds / steps, 4),
         "real_tokens_per_s": round(tokens / seconds, 1),

@@ -50,7 +50,7 @@ def _measure(tp: int, steps: int, warmup: int, threads: int) -> dict | None:
     cfg = tiny_config(**MODEL, tensor_model_parallel_size=tp)
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ["WORLD_SIZE"])
     cfg.validate(world)
-    initialize_distributed(ParallelLayout(tensor_model_parallel_size=tp), seed=cfg.seed)
+    initialize_distributed(ParallelLayout(tensor_model_parallel_size=tp), seed=cfg.optimizer.seed)
     data = build_datasets(cfg)
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
     stream = micro_batches(
@@ -68,7 +68,7 @@ def _measure(tp: int, steps: int, warmup: int, threads: int) -> dict | None:
     if dist.get_rank() != 0:
         return None
     seconds = sorted(times)[len(times) // 2]
-    pairs = cfg.global_batch_size
+    pairs = cfg.data.global_batch_size
     return {
         "bench": "train_step",
         "case": f"tp{tp}",
@@ -76,7 +76,7 @@ def _measure(tp: int, steps: int, warmup: int, threads: int) -> dict | None:
         "threads_per_process": threads,
         "median_step_s": round(seconds, 4),
         "pairs_per_s": round(pairs / seconds, 2),
-        "tokens_per_s": round(2 * pairs * cfg.seq_length / seconds, 1),
+        "tokens_per_s": round(2 * pairs * cfg.data.seq_length / seconds, 1),
         "steps": steps,
     }
 
@@ -124,8 +124,8 @@ def _measure_workload(case: str, steps: int, warmup: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     cfg = tiny_config(**{**MODEL, "seq_length": UF_SEQ}, **UF_CASES[case])
     cfg.validate(1)
-    initialize_distributed(ParallelLayout(), seed=cfg.seed)
-    pairs = ultrafeedback_pairs(cfg.global_batch_size * (warmup + steps), cfg.vocab_size)
+    initialize_distributed(ParallelLayout(), seed=cfg.optimizer.seed)
+    pairs = ultrafeedback_pairs(cfg.data.global_batch_size * (warmup + steps), cfg.model.vocab_size)
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
     stream = global_batches(pairs, cfg, 0, 0, 0, 1, shuffle=False)
     times, cpu, tokens, slots, micro = [], 0.0, 0, 0, 0
@@ -144,11 +144,11 @@ def _measure_workload(case: str, steps: int, warmup: int, threads: int) -> dict:
         "bench": "train_step_ultrafeedback", "case": case, "seq_length": UF_SEQ,
         "threads": threads, "steps": steps,
         "median_step_s": round(sorted(times)[len(times) // 2], 4),
-        "pairs_per_s": round(cfg.global_batch_size * steps / total, 3),
+        "pairs_per_s": round(cfg.data.global_batch_size * steps / total, 3),
         "real_tokens_per_s": round(tokens / total, 1),
-        "pairs_per_cpu_s": round(cfg.global_batch_size * steps / cpu, 3),
+        "pairs_per_cpu_s": round(cfg.data.global_batch_size * steps / cpu, 3),
         "packing_efficiency": round(tokens / slots, 4),
-        "real_tokens_per_pair": round(tokens / (cfg.global_batch_size * steps), 1),
+        "real_tokens_per_pair": round(tokens / (cfg.data.global_batch_size * steps), 1),
         "micro_batches_per_step": micro / steps,
     }
 
