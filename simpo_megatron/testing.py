@@ -100,3 +100,19 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600) 
     if failures:
         raise RuntimeError("\n".join(failures))
     return [results[r] for r in range(world_size)]
+
+
+def save_reference_weights(cfg: SimPOConfig, path: str, seed: int = 7):
+    """Build ``cfg``'s model in a world of one, save its weights to ``path`` (weights only) and
+    return the TrainState: the one set of weights that layout tests load into every layout.
+
+    The caller tears the parallel state down when done with the state.
+    """
+    from simpo_megatron.runtime import ParallelLayout, initialize_distributed
+    from simpo_megatron.training.checkpointing import save_checkpoint
+    from simpo_megatron.training.trainer import setup_model_and_optimizer
+
+    initialize_distributed(ParallelLayout(), seed=seed)
+    state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
+    save_checkpoint(path, state, weights_only=True)
+    return state

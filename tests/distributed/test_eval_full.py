@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from simpo_megatron.testing import run_distributed, tiny_config
+from simpo_megatron.testing import run_distributed, save_reference_weights, tiny_config
 
 BETA, RATIO, GBS = 2.0, 0.5, 12
 # name: (TP, PP, micro-batch size)
@@ -64,18 +64,13 @@ def _per_pair(cfg, state) -> dict[str, list[float]]:
 def _run_layouts(layouts: dict, root: str, build_reference: bool):
     from megatron.core import parallel_state
 
-    from simpo_megatron.runtime import ParallelLayout, initialize_distributed
-    from simpo_megatron.training.checkpointing import save_checkpoint
     from simpo_megatron.training.loop import pretrain
-    from simpo_megatron.training.trainer import setup_model_and_optimizer
 
     ref = os.path.join(root, "reference")
     results = {}
     if build_reference:
         cfg = _config(1, 1, 4)
-        initialize_distributed(ParallelLayout(), seed=7)
-        state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
-        save_checkpoint(ref, state, weights_only=True)
+        state = save_reference_weights(cfg, ref)
         results["per_pair"] = _per_pair(cfg, state)
         parallel_state.destroy_model_parallel()
     for name, (tp, pp, mbs) in layouts.items():

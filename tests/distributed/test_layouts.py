@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from simpo_megatron.testing import run_distributed, tiny_config
+from simpo_megatron.testing import run_distributed, save_reference_weights, tiny_config
 
 # name: (TP, PP, micro-batch size, distributed optimizer, layers per virtual pipeline stage
 # [, other config fields]); global batch 4 pairs throughout.
@@ -56,16 +56,12 @@ def _config(tp, pp, mbs, **kw):
 def _run_layouts(layouts: dict, root: str, build_reference: bool):
     from megatron.core import parallel_state
 
-    from simpo_megatron.runtime import ParallelLayout, initialize_distributed
-    from simpo_megatron.training.checkpointing import save_checkpoint
     from simpo_megatron.training.loop import pretrain
-    from simpo_megatron.training.trainer import setup_model_and_optimizer
 
     ref = os.path.join(root, "reference")
     if build_reference:
         cfg = _config(1, 1, 1)
-        initialize_distributed(ParallelLayout(), seed=7)
-        save_checkpoint(ref, setup_model_and_optimizer(cfg, cfg.padded_vocab_size()), weights_only=True)
+        save_reference_weights(cfg, ref)
         parallel_state.destroy_model_parallel()
     summaries = {}
     for name, (tp, pp, mbs, distopt, vpp_layers, *extra) in layouts.items():

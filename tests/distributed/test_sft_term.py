@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from simpo_megatron.testing import run_distributed, tiny_config
+from simpo_megatron.testing import run_distributed, save_reference_weights, tiny_config
 
 SFT_WEIGHT, BETA, RATIO, ADAM_BETA1 = 0.5, 2.0, 0.5, 0.9
 # name: (TP, PP, micro-batch size); global batch 4 pairs throughout.
@@ -64,18 +64,13 @@ def _independent(cfg, state) -> dict:
 def _run_layouts(layouts: dict, root: str, build_reference: bool):
     from megatron.core import parallel_state
 
-    from simpo_megatron.runtime import ParallelLayout, initialize_distributed
-    from simpo_megatron.training.checkpointing import save_checkpoint
     from simpo_megatron.training.loop import pretrain
-    from simpo_megatron.training.trainer import setup_model_and_optimizer
 
     ref = os.path.join(root, "reference")
     results = {}
     if build_reference:
         cfg = _config(1, 1, 4)
-        initialize_distributed(ParallelLayout(), seed=7)
-        state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
-        save_checkpoint(ref, state, weights_only=True)
+        state = save_reference_weights(cfg, ref)
         results["independent"] = _independent(cfg, state)
         parallel_state.destroy_model_parallel()
     for name, (tp, pp, mbs) in layouts.items():
