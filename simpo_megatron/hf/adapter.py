@@ -212,7 +212,7 @@ def model_config(values: Mapping[str, Any]) -> SimPOConfig:
 
 def model_config_dict(cfg: SimPOConfig) -> dict[str, Any]:
     """The model fields of ``cfg``, to store in a checkpoint."""
-    return {name: getattr(cfg, name) for name in MODEL_FIELDS}
+    return {name: getattr(cfg.model, name) for name in MODEL_FIELDS}
 
 
 def _model_type(cfg: SimPOConfig, base: Mapping[str, Any] | None) -> str:
@@ -227,14 +227,14 @@ def _model_type(cfg: SimPOConfig, base: Mapping[str, Any] | None) -> str:
         add_qkv_bias=model_type == "qwen2", normalization="RMSNorm", rotary_percent=1.0,
     )
     for name, value in expected.items():
-        if getattr(cfg, name) != value:
+        if getattr(cfg.model, name) != value:
             raise HFConversionError(
-                f"{name}={getattr(cfg, name)!r} does not fit model_type {model_type!r} (needs {value!r})"
+                f"{name}={getattr(cfg.model, name)!r} does not fit model_type {model_type!r} (needs {value!r})"
             )
     if not gemma:
         for name in ("softmax_scale", "attn_logit_softcapping", "final_logit_softcapping"):
-            if getattr(cfg, name) is not None:
-                raise HFConversionError(f"{name}={getattr(cfg, name)} has no {model_type} equivalent")
+            if getattr(cfg.model, name) is not None:
+                raise HFConversionError(f"{name}={getattr(cfg.model, name)} has no {model_type} equivalent")
     if cfg.model.window_attn_skip_freq is not None and (cfg.model.window_attn_skip_freq != 2 or not gemma):
         raise HFConversionError(
             f"window_attn_skip_freq={cfg.model.window_attn_skip_freq} does not fit model_type {model_type!r} "

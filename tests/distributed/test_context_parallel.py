@@ -188,7 +188,7 @@ def _direct(cp: int, batch: dict, seed: int):
     cfg = tiny_config(context_parallel_size=cp, seq_length=batch["tokens"].shape[1], micro_batch_size=3,
                       global_batch_size=3, sft_weight=0.5, num_layers=2)
     initialize_distributed(ParallelLayout(context_parallel_size=cp), seed=seed)
-    (model,) = build_model(cfg, cfg.padded_vocab_size())
+    (model,) = build_model(cfg.model, cfg.parallel_layout(), cfg.padded_vocab_size())
     output, loss_fn = forward_step(cfg.loss, cfg.model.vocab_size, iter([dict(batch)]), model)
     loss_sum, count, metrics = loss_fn(output)
     loss_sum.backward()
