@@ -23,6 +23,6 @@ if __name__ == "__main__":
     # Like Megatron-LM's tools: run from a checkout without installing the package. The import
     # stays under the guard: dist_checkpointing's save re-imports this file in a helper process.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from simpo_megatron.training.hf_checkpoint import main
+    from simpo_megatron.cli import convert
 
-    sys.exit(main())
+    sys.exit(convert())
