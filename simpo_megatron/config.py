@@ -498,8 +498,6 @@ class SimPOConfig:
                 f"--seq-length ({data.seq_length}) must be divisible by 2 x --context-parallel-size "
                 f"({2 * cp}): each sequence is split into that many equal chunks"
             )
-        if cp > 1 and data.packing:
-            raise ConfigError("--context-parallel-size > 1 does not support --packing yet: pass one of them")
         if cp > 1 and model.transformer_impl == "local" and (model.attn_logit_softcapping or model.sliding_window):
             raise ConfigError(
                 "--context-parallel-size > 1 on the local layers supports neither --attn-logit-softcapping "
