@@ -503,6 +503,11 @@ class SimPOConfig:
                 "--context-parallel-size > 1 on the local layers supports neither --attn-logit-softcapping "
                 "nor --sliding-window yet"
             )
+        if cp > 1 and data.packing and model.transformer_impl == "transformer_engine" and par.cp_comm_type == "allgather":
+            raise ConfigError(
+                "--cp-comm-type allgather does not support packed sequences (--packing, THD) in Transformer "
+                "Engine: use p2p or a2a"
+            )
         if cp > 1 and par.cp_comm_type == "a2a" and (model.num_attention_heads // tp) % cp != 0:
             raise ConfigError(
                 f"--cp-comm-type a2a needs the attention heads per tensor-parallel rank "

@@ -96,7 +96,9 @@ def _cfg(**overrides) -> SimPOConfig:
      ["--seq-length (36)", "--tensor-model-parallel-size (4) x --context-parallel-size (2)"]),
     (4, dict(global_batch_size=3, micro_batch_size=1),
      ["--global-batch-size (3)", "data-parallel size (2)"]),
-], ids=["seq_vs_2cp", "seq_vs_2cp4", "world", "world_tp", "a2a_heads", "sp", "dp_counts_cp_out"])
+    (2, dict(packing=True, transformer_impl="transformer_engine", cp_comm_type="allgather"),
+     ["--cp-comm-type allgather", "--packing"]),
+], ids=["seq_vs_2cp", "seq_vs_2cp4", "world", "world_tp", "a2a_heads", "sp", "dp_counts_cp_out", "thd_allgather"])
 def test_configuration_errors_name_the_flags(world, overrides, needles):
     with pytest.raises(ConfigError) as info:
         _cfg(**overrides).validate(world)
@@ -106,6 +108,8 @@ def test_configuration_errors_name_the_flags(world, overrides, needles):
 
 def test_valid_layouts_pass():
     _cfg().validate(2)  # CP=2 alone
+    _cfg(packing=True).validate(2)  # packed (THD) CP on the local layers
+    _cfg(packing=True, transformer_impl="transformer_engine").validate(2)  # and on TE's p2p
     _cfg(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, global_batch_size=4).validate(16)  # DP=2
     assert _cfg(tensor_model_parallel_size=2).data_parallel_size(8) == 2
     _cfg(context_parallel_size=1, seq_length=255).validate(1)  # no CP: any length
