@@ -503,7 +503,8 @@ class SimPOConfig:
                 "--context-parallel-size > 1 on the local layers supports neither --attn-logit-softcapping "
                 "nor --sliding-window yet"
             )
-        if cp > 1 and data.packing and model.transformer_impl == "transformer_engine" and par.cp_comm_type == "allgather":
+        te_allgather = model.transformer_impl == "transformer_engine" and par.cp_comm_type == "allgather"
+        if cp > 1 and data.packing and te_allgather:
             raise ConfigError(
                 "--cp-comm-type allgather does not support packed sequences (--packing, THD) in Transformer "
                 "Engine: use p2p or a2a"

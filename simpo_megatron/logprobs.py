@@ -7,9 +7,9 @@ group, which is exactly what megatron-core's ``vocab_parallel_cross_entropy`` do
 matching backward). The vocabulary is never gathered.
 
 With context parallelism a rank holds a part of every sequence's tokens; ``sequence_logps``
-(and ``segment_logps`` for packed rows) with ``group`` (the CP group) reduces the sums and the response-token counts over it before
-the average, so the length-normalised log-prob is that of the whole sequence (never a mean of
-per-rank means).
+(and ``segment_logps`` for packed rows) with ``group`` (the CP group) reduces the sums and the
+response-token counts over it before the average, so the length-normalised log-prob is that of
+the whole sequence (never a mean of per-rank means).
 """
 
 from __future__ import annotations

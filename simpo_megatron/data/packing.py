@@ -98,7 +98,9 @@ def collate_packed(
     real, used = sum(real_lengths), sum(lengths)
     multiple = pad_to_multiple_of or sequence_multiple_of
     if multiple % sequence_multiple_of:
-        raise ValueError(f"pad_to_multiple_of ({multiple}) must be a multiple of sequence_multiple_of ({sequence_multiple_of})")
+        raise ValueError(
+            f"pad_to_multiple_of ({multiple}) must be a multiple of sequence_multiple_of ({sequence_multiple_of})"
+        )
     total = max(_round_up(used, multiple), multiple)
     if total > used:
         lengths.append(total - used)

@@ -174,7 +174,9 @@ class SDPAttention(MegatronModule):
             )
         if self.cp_group is not None:
             if padded_q is None:
-                raise ValueError("packed sequences with context parallelism need cu_seqlens_q_padded (multiples of 2 x CP)")
+                raise ValueError(
+                    "packed sequences with context parallelism need cu_seqlens_q_padded (multiples of 2 x CP)"
+                )
             dropout_p = self.dropout_p if self.training else 0.0
             return context_parallel_attention(
                 query[:, None], key[:, None], value[:, None], self.cp_group, self.softmax_scale, dropout_p,

@@ -190,7 +190,9 @@ def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[
         if packed is None:
             split = partial(split_for_context_parallel, cp_size=cp_group.size(), cp_rank=cp_group.rank())
         elif padded is None:
-            raise ValueError("a packed micro-batch with context parallelism needs cu_seqlens_padded (see data/packing.py)")
+            raise ValueError(
+                "a packed micro-batch with context parallelism needs cu_seqlens_padded (see data/packing.py)"
+            )
         else:  # each padded sequence cut into 2 x CP chunks (Transformer Engine's THD layout)
             split = partial(split_packed_for_context_parallel, cu_seqlens_padded=batch["cu_seqlens_padded"],
                             cp_size=cp_group.size(), cp_rank=cp_group.rank())

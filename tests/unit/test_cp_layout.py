@@ -246,7 +246,7 @@ def test_forward_step_feeds_the_model_megatrons_thd_split(monkeypatch, rank):
 
     settings = tiny_config(context_parallel_size=2, packing=True).loss
     _, loss_fn = step.forward_step(settings, 200, iter([dict(batch)]), Model())
-    fake_tex = SimpleNamespace(thd_get_partitioned_indices=lambda cu, total, size, r: _te_partitioned_indices(cu, total, size, r))
+    fake_tex = SimpleNamespace(thd_get_partitioned_indices=_te_partitioned_indices)
     monkeypatch.setattr(mcore_utils, "tex", fake_tex)
     monkeypatch.setattr(mcore_utils, "is_te_min_version", lambda version: True)
     keys = ("tokens", "position_ids", "labels", "loss_mask", "segment_ids")
