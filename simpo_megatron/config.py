@@ -498,12 +498,16 @@ class SimPOConfig:
                 f"--seq-length ({data.seq_length}) must be divisible by 2 x --context-parallel-size "
                 f"({2 * cp}): each sequence is split into that many equal chunks"
             )
-        if cp > 1 and data.packing:
-            raise ConfigError("--context-parallel-size > 1 does not support --packing yet: pass one of them")
         if cp > 1 and model.transformer_impl == "local" and (model.attn_logit_softcapping or model.sliding_window):
             raise ConfigError(
                 "--context-parallel-size > 1 on the local layers supports neither --attn-logit-softcapping "
                 "nor --sliding-window yet"
+            )
+        te_allgather = model.transformer_impl == "transformer_engine" and par.cp_comm_type == "allgather"
+        if cp > 1 and data.packing and te_allgather:
+            raise ConfigError(
+                "--cp-comm-type allgather does not support packed sequences (--packing, THD) in Transformer "
+                "Engine: use p2p or a2a"
             )
         if cp > 1 and par.cp_comm_type == "a2a" and (model.num_attention_heads // tp) % cp != 0:
             raise ConfigError(

@@ -7,9 +7,9 @@ group, which is exactly what megatron-core's ``vocab_parallel_cross_entropy`` do
 matching backward). The vocabulary is never gathered.
 
 With context parallelism a rank holds a part of every sequence's tokens; ``sequence_logps``
-with ``group`` (the CP group) reduces the sums and the response-token counts over it before
-the average, so the length-normalised log-prob is that of the whole sequence (never a mean of
-per-rank means).
+(and ``segment_logps`` for packed rows) with ``group`` (the CP group) reduces the sums and the
+response-token counts over it before the average, so the length-normalised log-prob is that of
+the whole sequence (never a mean of per-rank means).
 """
 
 from __future__ import annotations
@@ -236,12 +236,15 @@ def segment_logps(
     segment_ids: torch.Tensor,
     num_segments: int,
     average: bool = True,
+    group=None,
 ) -> torch.Tensor:
     """Per-sequence log-probs of packed rows: :func:`sequence_logps` over segments.
 
     ``segment_ids`` (same shape as the log-probs) names each token's sequence in
     ``[0, num_segments)``; tokens with ids >= ``num_segments`` (padding) are left out. Raises
-    ValueError for a sequence without a response token.
+    ValueError for a sequence without a response token. ``group`` (the context-parallel
+    group, each rank holding part of every sequence): per-segment sums and counts are
+    all-reduced over it before the average, as in :func:`sequence_logps`.
     """
     if not per_token_logps.shape == loss_mask.shape == segment_ids.shape:
         raise ValueError(
@@ -252,7 +255,8 @@ def segment_logps(
     mask = loss_mask.reshape(-1).to(per_token_logps.dtype)
     total = per_token_logps.new_zeros(num_segments + 1).index_add(0, ids, per_token_logps.reshape(-1) * mask)
     count = mask.new_zeros(num_segments + 1).index_add(0, ids, mask)
-    total, count = total[:num_segments], count[:num_segments]
+    total = sum_over_group(total[:num_segments], group)
+    count = sum_over_group(count[:num_segments], group).detach()
     if (count == 0).any():
         empty = torch.nonzero(count == 0).flatten().tolist()
         raise ValueError(f"sequences {empty} have no response token in loss_mask")

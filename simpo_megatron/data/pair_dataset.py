@@ -194,7 +194,9 @@ def pad_micro_batch(batch: dict, width: int) -> dict:
     for key in ("tokens", "labels", "loss_mask"):
         padded[key] = torch.nn.functional.pad(batch[key], (0, extra))
     if "cu_seqlens" in batch:  # packed: the extra columns are one more padding segment
-        padded["cu_seqlens"] = torch.cat([batch["cu_seqlens"], batch["cu_seqlens"][-1:] + extra])
+        for key in ("cu_seqlens", "cu_seqlens_padded"):
+            if key in batch:
+                padded[key] = torch.cat([batch[key], batch[key][-1:] + extra])
         padded["max_seqlen"] = max(batch["max_seqlen"], extra)
         padded["position_ids"] = torch.cat([batch["position_ids"], torch.arange(extra)[None]], dim=1)
         padded["segment_ids"] = torch.nn.functional.pad(batch["segment_ids"], (0, extra), value=2 * batch["num_pairs"])

@@ -177,6 +177,9 @@ def global_batches(
         persistent_workers=cfg.data.num_workers > 0,
     )
     interleaved = cfg.virtual_pipeline_model_parallel_size() is not None
+    # Context parallelism splits every packed sequence into 2 x CP chunks of its own.
+    cp = cfg.parallel.context_parallel_size
+    sequence_multiple = 2 * cp if cp > 1 else 1
     for samples in loader:
         yield packed_micro_batches(
             samples,
@@ -187,6 +190,7 @@ def global_batches(
             pad_to_multiple_of=pad_multiple(cfg),
             # The interleaved schedule needs a multiple of the pipeline size.
             count_multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1,
+            sequence_multiple_of=sequence_multiple,
         )
 
 

@@ -151,15 +151,37 @@ class SDPAttention(MegatronModule):
         ``cu_seqlens``) -> context [t, 1, np*hn].
 
         Each sequence runs through :meth:`forward` on its own, so packing changes nothing in
-        what one sequence's tokens attend to (same mask, same kernel as unpacked).
+        what one sequence's tokens attend to (same mask, same kernel as unpacked). Sequences
+        are delimited by ``cu_seqlens_q_padded`` when given (their padding lies after their
+        tokens, so causal attention keeps it out of them). With context parallelism the row
+        holds this rank's chunks of every padded sequence (``thd_partition_indices``) and
+        ``context_parallel_attention`` attends within each sequence over the CP group.
         """
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"SDPAttention packs the 'thd' format only, got {packed_seq_params.qkv_format!r}")
-        if packed_seq_params.cu_seqlens_q_padded is not None or packed_seq_params.cu_seqlens_kv_padded is not None:
-            raise ValueError("SDPAttention does not support padded cu_seqlens")
-        bounds = packed_seq_params.cu_seqlens_q.tolist()
-        if packed_seq_params.cu_seqlens_kv.tolist() != bounds or bounds[-1] != query.shape[0]:
-            raise ValueError("SDPAttention needs cu_seqlens_q == cu_seqlens_kv covering every token")
+        padded_q, padded_kv = packed_seq_params.cu_seqlens_q_padded, packed_seq_params.cu_seqlens_kv_padded
+        if (padded_q is None) != (padded_kv is None):
+            raise ValueError("SDPAttention needs both cu_seqlens_q_padded and cu_seqlens_kv_padded, or neither")
+        if padded_q is None:
+            bounds, bounds_kv = packed_seq_params.cu_seqlens_q.tolist(), packed_seq_params.cu_seqlens_kv.tolist()
+        else:
+            bounds, bounds_kv = padded_q.tolist(), padded_kv.tolist()
+        cp_size = 1 if self.cp_group is None else self.cp_group.size()
+        if bounds_kv != bounds or bounds[-1] != query.shape[0] * cp_size:
+            raise ValueError(
+                "SDPAttention needs cu_seqlens_q == cu_seqlens_kv (padded ones when given) covering every token"
+                + (" of the CP group" if cp_size > 1 else "")
+            )
+        if self.cp_group is not None:
+            if padded_q is None:
+                raise ValueError(
+                    "packed sequences with context parallelism need cu_seqlens_q_padded (multiples of 2 x CP)"
+                )
+            dropout_p = self.dropout_p if self.training else 0.0
+            return context_parallel_attention(
+                query[:, None], key[:, None], value[:, None], self.cp_group, self.softmax_scale, dropout_p,
+                cu_seqlens_padded=bounds,
+            )
         parts = [
             self.forward(query[a:b, None], key[a:b, None], value[a:b, None], None)
             for a, b in zip(bounds[:-1], bounds[1:])

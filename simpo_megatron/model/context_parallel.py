@@ -8,6 +8,13 @@ pairing chunk ``r`` with its mirror gives every rank the same work. ``local_posi
 one definition of that layout here: the batch split and the attention mask both use it, and a
 test checks it against megatron-core's own functions (which place RoPE).
 
+Packed micro-batches (THD, ``--packing``) are split the way Transformer Engine's
+``thd_get_partitioned_indices`` (used by megatron-core's ``get_thd_batch_on_this_cp_rank``)
+splits them: every sequence is padded to a multiple of ``2N`` (``cu_seqlens_padded``) and cut
+into ``2N`` chunks of its own, rank ``r`` holding chunks ``r`` and ``2N-1-r`` of each sequence,
+sequence after sequence (``thd_partition_indices``). So the local row holds ``1/N`` of every
+sequence, and within one sequence the layout is the unpacked one.
+
 ``context_parallel_attention`` is the core attention for it on the local layer spec: keys and
 values are all-gathered over the CP group (their gradients reduce-scattered back), and each
 local query attends to every key at a global position not after its own. Transformer Engine
@@ -39,6 +46,32 @@ def local_positions(seq_length: int, cp_size: int, cp_rank: int, device=None) ->
     chunk = seq_length // (2 * cp_size)
     starts = (cp_rank * chunk, (2 * cp_size - 1 - cp_rank) * chunk)
     return torch.cat([torch.arange(s, s + chunk, device=device) for s in starts])
+
+
+def thd_partition_indices(cu_seqlens_padded, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """Indices (into the packed row) of the tokens CP rank ``cp_rank`` holds, in its local order.
+
+    ``cu_seqlens_padded`` (``[n + 1]`` offsets of ``n`` sequences, each a multiple of
+    ``2 x cp_size`` long): the local row is, for each sequence in turn, its chunks ``cp_rank``
+    and ``2 x cp_size - 1 - cp_rank`` (Transformer Engine's ``thd_get_partitioned_indices``).
+    """
+    bounds = [int(c) for c in cu_seqlens_padded]
+    parts = [start + local_positions(end - start, cp_size, cp_rank, device=device)
+             for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
+
+
+def split_packed_for_context_parallel(
+    tensor: torch.Tensor, cu_seqlens_padded, cp_size: int, cp_rank: int, dim: int = 1
+) -> torch.Tensor:
+    """This CP rank's part of a packed (THD) ``tensor`` along ``dim``: ``thd_partition_indices``."""
+    if cp_size == 1:
+        return tensor
+    if int(cu_seqlens_padded[-1]) != tensor.shape[dim]:
+        raise ValueError(
+            f"cu_seqlens_padded ends at {int(cu_seqlens_padded[-1])}, the packed row has {tensor.shape[dim]} tokens"
+        )
+    return tensor.index_select(dim, thd_partition_indices(cu_seqlens_padded, cp_size, cp_rank, device=tensor.device))
 
 
 def split_for_context_parallel(tensor: torch.Tensor, cp_size: int, cp_rank: int, dim: int = 1) -> torch.Tensor:
@@ -84,6 +117,7 @@ def context_parallel_attention(
     cp_group,
     softmax_scale: float,
     dropout_p: float = 0.0,
+    cu_seqlens_padded: list[int] | None = None,
 ) -> torch.Tensor:
     """Causal attention of this rank's queries over the keys and values of the whole sequence.
 
@@ -93,6 +127,11 @@ def context_parallel_attention(
     reduce-scatter: ``gather_sequence``), and the mask is built from global positions: key
     position <= query position. The attention itself is recomputed in backward, so a layer
     keeps only its inputs (O(s)) for backward. Collective over ``cp_group``.
+
+    Packed sequences (THD, ``b == 1``): ``cu_seqlens_padded`` are the global offsets of the
+    padded sequences (``thd_partition_indices``' layout); each sequence's local queries attend
+    to that sequence's gathered keys only, with the same positional mask (same sequence AND
+    key position <= query position).
     """
     cp_size, cp_rank = cp_group.size(), cp_group.rank()
     local, b, heads, head_dim = query.shape
@@ -100,7 +139,23 @@ def context_parallel_attention(
     attend = partial(_masked_attention, cp_size=cp_size, cp_rank=cp_rank, scale=softmax_scale, dropout_p=dropout_p)
     # Recomputed in backward (megatron's checkpoint keeps the dropout RNG): SDPA would otherwise
     # keep its [s/N, s] float mask of every layer for backward, memory quadratic in s.
-    context = tensor_parallel.checkpoint(attend, False, query, key, value)
+    if cu_seqlens_padded is None:
+        context = tensor_parallel.checkpoint(attend, False, query, key, value)
+    else:
+        if b != 1 or cu_seqlens_padded[-1] != local * cp_size:
+            raise ValueError(
+                f"packed context-parallel attention needs one row of cu_seqlens_padded[-1] / CP tokens, got "
+                f"{local} x {b} tokens for cu_seqlens_padded ending at {cu_seqlens_padded[-1]} (CP={cp_size})"
+            )
+        # Rank r's block of the gathered row holds sequence i at the local bounds [a, b).
+        key, value = (t.view(cp_size, local, *t.shape[1:]) for t in (key, value))
+        bounds = [c // cp_size for c in cu_seqlens_padded]
+        parts = [
+            tensor_parallel.checkpoint(attend, False, query[start:end], key[:, start:end].flatten(0, 1),
+                                       value[:, start:end].flatten(0, 1))
+            for start, end in zip(bounds[:-1], bounds[1:]) if end > start
+        ]
+        context = torch.cat(parts, dim=2)
     return context.permute(2, 0, 1, 3).reshape(local, b, heads * head_dim)
 
 

@@ -10,7 +10,9 @@ each micro-batch's sum scaled by global pairs / global chosen tokens (``sft_toke
 set by the trainer), which makes it the exact mean over the global batch's chosen tokens.
 
 With context parallelism (``--context-parallel-size N``) ``forward_step`` gives the model this
-CP rank's two chunks of every sequence (tokens, labels, loss mask and positions alike) and
+CP rank's two chunks of every sequence (tokens, labels, loss mask and positions alike; for a
+packed micro-batch, of every padded sequence of the row, with the padded ``cu_seqlens`` in
+``PackedSeqParams`` as megatron-core's ``get_thd_batch_on_this_cp_rank`` builds them) and
 ``loss_func`` reduces per-sequence sums and counts over the CP group before the average: every
 CP rank then holds the same pair losses and metrics. Gradients flow back through each rank's
 own tokens, and megatron-core sums them over data-parallel x CP ranks and divides by the pair
@@ -35,7 +37,7 @@ from simpo_megatron.logprobs import (
     sum_over_group,
     vocab_parallel_token_logps,
 )
-from simpo_megatron.model.context_parallel import split_for_context_parallel
+from simpo_megatron.model.context_parallel import split_for_context_parallel, split_packed_for_context_parallel
 from simpo_megatron.losses import get_loss, sft_token_nll_sum
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
@@ -98,7 +100,9 @@ def loss_func(
         seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob, group=cp_group)
     else:
         segment_ids, packed_pairs = segments
-        seq_logps = segment_logps(token_logps, loss_mask, segment_ids, 2 * packed_pairs, settings.average_log_prob)
+        seq_logps = segment_logps(
+            token_logps, loss_mask, segment_ids, 2 * packed_pairs, settings.average_log_prob, group=cp_group
+        )
     num_pairs = seq_logps.shape[0] // 2
     chosen, rejected = seq_logps[:num_pairs], seq_logps[num_pairs:]
     if pair_weights is None:
@@ -170,20 +174,32 @@ def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    packed, segments = None, None
+    packed, segment_ids, padded = None, None, None
     if "cu_seqlens" in batch:  # a packed micro-batch: one THD row, attention per sequence
         cu_seqlens = batch["cu_seqlens"].to(device, non_blocking=True)
+        if "cu_seqlens_padded" in batch:  # sequences padded to multiples of 2 x CP
+            padded = batch["cu_seqlens_padded"].to(device, non_blocking=True)
         packed = PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+            cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
             max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"],
         )
-        segments = (batch["segment_ids"].to(device, non_blocking=True), batch["num_pairs"])
+        segment_ids = batch["segment_ids"].to(device, non_blocking=True)
     cp_group = _context_parallel_group()
-    if cp_group is not None:  # unpacked only (the configuration refuses CP with --packing)
-        tokens, position_ids, labels, loss_mask = (
-            split_for_context_parallel(t, cp_group.size(), cp_group.rank())
-            for t in (tokens, position_ids, labels, loss_mask)
-        )
+    if cp_group is not None:
+        if packed is None:
+            split = partial(split_for_context_parallel, cp_size=cp_group.size(), cp_rank=cp_group.rank())
+        elif padded is None:
+            raise ValueError(
+                "a packed micro-batch with context parallelism needs cu_seqlens_padded (see data/packing.py)"
+            )
+        else:  # each padded sequence cut into 2 x CP chunks (Transformer Engine's THD layout)
+            split = partial(split_packed_for_context_parallel, cu_seqlens_padded=batch["cu_seqlens_padded"],
+                            cp_size=cp_group.size(), cp_rank=cp_group.rank())
+        tokens, position_ids, labels, loss_mask = (split(t) for t in (tokens, position_ids, labels, loss_mask))
+        if segment_ids is not None:
+            segment_ids = split(segment_ids)
+    segments = None if segment_ids is None else (segment_ids, batch["num_pairs"])
     output = model(tokens, position_ids, attention_mask=None, labels=None, packed_seq_params=packed)
     return output, partial(
         loss_func, settings, vocab_size, labels, loss_mask,

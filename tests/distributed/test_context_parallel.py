@@ -9,7 +9,10 @@ compares the gradients; the updated parameters and the step's loss and metrics a
 too. Checkpoints saved at one CP size are then resumed at another and trained one more step.
 
 ``test_response_in_one_chunk`` runs the model directly on hand-made pairs whose responses lie
-in one CP chunk (so the other rank holds none of their tokens), on CP=2 and on one process.
+in one CP chunk (so the other rank holds none of their tokens), on CP=2 and on one process;
+``test_packed_cp2_equals_packed_cp1_and_unpacked`` does the same with packed rows (THD), with
+sequences shorter than 2 x CP, against packed CP=1 and unpacked CP=1. Packed layouts also run
+through the training loop above (``cp1_packed``, ``cp2_packed``: one update against ``cp1``).
 """
 
 import os
@@ -23,19 +26,22 @@ from simpo_megatron.testing import run_distributed, tiny_config
 pytestmark = pytest.mark.distributed
 
 # name: (TP, PP, CP, micro-batch size, distributed optimizer, layers per virtual pipeline
-# stage); global batch 4 pairs throughout.
+# stage, --packing); global batch 4 pairs throughout.
 BY_WORLD = {
-    1: {"cp1": (1, 1, 1, 1, False, None)},
-    2: {"cp2": (1, 1, 2, 2, False, None), "cp2_4mb": (1, 1, 2, 1, False, None)},
+    1: {"cp1": (1, 1, 1, 1, False, None, False), "cp1_packed": (1, 1, 1, 2, False, None, True)},
+    2: {"cp2": (1, 1, 2, 2, False, None, False), "cp2_4mb": (1, 1, 2, 1, False, None, False),
+        "cp2_packed": (1, 1, 2, 2, False, None, True)},
 }
 # 4 processes on 2 cores: 45-90 s (as loaded), run with -m slow.
 SLOW_BY_WORLD = {
     4: {
-        "cp2_tp2": (2, 1, 2, 2, False, None),
-        "cp2_pp2": (1, 2, 2, 1, False, None),
-        "cp2_pp2_vpp2": (1, 2, 2, 1, False, 1),
-        "cp2_dp2": (1, 1, 2, 1, False, None),
-        "cp2_dp2_distopt": (1, 1, 2, 1, True, None),
+        "cp2_tp2": (2, 1, 2, 2, False, None, False),
+        "cp2_pp2": (1, 2, 2, 1, False, None, False),
+        "cp2_pp2_vpp2": (1, 2, 2, 1, False, 1, False),
+        "cp2_dp2": (1, 1, 2, 1, False, None, False),
+        "cp2_dp2_distopt": (1, 1, 2, 1, True, None, False),
+        "cp2_pp2_packed": (1, 2, 2, 1, False, None, True),
+        "cp2_dp2_packed": (1, 1, 2, 1, False, None, True),
     },
 }
 BASELINE = "cp1"
@@ -72,10 +78,10 @@ def _run(layouts: dict, resumes: dict, root: str, build_reference: bool):
         save_checkpoint(ref, setup_model_and_optimizer(cfg, cfg.padded_vocab_size()), weights_only=True)
         parallel_state.destroy_model_parallel()
     summaries = {}
-    for name, (tp, pp, cp, mbs, distopt, vpp_layers) in layouts.items():
+    for name, (tp, pp, cp, mbs, distopt, vpp_layers, packing) in layouts.items():
         cfg = _config(tp, pp, cp, mbs, use_distributed_optimizer=distopt, dist_ckpt_optim_fully_reshardable=distopt,
                       num_layers_per_virtual_pipeline_stage=vpp_layers, load=ref, save=os.path.join(root, name),
-                      train_iters=1)
+                      train_iters=1, packing=packing)
         summaries[name] = _summary(pretrain(cfg))
         parallel_state.destroy_model_parallel()
     for name, (source, tp, pp, cp) in resumes.items():
@@ -148,46 +154,70 @@ def test_resume_across_cp_sizes(runs, name):
 
 @pytest.mark.slow
 def test_cp2_with_tp_pp_dp_equals_cp1(tmp_path):
-    """CP=2 with TP=2, PP=2, PP=2 interleaved (VPP=2), DP=2 and DP=2 + distributed optimizer
-    (4 processes; 45-90 s on 2 cores)."""
+    """CP=2 with TP=2, PP=2, PP=2 interleaved (VPP=2), DP=2 and DP=2 + distributed optimizer,
+    and packed with PP=2 and DP=2 (4 processes; 60-120 s on 2 cores)."""
     metrics = _runs(tmp_path, {1: BY_WORLD[1], **SLOW_BY_WORLD}, {})
     for name in SLOW_BY_WORLD[4]:
         _compare(tmp_path, metrics, name)
 
 
 # ------------------------------------------------------------ responses inside one CP chunk
+def _ids(n, start):
+    import numpy as np
+
+    return np.arange(start, start + n, dtype=np.int64)
+
+
 def _one_chunk_pairs():
     """Three pairs at seq 16, that is 4 chunks of 4 at CP=2: rank 0 holds positions 0-3 and
     12-15, rank 1 positions 4-11. Pair 0's responses (their loss-mask positions) lie on rank 1
     only, pair 1's on rank 0 only, pair 2's on both."""
-    import numpy as np
-
     from simpo_megatron.data.pair_dataset import collate_pairs
 
-    def ids(n, start):
-        return np.arange(start, start + n, dtype=np.int64)
-
     samples = [
-        {"prompt": ids(5, 3), "chosen": ids(4, 40), "rejected": ids(3, 60)},  # positions 4-7, 4-6
-        {"prompt": ids(13, 3), "chosen": ids(3, 80), "rejected": ids(1, 90)},  # 12-14, 12
-        {"prompt": ids(2, 3), "chosen": ids(12, 100), "rejected": ids(5, 150)},  # 1-12, 1-5
+        {"prompt": _ids(5, 3), "chosen": _ids(4, 40), "rejected": _ids(3, 60)},  # positions 4-7, 4-6
+        {"prompt": _ids(13, 3), "chosen": _ids(3, 80), "rejected": _ids(1, 90)},  # 12-14, 12
+        {"prompt": _ids(2, 3), "chosen": _ids(12, 100), "rejected": _ids(5, 150)},  # 1-12, 1-5
     ]
     return collate_pairs(samples, 16, pad_id=0)
 
 
+def _packed_pairs():
+    """Four pairs packed in one row; at CP=2 each sequence is padded to a multiple of 4 and cut
+    into 4 chunks of its own (``thd_partition_indices``). Pair 0's responses lie on rank 1 only,
+    pair 2's on rank 0 only; pair 1's sequences (3 and 2 tokens) are shorter than 2 x CP, its
+    rejected response on rank 0 only; pair 3's responses on both ranks."""
+    return [
+        {"prompt": _ids(5, 3), "chosen": _ids(2, 40), "rejected": _ids(1, 60)},  # lengths 7, 6 -> 8, 8
+        {"prompt": _ids(1, 3), "chosen": _ids(2, 80), "rejected": _ids(1, 90)},  # 3, 2 -> 4, 4
+        {"prompt": _ids(13, 3), "chosen": _ids(3, 100), "rejected": _ids(1, 110)},  # 16, 14 -> 16, 16
+        {"prompt": _ids(2, 3), "chosen": _ids(12, 120), "rejected": _ids(5, 150)},  # 14, 7 -> 16, 8
+    ]
+
+
+def _packed_batches(samples):
+    """The same pairs unpacked (width 16), packed for CP=1, and packed for CP=2 (with a tail)."""
+    from simpo_megatron.data.packing import collate_packed
+    from simpo_megatron.data.pair_dataset import collate_pairs
+
+    return {
+        "unpacked": collate_pairs(samples, 16, pad_id=0),
+        "packed_cp1": collate_packed(samples, pad_id=0),
+        "packed_cp2": collate_packed(samples, pad_id=0, pad_to_multiple_of=32, sequence_multiple_of=4),
+    }
+
+
 def _direct(cp: int, batch: dict, seed: int):
     """Loss, per-sequence log-probs and gradients of one micro-batch, on a ``cp``-way split."""
-    from functools import partial
-
     from megatron.core import parallel_state
 
     from simpo_megatron.model import build_model
-    from simpo_megatron.runtime import ParallelLayout, initialize_distributed
+    from simpo_megatron.runtime import initialize_distributed
     from simpo_megatron.training.step import forward_step
 
-    cfg = tiny_config(context_parallel_size=cp, seq_length=batch["tokens"].shape[1], micro_batch_size=3,
-                      global_batch_size=3, sft_weight=0.5, num_layers=2)
-    initialize_distributed(ParallelLayout(context_parallel_size=cp), seed=seed)
+    cfg = tiny_config(context_parallel_size=cp, seq_length=16, micro_batch_size=batch["num_pairs"],
+                      global_batch_size=batch["num_pairs"], sft_weight=0.5, num_layers=2)
+    initialize_distributed(cfg.parallel_layout(), seed=seed)
     (model,) = build_model(cfg.model, cfg.parallel_layout(), cfg.padded_vocab_size())
     output, loss_fn = forward_step(cfg.loss, cfg.model.vocab_size, iter([dict(batch)]), model)
     loss_sum, count, metrics = loss_fn(output)
@@ -206,12 +236,34 @@ def _direct(cp: int, batch: dict, seed: int):
             "grads": grads}
 
 
-def _cp2_then_cp1(batch, seed):
-    """The same model (same seed) on the same micro-batch split over 2 CP ranks, then whole."""
-    return _direct(2, batch, seed), _direct(1, batch, seed)
+def _direct_runs(unpacked, packed, seed):
+    """The same model (same seed) on the same pairs: split over 2 CP ranks and whole, unpacked
+    and packed."""
+    return {
+        "cp2": _direct(2, unpacked, seed), "cp1": _direct(1, unpacked, seed),
+        "packed_cp2": _direct(2, packed["packed_cp2"], seed), "packed_cp1": _direct(1, packed["packed_cp1"], seed),
+        "packed_unpacked": _direct(1, packed["unpacked"], seed),
+    }
 
 
-def test_response_in_one_chunk():
+@pytest.fixture(scope="module")
+def direct():
+    return run_distributed(_direct_runs, 2, _one_chunk_pairs(), _packed_batches(_packed_pairs()), 11)
+
+
+def _assert_same(mine, ref, pairs):
+    assert mine["pairs"] == ref["pairs"] == pairs
+    torch.testing.assert_close(mine["loss"], ref["loss"], rtol=1e-5, atol=1e-6)
+    assert mine["metrics"].keys() == ref["metrics"].keys()
+    for key, value in ref["metrics"].items():
+        torch.testing.assert_close(mine["metrics"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert mine["grads"].keys() == ref["grads"].keys()
+    for key, value in ref["grads"].items():
+        assert value.abs().max() > 0, key
+        torch.testing.assert_close(mine["grads"][key], value, rtol=1e-4, atol=1e-7, msg=key)
+
+
+def test_response_in_one_chunk(direct):
     from simpo_megatron.model.context_parallel import local_positions
 
     batch = _one_chunk_pairs()
@@ -220,13 +272,26 @@ def test_response_in_one_chunk():
     assert where[0] <= on_rank[1] and where[3] <= on_rank[1]
     assert where[1] <= on_rank[0] and where[4] <= on_rank[0]
     assert where[2] & on_rank[0] and where[2] & on_rank[1]
-    results = run_distributed(_cp2_then_cp1, 2, batch, 11)
-    one = results[0][1]
-    assert one["pairs"] == results[0][0]["pairs"] == 3
-    for rank, _ in results:
-        torch.testing.assert_close(rank["loss"], one["loss"], rtol=1e-5, atol=1e-6)
-        for key, value in one["metrics"].items():
-            torch.testing.assert_close(rank["metrics"][key], value, rtol=1e-5, atol=1e-6, msg=key)
-        for key, value in one["grads"].items():
-            assert value.abs().max() > 0, key
-            torch.testing.assert_close(rank["grads"][key], value, rtol=1e-4, atol=1e-7, msg=key)
+    for rank in direct:
+        _assert_same(rank["cp2"], direct[0]["cp1"], pairs=3)
+
+
+def test_packed_cp2_equals_packed_cp1_and_unpacked(direct):
+    """Packed at CP=2 (sequences padded to multiples of 4, each split into 4 chunks) gives the
+    loss, metrics and gradients of packed CP=1 and of unpacked CP=1, on every rank; including a
+    pair whose responses lie in one rank's chunks and sequences shorter than 2 x CP."""
+    from simpo_megatron.model.context_parallel import thd_partition_indices
+
+    batch = _packed_batches(_packed_pairs())["packed_cp2"]
+    mask, seq = batch["loss_mask"][0], batch["segment_ids"][0]
+    ranks_of = {}  # sequence -> the CP ranks holding its response tokens
+    for rank in (0, 1):
+        local = thd_partition_indices(batch["cu_seqlens_padded"], 2, rank)
+        for k in seq[local][mask[local] > 0].unique().tolist():
+            ranks_of.setdefault(k, set()).add(rank)
+    assert ranks_of == {0: {1}, 4: {1}, 1: {0, 1}, 5: {0}, 2: {0}, 6: {0}, 3: {0, 1}, 7: {0, 1}}
+    assert (batch["cu_seqlens_padded"].diff() % 4 == 0).all() and batch["segment_ids"][0, -1] == 8  # the tail
+    reference = direct[0]["packed_unpacked"]
+    _assert_same(direct[0]["packed_cp1"], reference, pairs=4)
+    for rank in direct:
+        _assert_same(rank["packed_cp2"], reference, pairs=4)
