@@ -28,6 +28,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,7 +155,7 @@ def _resume(root: str, data: dict) -> dict:
     return out
 
 
-def _errors(root: str, data: dict, ports: list[int]) -> dict:
+def _errors(root: str, data: dict) -> dict:
     """Part 2: ``main`` on set-ups that must be refused; each call on a fresh rendezvous port
     (``main`` tears its process group down, and gloo cannot reuse the old store's port)."""
     import torch.distributed as dist
@@ -192,23 +193,42 @@ def _errors(root: str, data: dict, ports: list[int]) -> dict:
         "no_load_optim_flag": [*data_flags, "--use-distributed-optimizer", "--tensor-model-parallel-size", "2",
                                "--no-load-optim", "--load", good],
     }
-    out = {}
-    for (name, flags), port in zip(cases.items(), ports):
-        os.environ["MASTER_PORT"] = str(port)
+    out, rank = {}, dist.get_rank()
+    for name, flags in cases.items():
+        os.environ["MASTER_PORT"] = str(_agreed_port(os.path.join(root, "errors", f"port_{name}"), rank))
         rc, stdout, stderr = _quiet(main, [*FLAGS, "--train-iters", str(N), *flags])
         out[name] = {"rc": rc, "stdout": stdout, "stderr": stderr}
     return {"cases": out, "before": before, "dirs": dirs | {"good": good}}
 
 
-def _worker(root: str, data: dict, ports: list[int]) -> dict:
+def _agreed_port(path: str, rank: int) -> int:
+    """A port free right now, picked by rank 0 and read by the others from ``path``.
+
+    Picked just before use (not at the start of the test): a port found free long before can be
+    taken meanwhile, e.g. by gloo's own connections, which use ephemeral ports.
+    """
+    if rank == 0:
+        (port,) = _free_ports(1)
+        with open(path + ".tmp", "w") as f:
+            f.write(str(port))
+        os.replace(path + ".tmp", path)
+        return port
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"rank 0 never wrote {path}"
+        time.sleep(0.05)
+    return int(open(path).read())
+
+
+def _worker(root: str, data: dict) -> dict:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the CPU (gloo) path
-    return {"resume": _resume(root, data), "errors": _errors(root, data, ports)}
+    return {"resume": _resume(root, data), "errors": _errors(root, data)}
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, data):
     root = tmp_path_factory.mktemp("runs")
-    ranks = run_distributed(_worker, 2, str(root), data, _free_ports(12))
+    ranks = run_distributed(_worker, 2, str(root), data)
     return root, ranks
 
 
