@@ -114,10 +114,17 @@ def micro_batches(
     (to ``--seq-length`` when 0); pipeline stages exchange the varying shapes
     (``variable_seq_lengths``).
     """
+    collate = partial(collate_pairs, seq_length=cfg.data.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg))
+    return _sampled(dataset, cfg, consumed_samples, cfg.data.micro_batch_size, data_parallel_rank,
+                    data_parallel_size, shuffle, collate)
+
+
+def _sampled(dataset, cfg, consumed_samples, batch_size, data_parallel_rank, data_parallel_size, shuffle, collate):
+    """Batches of ``batch_size`` pairs for one DP rank from ``PairBatchSampler``, through a DataLoader."""
     sampler = PairBatchSampler(
         total_pairs=len(dataset),
         consumed_samples=consumed_samples,
-        micro_batch_size=cfg.data.micro_batch_size,
+        micro_batch_size=batch_size,
         global_batch_size=cfg.data.global_batch_size,
         data_parallel_rank=data_parallel_rank,
         data_parallel_size=data_parallel_size,
@@ -125,13 +132,8 @@ def micro_batches(
         seed=cfg.optimizer.seed,
     )
     loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=partial(
-            collate_pairs, seq_length=cfg.data.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg)
-        ),
-        num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
+        dataset, batch_sampler=sampler, collate_fn=collate,
+        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
     )
     return iter(loader)
 
@@ -159,23 +161,8 @@ def global_batches(
             yield [next(stream) for _ in range(count)]
     from simpo_megatron.data.packing import packed_micro_batches
 
-    sampler = PairBatchSampler(
-        total_pairs=len(dataset),
-        consumed_samples=consumed_samples,
-        micro_batch_size=cfg.data.global_batch_size,
-        global_batch_size=cfg.data.global_batch_size,
-        data_parallel_rank=0,
-        data_parallel_size=1,
-        shuffle=shuffle,
-        seed=cfg.optimizer.seed,
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=list,
-        num_workers=cfg.data.num_workers,
-        persistent_workers=cfg.data.num_workers > 0,
-    )
+    # Every rank reads the whole global batch (one "micro-batch" of all its pairs, as DP rank 0 of 1).
+    loader = _sampled(dataset, cfg, consumed_samples, cfg.data.global_batch_size, 0, 1, shuffle, list)
     interleaved = cfg.virtual_pipeline_model_parallel_size() is not None
     # Context parallelism splits every packed sequence into 2 x CP chunks of its own.
     cp = cfg.parallel.context_parallel_size

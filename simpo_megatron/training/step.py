@@ -55,15 +55,27 @@ SFT_KEY = "sft_loss"  # the SFT term (without its weight), reported when --sft-w
 METRIC_NAMES = METRIC_SUMS[:4] + ("rewards/margins",) + METRIC_SUMS[4:] + (SFT_KEY,)
 
 
+def chosen_response_mask(
+    loss_mask: torch.Tensor,
+    num_pairs: int,
+    segment_ids: torch.Tensor | None = None,
+    pair_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``loss_mask`` kept on the chosen responses only: rows ``[0, m)``, or packed segments
+    ``[0, m)``; padding pairs (``pair_weights`` 0) left out."""
+    if segment_ids is not None:
+        return loss_mask * (segment_ids < num_pairs).to(loss_mask.dtype)
+    keep = torch.zeros(loss_mask.shape[0], dtype=loss_mask.dtype, device=loss_mask.device)
+    keep[:num_pairs] = 1.0 if pair_weights is None else pair_weights.to(keep)
+    return loss_mask * keep[:, None]
+
+
 def chosen_token_count(batch: dict) -> torch.Tensor:
-    """Chosen-response tokens of a micro-batch (rows ``[0, m)``, or packed segments ``[0, m)``),
-    padding pairs left out."""
+    """Chosen-response tokens of a micro-batch, padding pairs left out."""
+    mask = batch["loss_mask"]
     if "segment_ids" in batch:
-        return (batch["loss_mask"] * (batch["segment_ids"] < batch["num_pairs"])).sum()
-    mask = batch["loss_mask"][: batch["loss_mask"].shape[0] // 2]
-    if batch.get("pair_weights") is not None:
-        mask = mask * batch["pair_weights"][:, None].to(mask.dtype)
-    return mask.sum()
+        return chosen_response_mask(mask, batch["num_pairs"], segment_ids=batch["segment_ids"]).sum()
+    return chosen_response_mask(mask, mask.shape[0] // 2, pair_weights=batch.get("pair_weights")).sum()
 
 
 def loss_func(
@@ -128,14 +140,13 @@ def loss_func(
     loss_sum = pair_sum(losses) if num_pairs else 0.0 * token_logps.sum()
     metrics = {}
     if settings.token_sft:
-        if segments is None:
-            chosen_logps, chosen_mask = token_logps[:num_pairs], loss_mask[:num_pairs] * weights[:, None].to(loss_mask.dtype)
-        else:
-            chosen_logps, chosen_mask = token_logps, loss_mask * (segments[0] < num_pairs).to(loss_mask.dtype)
+        chosen_mask = chosen_response_mask(
+            loss_mask, num_pairs, segment_ids=None if segments is None else segments[0], pair_weights=weights
+        )
         if sft_token_scale is None:
             chosen_tokens = sum_over_group(chosen_mask.sum(), cp_group).item()
             sft_token_scale = weights.sum().item() / max(chosen_tokens, 1.0)
-        sft_sum = sum_over_group(sft_token_nll_sum(chosen_logps, chosen_mask, sft_token_scale), cp_group)
+        sft_sum = sum_over_group(sft_token_nll_sum(token_logps, chosen_mask, sft_token_scale), cp_group)
         loss_sum = loss_sum + settings.sft_weight * sft_sum
         metrics[SFT_KEY] = sft_sum.detach()
     elif settings.sft_weight > 0:
