@@ -9,8 +9,9 @@ Tokenization is that of the whole conversation, as TRL's and the SimPO repositor
 tokenized prompt ends, one token earlier when the prompt's last token merges with the
 response's first (a "boundary merge", counted in the summary and the sidecar). So prompt +
 chosen and prompt + rejected are exactly the tokenized texts. When the tokenizer splits words
-at spaces, each prompt is encoded once and only its last words again with each response (the
-same ids; see PairEncoder). Texts are encoded in batches with the tokenizer's own threads.
+at spaces, each prompt is encoded once, and each response from its own first word or from the
+prompt's last words (the same ids; see PairEncoder). Texts are encoded in batches with the
+tokenizer's own threads.
 
 Input: JSON Lines (any extension), a .json file holding one array, or .parquet (pyarrow).
 Records hold three fields (renamed with --json-keys) in one of two shapes:
@@ -39,6 +40,7 @@ import codecs
 import json
 import os
 import signal
+import string
 import sys
 import threading
 import time
@@ -62,7 +64,10 @@ from simpo_megatron.data.tokenizers import (  # noqa: E402
     build_tokenizer,
 )
 
-CHUNK_PAIRS = 512  # pairs per batch handed to a worker and to the builder
+# A batch handed to a worker and to the builder: at most CHUNK_PAIRS pairs, and for JSON Lines
+# about CHUNK_BYTES of input at most (plus one line), so that long pairs keep memory bounded.
+CHUNK_PAIRS = 4096
+CHUNK_BYTES = 2 << 20
 
 
 class InputError(Exception):
@@ -171,11 +176,19 @@ def split_pair(
     chosen_start, rejected_start = response_start(prompt_ids, chosen_full), response_start(prompt_ids, rejected_full)
     start = min(chosen_start, rejected_start)
     if chosen_full[:start] != rejected_full[:start]:
-        # The prompt's tokens changed beyond its last one (TRL tolerates one such token).
-        start = next(i for i, (a, b) in enumerate(zip(chosen_full, rejected_full)) if a != b)
+        # The prompt's tokens changed beyond its last one (TRL tolerates one such token): their
+        # common prefix, which may be all of the shorter (its response is then empty, an error).
+        start = next((i for i, (a, b) in enumerate(zip(chosen_full, rejected_full)) if a != b),
+                     min(len(chosen_full), len(rejected_full)))
     merged = (chosen_start < n) + (rejected_start < n)
     shifted = (chosen_start > start) + (rejected_start > start)
     return chosen_full[:start], chosen_full[start:], rejected_full[start:], merged, shifted
+
+
+# A space and an ASCII letter or digit: a word start; a prompt ending in printable ASCII other
+# than a space ends a word there.
+_WORD_STARTS = frozenset(" " + c for c in string.ascii_letters + string.digits)
+_PLAIN_ENDS = frozenset(c for c in string.printable if not c.isspace())
 
 
 def tail_start(prompt: str, skip: int) -> int:
@@ -197,9 +210,13 @@ class PairEncoder:
 
     Encoding each prompt three times (alone and before each response) would be most of the
     work. When the tokenizer splits words at spaces (`splits_at_spaces`), prompt + response is
-    encoded as the prompt's ids up to its last words (`tail_start`) followed by the ids of those
-    words + response: the same ids, since nothing merges across the split. Each prompt checks
-    it: its own ids must end with those of its last words, else its pair is encoded whole.
+    encoded as the prompt's ids up to a word start followed by the ids of the text from there
+    (`resume_at`): the same ids, since nothing merges across the split. The word start is the
+    response's own first word when both responses start with one after a plain ASCII prompt end
+    (" 42" after "Answer:", as plain-text pairs have it) and the tokenizer keeps such a space
+    with the word after it (checked once, on probes); else the prompt's last words
+    (`tail_start`), and each such prompt checks the split: its own ids must end with those of
+    its last words, else its pair is encoded whole.
     """
 
     def __init__(self, tokenizer: BaseTokenizer, keys: tuple[str, str, str], append_eod: bool) -> None:
@@ -208,6 +225,8 @@ class PairEncoder:
         self.append_eod = append_eod
         self._eos_token = tokenizer.special_tokens.get("eos_token")
         self._tail_skip = self._tail_variant() if tokenizer.splits_at_spaces else None
+        self._at_response = self._tail_skip is not None and self._splits_before_responses()
+        self._added_texts = tokenizer.added_texts
 
     def _tail_variant(self) -> int | None:
         """Whether a prompt's last words are encoded with the space before them (0: byte-level BPE,
@@ -220,6 +239,32 @@ class PairEncoder:
             if all(tail and full[-len(tail) :] == tail for full, tail in zip(ids, ids[len(probes) :])):
                 return skip
         return None
+
+    def _splits_before_responses(self) -> bool:
+        """Whether a prompt's ids followed by those of a response from its first word (the
+        `_tail_skip` variant) are the ids of prompt + response, on probes: false where the space
+        joins the word before it (a pre-tokenizer splitting with "merged_with_previous")."""
+        probes = (("Answer:", " 42"), ("ab", " cd"), ("x, y", " z 7"), ("Sure!", " Hi 19"))
+        skip = self._tail_skip
+        ids = self.tokenizer.tokenize_batch(
+            [p for p, _ in probes] + [r[skip:] for _, r in probes] + [p + r for p, r in probes]
+        )
+        n = len(probes)
+        return all(ids[i] + ids[n + i] == ids[2 * n + i] for i in range(n))
+
+    def resume_at(self, prompt: str, chosen: str, rejected: str) -> int:
+        """Where in prompt + response the encoding of each response starts: past the prompt at the
+        responses' first word, at the prompt's last words, or at 0 (the whole text)."""
+        skip = self._tail_skip
+        if skip is None:
+            return 0
+        if (
+            self._at_response
+            and chosen[:2] in _WORD_STARTS and rejected[:2] in _WORD_STARTS
+            and prompt[-1:] in _PLAIN_ENDS and not prompt.endswith(self._added_texts)
+        ):
+            return len(prompt) + skip
+        return tail_start(prompt, skip)
 
     def encode_chunk(self, chunk: Chunk) -> EncodedChunk:
         """Validate, render, tokenize and split a chunk (the three stages below, in turn)."""
@@ -236,13 +281,13 @@ class PairEncoder:
         prepared = Prepared(chunk, [], [], [], [], [], fast_path=not strict)
         eos_token = self._eos_token
         k_prompt, k_chosen, k_rejected = self.keys
-        for location, record in zip(chunk.locations, chunk.records):
+        values = [None] * len(chunk.records) if strict else _parsed(chunk.records)
+        for location, record, value in zip(chunk.locations, chunk.records, values):
             texts = None
-            if not strict and type(record) is bytes:
+            if value is not None:
                 try:
-                    parsed = json.loads(record.decode())
-                    prompt, chosen, rejected = parsed[k_prompt], parsed[k_chosen], parsed[k_rejected]
-                except (ValueError, TypeError, KeyError, IndexError):
+                    prompt, chosen, rejected = value[k_prompt], value[k_chosen], value[k_rejected]
+                except (TypeError, KeyError, IndexError):
                     pass  # the slow path names the problem
                 else:
                     if (
@@ -277,19 +322,20 @@ class PairEncoder:
     def _tokenize(self, prepared: Prepared) -> list[Tokenized]:
         prompts, chosen, rejected = prepared.prompts, prepared.chosen, prepared.rejected
         k = len(prompts)
-        skip = self._tail_skip
-        starts = [0] * k if skip is None else [tail_start(prompt, skip) for prompt in prompts]
+        starts = list(map(self.resume_at, prompts, chosen, rejected))
+        # The prompt's text from `start` on, or how much of each response to leave out.
         tails = [prompt[start:] for prompt, start in zip(prompts, starts)]
-        cut = [i for i, start in enumerate(starts) if start]
+        past = [max(0, start - len(prompt)) for prompt, start in zip(prompts, starts)]
+        cut = [i for i, tail in enumerate(tails) if tail and starts[i]]
         ids = self.tokenizer.tokenize_batch(
             prompts
             + [tails[i] for i in cut]
-            + [tail + text for tail, text in zip(tails, chosen)]
-            + [tail + text for tail, text in zip(tails, rejected)]
+            + [tail + text[skip:] for tail, text, skip in zip(tails, chosen, past)]
+            + [tail + text[skip:] for tail, text, skip in zip(tails, rejected, past)]
         )
         m = k + len(cut)
         prompt_ids, chosen_ids, rejected_ids = ids[:k], ids[m : m + k], ids[m + k :]
-        heads = [0] * k
+        heads = [len(ids) if start >= len(prompt) else 0 for ids, prompt, start in zip(prompt_ids, prompts, starts)]
         whole = []  # prompts whose ids do not end with those of their last words
         for i, tail in zip(cut, ids[k:m]):
             head = len(prompt_ids[i]) - len(tail)
@@ -302,32 +348,34 @@ class PairEncoder:
                 [prompts[i] + chosen[i] for i in whole] + [prompts[i] + rejected[i] for i in whole]
             )
             for j, i in enumerate(whole):
-                chosen_ids[i], rejected_ids[i] = again[j], again[len(whole) + j]
+                chosen_ids[i], rejected_ids[i], heads[i] = again[j], again[len(whole) + j], 0
         return list(map(Tokenized, prompt_ids, heads, chosen_ids, rejected_ids))
 
     def finish(self, prepared: Prepared, tokenized: list[Tokenized]) -> EncodedChunk:
         """Split each pair at its prompt's token boundary, place BOS/EOS, and flatten the chunk."""
         failures = prepared.failures
-        bos, eos, append_eod = self.tokenizer.bos_id, self.tokenizer.eos_id, self.append_eod
+        bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+        eos = [self.tokenizer.eos_id] if self.append_eod else []
         tokens: list[int] = []
-        offsets = [0]
+        lengths: list[int] = []
         merged_total = shifted_total = 0
-        for location, (ids, head, chosen_ids, rejected_ids) in zip(prepared.locations, tokenized):
-            # split_pair on the ids after the shared head: the same split, shifted by `head`.
-            tail = ids[head:]
-            n = len(tail)
-            if chosen_ids[:n] == tail and rejected_ids[:n] == tail:  # no boundary merge
-                prompt, chosen, rejected, merged, shifted = ids, chosen_ids[n:], rejected_ids[n:], 0, 0
-            else:
-                prompt, chosen, rejected, merged, shifted = split_pair(tail, chosen_ids, rejected_ids)
-                prompt = ids[:head] + prompt
-            if bos is not None and prompt[:1] != [bos]:
-                prompt = [bos, *prompt]
-            if append_eod:
-                if chosen[-1:] != [eos]:
-                    chosen.append(eos)
-                if rejected[-1:] != [eos]:
-                    rejected.append(eos)
+        for location, (prompt, head, chosen, rejected) in zip(prepared.locations, tokenized):
+            merged = shifted = 0
+            if head < len(prompt):  # split_pair on the ids after the shared head, shifted by `head`
+                tail = prompt[head:]
+                n = len(tail)
+                if chosen[:n] == tail and rejected[:n] == tail:  # no boundary merge
+                    chosen, rejected = chosen[n:], rejected[n:]
+                else:
+                    tail, chosen, rejected, merged, shifted = split_pair(tail, chosen, rejected)
+                    prompt = prompt[:head] + tail
+            if bos and prompt[:1] != bos:
+                prompt = bos + prompt
+            if eos:
+                if chosen[-1:] != eos:
+                    chosen = chosen + eos
+                if rejected[-1:] != eos:
+                    rejected = rejected + eos
             if not (prompt and chosen and rejected and chosen != rejected):
                 problem = self._problem(prompt, chosen, rejected)
                 failures.append(Failure(location, problem.reason, problem.message, problem.fatal))
@@ -335,15 +383,15 @@ class PairEncoder:
             merged_total += merged
             shifted_total += shifted
             tokens += prompt
-            offsets.append(len(tokens))
             tokens += chosen
-            offsets.append(len(tokens))
             tokens += rejected
-            offsets.append(len(tokens))
+            lengths += (len(prompt), len(chosen), len(rejected))
         failures.sort(key=lambda f: f.location)
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
         return EncodedChunk(
             np.array(tokens, dtype=np.int32),
-            np.array(offsets, dtype=np.int64),
+            offsets,
             len(prepared.chunk.records),
             failures,
             Counter(responses=merged_total, shifted=shifted_total),
@@ -436,6 +484,26 @@ class PairEncoder:
         return turns
 
 
+def _parsed(records: list[Any]) -> list[Any]:
+    """Each record's value: a JSON Lines line parsed (None where it does not parse), a record
+    already parsed as it is. A chunk of lines parses in one call when every line holds one value."""
+    if not all(type(record) is bytes for record in records):
+        return [_parsed([r])[0] if type(r) is bytes else r for r in records]
+    try:
+        values = json.loads((b"[" + b",".join(records) + b"]").decode())
+        if len(values) == len(records):  # no line held two values, or none
+            return values
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError included
+        pass
+    values = []
+    for line in records:
+        try:
+            values.append(json.loads(line.decode()))
+        except ValueError:
+            values.append(None)
+    return values
+
+
 def _parse_line(line: bytes) -> Any:
     try:
         text = line.decode("utf-8")
@@ -487,19 +555,17 @@ def _read_input(path: str, keys: Sequence[str]) -> tuple[Iterator[Chunk], int | 
 
 def _jsonl_chunks(path: str) -> Iterator[Chunk]:
     with open(path, "rb") as f:
-        chunk = Chunk([], [])
-        for number, line in enumerate(f, 1):
+        number = 1  # of the next line
+        while lines := f.readlines(CHUNK_BYTES):
             if number == 1:
-                line = line.removeprefix(codecs.BOM_UTF8)
-            if not line.strip():
-                continue
-            chunk.locations.append(number)
-            chunk.records.append(line)
-            if len(chunk.records) == CHUNK_PAIRS:
-                yield chunk
-                chunk = Chunk([], [])
-        if chunk.records:
-            yield chunk
+                lines[0] = lines[0].removeprefix(codecs.BOM_UTF8)
+            locations: Sequence[int] = range(number, number + len(lines))
+            number += len(lines)
+            if any(map(bytes.isspace, lines)):
+                kept = [i for i, line in enumerate(lines) if not line.isspace()]
+                locations, lines = [locations[i] for i in kept], [lines[i] for i in kept]
+            for start in range(0, len(lines), CHUNK_PAIRS):
+                yield Chunk(list(locations[start : start + CHUNK_PAIRS]), lines[start : start + CHUNK_PAIRS])
 
 
 def _load_json_array(path: str) -> list[Any]:

@@ -111,6 +111,12 @@ class BaseTokenizer(ABC):
         and only its last words again with each response (it checks the split on every prompt)."""
 
     @property
+    @abstractmethod
+    def added_texts(self) -> tuple[str, ...]:
+        """Texts the tokenizer matches as whole tokens before it splits words (control and
+        user-defined pieces, added tokens): a word split next to one may not hold."""
+
+    @property
     def pad_id(self) -> int:
         for candidate in (self._own_pad_id, self.eos_id):
             if candidate is not None:
@@ -247,13 +253,23 @@ class SentencePieceTokenizer(BaseTokenizer):
         return self._sp.serialized_model_proto()
 
     @cached_property
-    def splits_at_spaces(self) -> bool:
+    def _proto(self) -> Any:
         from sentencepiece import sentencepiece_model_pb2
 
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(self._sp.serialized_model_proto())
+        return proto
+
+    @cached_property
+    def splits_at_spaces(self) -> bool:
+        spec = self._proto.trainer_spec
         # Words start with "▁" and no piece spans one (unless whitespace is a suffix).
-        return proto.trainer_spec.split_by_whitespace and not proto.trainer_spec.treat_whitespace_as_suffix
+        return spec.split_by_whitespace and not spec.treat_whitespace_as_suffix
+
+    @cached_property
+    def added_texts(self) -> tuple[str, ...]:
+        whole = (self._proto.SentencePiece.CONTROL, self._proto.SentencePiece.USER_DEFINED)
+        return tuple(piece.piece for piece in self._proto.pieces if piece.type in whole)
 
 
 class HuggingFaceTokenizer(BaseTokenizer):
@@ -349,6 +365,10 @@ class HuggingFaceTokenizer(BaseTokenizer):
         if pre_tokenizer is None:
             return False
         return any(end in (2, 3) for _, (_, end) in pre_tokenizer.pre_tokenize_str("ab cd")[:-1])
+
+    @cached_property
+    def added_texts(self) -> tuple[str, ...]:
+        return tuple(token.content for token in self._tok.added_tokens_decoder.values())
 
 
 def build_tokenizer(

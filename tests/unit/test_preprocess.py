@@ -207,6 +207,8 @@ def test_chat_messages_without_template_fail_even_when_skipping(tmp_path, capsys
 GOOD = {"prompt": "Largest of: 1 2\nAnswer:", "chosen": "2", "rejected": "1"}
 BAD = {
     "malformed_json": (b'{"prompt": "x", "chosen": \n', "malformed JSON"),
+    # a chunk's lines parse as one JSON array when each holds one value: this one holds two
+    "two_values": (b'{"prompt": "x", "chosen": "a", "rejected": "b"}, 7\n', "malformed JSON: Extra data"),
     "invalid_utf8": (b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n', "invalid UTF-8"),
     "lone_surrogate": (b'{"prompt": "\\ud800", "chosen": "a", "rejected": "b"}\n', "lone surrogate"),
     "missing_field": ({"prompt": "x", "chosen": "a"}, "field 'rejected' is missing"),
@@ -216,7 +218,7 @@ BAD = {
     "empty_response": ({"prompt": "x", "chosen": "a", "rejected": ""}, "field 'rejected' is empty"),
     "identical_responses": ({"prompt": "x", "chosen": "a", "rejected": "a"}, "are identical"),
 }
-REASON = {"lone_surrogate": "invalid_utf8", "not_an_object": "bad_type"}
+REASON = {"lone_surrogate": "invalid_utf8", "not_an_object": "bad_type", "two_values": "malformed_json"}
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
@@ -233,6 +235,14 @@ def test_bad_input(tmp_path, capsys, case):
     reason = REASON.get(case, case)
     assert read_sidecar(str(tmp_path / "o" / "out"))["skipped"] == {reason: 1}
     assert f"skipped 1 pairs: {reason} 1" in capsys.readouterr().out
+
+
+def test_blank_lines_are_skipped_and_counted_in_line_numbers(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "in.jsonl", [GOOD, b"\n", b" \t\r\n", GOOD, BAD["malformed_json"][0], GOOD])
+    assert run(tmp_path, path) == 1
+    assert f"{path}:5: malformed JSON" in capsys.readouterr().err
+    assert run(tmp_path, path, "--skip-invalid") == 0
+    assert len(read_pairs(tmp_path / "o" / "out")) == 3
 
 
 def test_file_level_errors(tmp_path, capsys):

@@ -253,6 +253,7 @@ def test_training_checks_the_sidecar_with_the_same_rule(tmp_path, bpe_file):
     ([1, 2, 3, 9, 5], [1, 2, 3, 8], ([1, 2, 3], [9, 5], [8], 2, 0)),  # both merged with the last token
     ([1, 2, 3, 9, 5], [1, 2, 3, 4, 6], ([1, 2, 3], [9, 5], [4, 6], 1, 1)),  # one merged: the other shifts
     ([1, 2, 7, 5], [1, 2, 3, 4, 6], ([1, 2], [7, 5], [3, 4, 6], 1, 2)),  # two prompt tokens merged
+    ([1, 5], [1, 5, 6], ([1, 5], [], [6], 2, 2)),  # a full text shorter than the prompt: chosen empty
 ])
 def test_split_pair(chosen_full, rejected_full, expected):
     """Prompt + response is always the full tokenization; the prompt ends at TRL's boundary or earlier."""
@@ -270,10 +271,17 @@ RESPONSE_PARTS = ["8", " 8", "\n", "\n\n42", " 7 19 42", "42", "!", " ", "  yes"
                   "</s>", "Sure: 7", "\tok", "19", "re: 7", "2 19", "ending"]
 
 
+# Responses that start with a word after a space, as plain-text pairs have them (" 42" after "Answer:").
+WORD_STARTS = [" 8", " 7 19 42", " yes", " Sure: 7", " 42\n", " ending"]
+
+
 def random_pairs(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
     rng = __import__("random").Random(seed)
     part = lambda parts, lo, hi: "".join(rng.choice(parts) for _ in range(rng.randint(lo, hi)))  # noqa: E731
-    return [(part(PROMPT_PARTS, 1, 10), part(RESPONSE_PARTS, 1, 4), part(RESPONSE_PARTS, 1, 4)) for _ in range(n)]
+    pairs = [(part(PROMPT_PARTS, 1, 10), part(RESPONSE_PARTS, 1, 4), part(RESPONSE_PARTS, 1, 4)) for _ in range(n)]
+    starts = [(part(PROMPT_PARTS, 1, 10), rng.choice(WORD_STARTS) + part(RESPONSE_PARTS, 0, 2),
+               rng.choice(WORD_STARTS) + part(RESPONSE_PARTS, 0, 2)) for _ in range(n // 2)]
+    return [pair for pair in pairs + starts if pair[1] != pair[2]]
 
 
 def sp_variant(tmp_path: Path, name: str, **options) -> str:
@@ -296,11 +304,27 @@ def bpe_variant(tmp_path: Path, bpe_file: str, name: str, pre_tokenizer) -> str:
     return str(directory)
 
 
+def bpe_trained(tmp_path: Path, name: str, pre_tokenizer) -> str:
+    """A byte-level BPE trained with `pre_tokenizer`, so its merges follow that word split."""
+    tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=BPE_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS + ["8 88 42 7 19 yes ending Answer: 42"] * 5, trainer)
+    directory = tmp_path / name
+    directory.mkdir()
+    tok.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    return str(directory)
+
+
 def test_last_words_path_gives_the_ids_of_the_whole_text_rule(tmp_path, bpe_file, sp_model):
-    """Encoding a prompt's last words again with each response (PairEncoder's path) stores exactly
-    what tokenizing prompt, prompt + chosen and prompt + rejected whole stores (TRL's rule, split_pair),
-    boundary merges included, on byte-level BPE (GPT-2 and Llama-3 pre-tokenizers), SentencePiece
-    with and without whitespace cleanup, and tokenizers that do not split at spaces (encoded whole)."""
+    """Encoding each response from a word start (PairEncoder's paths: its own first word, or the
+    prompt's last words) stores exactly what tokenizing prompt, prompt + chosen and prompt + rejected
+    whole stores (TRL's rule, split_pair), boundary merges included, on byte-level BPE (GPT-2 and
+    Llama-3 pre-tokenizers, and one that joins a space to the word before it), SentencePiece with
+    and without whitespace cleanup, and tokenizers that do not split at spaces (encoded whole)."""
     from tokenizers import Regex
 
     kinds = {
@@ -308,6 +332,10 @@ def test_last_words_path_gives_the_ids_of_the_whole_text_rule(tmp_path, bpe_file
         "bpe-llama3": ("HuggingFaceTokenizer", bpe_variant(tmp_path, bpe_file, "llama3-split", pre_tokenizers.Sequence(
             [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
              pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])), True),
+        "bpe-space-with-previous": ("HuggingFaceTokenizer", bpe_trained(
+            tmp_path, "space-with-previous", pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(" ", behavior="merged_with_previous"),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])), True),
         "bpe-no-pre-tokenizer": ("HuggingFaceTokenizer", bpe_variant(
             tmp_path, bpe_file, "bare", pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)), False),
         "sp": ("SentencePieceTokenizer", sp_model, True),
@@ -333,4 +361,7 @@ def test_last_words_path_gives_the_ids_of_the_whole_text_rule(tmp_path, bpe_file
         assert new.merges == old.merges and new.failures == old.failures, name
         assert old.merges["responses"] >= 10, name  # the cases exercise boundary merges
         heads = sum(t.head > 0 for t in tokenized)
-        assert heads > len(pairs) // 2 if splits else heads == 0, name  # the last-words path ran
+        assert heads > len(pairs) // 2 if splits else heads == 0, name  # a word-start path ran
+        at_response = sum(encoder.resume_at(*pair) >= len(pair[0]) for pair in pairs)
+        # The response's first word is a start unless the tokenizer joins a space to the word before.
+        assert at_response > len(pairs) // 10 if splits and "with-previous" not in name else at_response == 0, name
