@@ -8,7 +8,7 @@ pairs in the same order. Compared per step: the loss, the SFT term (TRL's ``nll_
 reward metrics as TRL logs them (``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
 ``rewards/accuracies``, ``logps/*``), the gradient norm before clipping and the learning rate;
 after the last step, every weight (ours exported back to HF names). Our layouts: one process
-(2 micro-batches), and on two gloo processes DP=2 with the distributed optimizer (1 pair per
+(2 micro-batches, padded; and with ``--packing``), and on two gloo processes DP=2 with the distributed optimizer (1 pair per
 micro-batch, 2 per rank), TP=2, and PP=2 (4 micro-batches through the 1F1B schedule), each
 against the one TRL run.
 
@@ -46,12 +46,12 @@ VOCAB, SEQ = 200, 32
 BETA, GAMMA_BETA_RATIO, LABEL_SMOOTHING, SFT_WEIGHT = 2.5, 0.4, 0.1, 0.5
 LR, WARMUP, WEIGHT_DECAY, CLIP, ADAM_EPS = 3e-3, 2, 0.1, 2.0, 1e-8
 GLOBAL_BATCH, STEPS, SEED = 4, 8, 1234
-# name -> (TP, PP, micro-batch size, distributed optimizer); DP = world / (TP x PP).
+# name -> (TP, PP, micro-batch size, distributed optimizer[, other flags]); DP = world / (TP x PP).
 LAYOUTS = {
-    1: {"tp1_2mb": (1, 1, 2, False)},
+    1: {"tp1_2mb": (1, 1, 2, False), "tp1_packed": (1, 1, 2, False, {"packing": True})},
     2: {"dp2_distopt": (1, 1, 1, True), "tp2": (2, 1, 2, False), "pp2_4mb": (1, 2, 1, False)},
 }
-# fp32 throughout. Measured max differences over the 8 steps and 4 layouts: 3.9e-6 (grad norm,
+# fp32 throughout. Measured max differences over the 8 steps and 5 layouts: 3.9e-6 (grad norm,
 # values 1.5-23), 2.9e-6 (rewards and margins, |rewards| up to 11), 9.5e-7 (loss, SFT term,
 # log-probs); exact accuracies. That is a few roundings at fp32's spacing for these magnitudes
 # (1e-6 to 2e-6 between 8 and 32). Real differences are orders larger: TRL with the SFT mean
@@ -135,8 +135,8 @@ def preprocess(pairs: list[dict], hf_dir: str, root: Path) -> str:
 # ----------------------------------------------------------------------------- our trainer
 
 
-def _config(hf_dir: str, prefix: str, save: str, tp: int, pp: int, mbs: int, distopt: bool):
-    return tiny_config(
+def _config(hf_dir: str, prefix: str, save: str, tp: int, pp: int, mbs: int, distopt: bool, extra=None):
+    return tiny_config(**(extra or {}),
         load=hf_dir, save=save, data_path=[prefix], split="100,0,0", mock_data=False,
         tokenizer_type="HuggingFaceTokenizer", tokenizer_model=hf_dir, seq_length=SEQ,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, use_distributed_optimizer=distopt,
@@ -178,10 +178,12 @@ def _train_worker(layouts: dict, hf_dir: str, prefix: str, root: str) -> dict:
 
 
 def _our_metrics(save: Path) -> list[dict]:
+    """Each iteration's train record, with the packing efficiency of the iteration's batch."""
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-    rows = [r for r in rows if r["split"] == "train"]
-    assert [r["iteration"] for r in rows] == list(range(1, STEPS + 1))
-    return rows
+    train = [r for r in rows if r["split"] == "train"]
+    assert [r["iteration"] for r in train] == list(range(1, STEPS + 1))
+    efficiency = {r["iteration"]: r["packing_efficiency"] for r in rows if r["split"] == "throughput"}
+    return [{**r, "packing_efficiency": efficiency[r["iteration"]]} for r in train]
 
 
 def _our_weights(save: Path, hf_dir: str, out: Path) -> dict[str, torch.Tensor]:
@@ -261,6 +263,12 @@ def runs(tmp_path_factory) -> dict:
 
 
 # ----------------------------------------------------------------------------- tests
+
+
+def test_packed_layout_packs(runs):
+    """The packed run lays the same pairs out densely (so its agreement with TRL means something)."""
+    for padded, packed in zip(runs["metrics"]["tp1_2mb"], runs["metrics"]["tp1_packed"], strict=True):
+        assert packed["packing_efficiency"] > padded["packing_efficiency"] + 0.1, (padded, packed)
 
 
 def test_trl_tokenizes_the_pairs_into_the_ids_we_train_on(runs):
