@@ -297,9 +297,10 @@ def test_per_step_losses_and_reward_metrics_equal_trl(runs, name):
         mine, theirs = (torch.tensor([r[k] for r in rows], dtype=torch.float64)
                         for rows, k in ((ours, key), (trl, trl_key)))
         torch.testing.assert_close(mine, theirs, atol=METRIC_ATOL, rtol=0, msg=f"{name}: {key}")
-    # Our "lr" is the one after the iteration's update, as Megatron-LM's training log has it;
-    # TRL's (transformers 5) the one the step trained with. So ours at iteration k is TRL's at step k + 1 (warmup starts at 0 in
-    # both; the linear decay ends at 0 after the last step).
+    # Our "lr" is the one after the iteration's update (read after the scheduler's step, as
+    # Megatron-LM's training log reads it); TRL's (transformers 5) is the one the step trained
+    # with. So ours at iteration k is TRL's at step k + 1 (warmup starts at 0 in both; the
+    # linear decay ends at 0 after the last step).
     lrs = [r["lr"] for r in ours]
     assert lrs[:-1] == pytest.approx([r["lr"] for r in trl][1:], rel=1e-12) and lrs[-1] == 0.0
     # The run exercises what it compares: clipped and unclipped steps, accuracies that change.
