@@ -166,10 +166,12 @@ def _measure_trl(steps: int, warmup: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     vocab = MODEL["vocab_size"]
     pairs = ultrafeedback_pairs(MODEL["global_batch_size"] * (warmup + steps), vocab)
-    words = {f"w{i}": i for i in range(vocab)}
-    tok = Tokenizer(models.WordLevel(words, unk_token="w0"))
+    # The special tokens' names occur in no word: the tokenizer finds special tokens inside words
+    # (with bos_token "w1", "w123" would be BOS + unknown).
+    words = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", bos_token="w1", eos_token="w2")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     text = lambda ids: " ".join(f"w{i}" for i in ids)  # noqa: E731
     # TRL adds BOS to the prompt and EOS to the responses itself.
     dataset = Dataset.from_list([
@@ -205,6 +207,10 @@ def _measure_trl(steps: int, warmup: int, threads: int) -> dict:
         )
         trainer = CPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                              callbacks=[Timer()])
+        for row, p in zip(trainer.train_dataset, pairs, strict=True):  # TRL trains on these very tokens
+            for side in ("chosen", "rejected"):
+                if row[f"{side}_input_ids"] != p["prompt"].tolist() + p[side].tolist():
+                    raise AssertionError(f"TRL's {side} tokens differ from the pair's")
         trainer.train()
     measured = times[warmup:]
     total = sum(measured)
