@@ -253,7 +253,8 @@ class LossConfig:
     sft_weight: float = _opt(0.0, "Weight of the SFT term on the chosen responses.")
     sft_loss_form: str = _opt(
         "token", "SFT term: 'token' is the cross-entropy averaged over all chosen-response tokens of "
-        "the global batch (the SimPO repository, TRL's cpo_alpha); 'pair' is the spec's "
+        "the global batch (the SimPO repository and TRL's cpo_alpha take it per micro-batch); "
+        "'pair' is the spec's "
         "-logp(chosen) per pair, averaged over pairs (length-normalized or summed, as "
         "--average-log-prob says).", ("token", "pair"),
     )

@@ -94,7 +94,8 @@ def sft_token_nll_sum(
 
     The SimPO repository (``nn.CrossEntropyLoss`` over the chosen labels) and TRL
     (``cpo_alpha``) take the mean negative log-likelihood over all chosen-response tokens of the
-    batch. With megatron-core's per-token loss (micro-batch sums, divided once by the global
+    batch (of each micro-batch on each device, under gradient accumulation or data parallelism;
+    here of the global batch). With megatron-core's per-token loss (micro-batch sums, divided once by the global
     pair count P), scaling this micro-batch's token sum by ``P / T`` (T: the chosen-response
     tokens of the global batch) makes the optimized term exactly that mean, whatever the split
     into micro-batches and data-parallel ranks. ``chosen_loss_mask`` may hold 0 for rows that
