@@ -3,7 +3,9 @@
 A small JSONL is preprocessed with the project's tool and the example SentencePiece model.
 One spawned pair of gloo processes then does everything, several checks per spawn:
 
-1. For DP=2 with the distributed optimizer, PP=2, and DP=2 without it: an uninterrupted run
+1. For DP=2 with the distributed optimizer, PP=2, CP=2 with the distributed optimizer (its
+   state sharded over the two context-parallel ranks, as megatron-core shards it over data x
+   context parallelism), and DP=2 without it: an uninterrupted run
    of N iterations, and a run that stops cleanly at ``--train-iters K`` with ``--save`` and is
    resumed with ``--load`` to N. Every train and validation record of both halves equals the
    uninterrupted run's bitwise (fp32 on the CPU is deterministic, and the records are written
@@ -56,6 +58,7 @@ FLAGS = [
 LAYOUTS = {
     "dp2_distopt": ["--use-distributed-optimizer"],
     "pp2": ["--pipeline-model-parallel-size", "2"],
+    "cp2_distopt": ["--context-parallel-size", "2", "--use-distributed-optimizer"],
     "dp2": [],
 }
 
@@ -266,7 +269,7 @@ def test_resume_on_real_data_is_bitwise_exact(results, layout):
 
 
 def test_resume_layouts_differ(results):
-    """The three cases are three runs (PP=2 initializes and batches differently from DP=2)."""
+    """The cases are different runs (PP=2 initializes and batches differently from DP=2)."""
     root, _ = results
     losses = {name: _records(root / name / "uninterrupted.jsonl")["train", N]["loss"] for name in LAYOUTS}
     assert losses["pp2"] != losses["dp2"]
