@@ -252,19 +252,19 @@ class PairEncoder:
         n = len(probes)
         return all(ids[i] + ids[n + i] == ids[2 * n + i] for i in range(n))
 
-    def resume_at(self, prompt: str, chosen: str, rejected: str) -> int:
-        """Where in prompt + response the encoding of each response starts: past the prompt at the
-        responses' first word, at the prompt's last words, or at 0 (the whole text)."""
+    def resume_at(self, prompts: list[str], chosen: list[str], rejected: list[str]) -> list[int]:
+        """Where in prompt + response the encoding of each pair's responses starts: past the
+        prompt at the responses' first word, at the prompt's last words, or at 0 (the whole text)."""
         skip = self._tail_skip
         if skip is None:
-            return 0
-        if (
-            self._at_response
-            and chosen[:2] in _WORD_STARTS and rejected[:2] in _WORD_STARTS
-            and prompt[-1:] in _PLAIN_ENDS and not prompt.endswith(self._added_texts)
-        ):
-            return len(prompt) + skip
-        return tail_start(prompt, skip)
+            return [0] * len(prompts)
+        words, ends, added = _WORD_STARTS, _PLAIN_ENDS, self._added_texts
+        return [
+            len(p) + skip
+            if self._at_response and c[:2] in words and r[:2] in words and p[-1:] in ends and not p.endswith(added)
+            else tail_start(p, skip)
+            for p, c, r in zip(prompts, chosen, rejected)
+        ]
 
     def encode_chunk(self, chunk: Chunk) -> EncodedChunk:
         """Validate, render, tokenize and split a chunk (the three stages below, in turn)."""
@@ -322,7 +322,7 @@ class PairEncoder:
     def _tokenize(self, prepared: Prepared) -> list[Tokenized]:
         prompts, chosen, rejected = prepared.prompts, prepared.chosen, prepared.rejected
         k = len(prompts)
-        starts = list(map(self.resume_at, prompts, chosen, rejected))
+        starts = self.resume_at(prompts, chosen, rejected)
         # The prompt's text from `start` on, or how much of each response to leave out.
         tails = [prompt[start:] for prompt, start in zip(prompts, starts)]
         past = [max(0, start - len(prompt)) for prompt, start in zip(prompts, starts)]

@@ -209,17 +209,20 @@ class SentencePieceTokenizer(BaseTokenizer):
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:
         control_re = self._control_re
         if control_re is None or control_re.search("\0".join(texts)) is None:  # one scan for the usual batch
-            has_control = [False] * len(texts)
-        else:
-            has_control = [control_re.search(t) is not None for t in texts]
-        plain = [t for t, control in zip(texts, has_control) if not control]
+            return self._encode_plain(list(texts))
+        has_control = [control_re.search(t) is not None for t in texts]
+        rest = iter(self._encode_plain([t for t, control in zip(texts, has_control) if not control]))
+        return [self._encode_with_controls(t) if control else next(rest) for t, control in zip(texts, has_control)]
+
+    def _encode_plain(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
         try:
-            encoded = iter(self._sp.encode(plain, num_threads=self.num_threads) if plain else [])
+            return self._sp.encode(texts, num_threads=self.num_threads)
         except (RuntimeError, TypeError):
-            for text in plain:
+            for text in texts:
                 text.encode("utf-8")  # raises UnicodeEncodeError when that is the cause
             raise
-        return [self._encode_with_controls(t) if control else next(encoded) for t, control in zip(texts, has_control)]
 
     def _encode_with_controls(self, text: str) -> list[int]:
         ids: list[int] = []
