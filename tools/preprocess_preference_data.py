@@ -561,8 +561,8 @@ def _jsonl_chunks(path: str) -> Iterator[Chunk]:
                 lines[0] = lines[0].removeprefix(codecs.BOM_UTF8)
             locations: Sequence[int] = range(number, number + len(lines))
             number += len(lines)
-            if any(map(bytes.isspace, lines)):
-                kept = [i for i, line in enumerate(lines) if not line.isspace()]
+            if not lines[0] or any(map(bytes.isspace, lines)):  # blank lines (a first one may be just a BOM)
+                kept = [i for i, line in enumerate(lines) if line.strip()]
                 locations, lines = [locations[i] for i in kept], [lines[i] for i in kept]
             for start in range(0, len(lines), CHUNK_PAIRS):
                 yield Chunk(list(locations[start : start + CHUNK_PAIRS]), lines[start : start + CHUNK_PAIRS])

@@ -238,9 +238,10 @@ def test_bad_input(tmp_path, capsys, case):
 
 
 def test_blank_lines_are_skipped_and_counted_in_line_numbers(tmp_path, capsys):
-    path = write_jsonl(tmp_path / "in.jsonl", [GOOD, b"\n", b" \t\r\n", GOOD, BAD["malformed_json"][0], GOOD])
+    lines = [b"\xef\xbb\xbf\n", GOOD, b"\n", b" \t\r\n", GOOD, BAD["malformed_json"][0], GOOD]  # a BOM, then blank
+    path = write_jsonl(tmp_path / "in.jsonl", lines)
     assert run(tmp_path, path) == 1
-    assert f"{path}:5: malformed JSON" in capsys.readouterr().err
+    assert f"{path}:6: malformed JSON" in capsys.readouterr().err
     assert run(tmp_path, path, "--skip-invalid") == 0
     assert len(read_pairs(tmp_path / "o" / "out")) == 3
 
