@@ -48,7 +48,10 @@ fi
 
 # Rendezvous for torchrun, as examples/pretrain_simpo.sh reads it. NODE_RANK differs per node,
 # so it is set inside each srun task below, from that task's SLURM_NODEID.
-MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+# The first host; no `| head -n 1`: under pipefail, scontrol writing the rest of a long host
+# list into the closed pipe (SIGPIPE) would stop the job.
+HOSTS=$(scontrol show hostnames "$SLURM_JOB_NODELIST")
+MASTER_ADDR=${HOSTS%%$'\n'*}
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 NNODES=$SLURM_NNODES
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}

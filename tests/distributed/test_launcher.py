@@ -118,7 +118,9 @@ def _stub_bin(tmp_path, *names, srun=False) -> str:
             "for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node \"$@\" || exit 1; done\n"
         )
         (bin_dir / "srun").chmod(0o755)
-        (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'node-a\\nnode-b\\n'\n")
+        # A long host list, as a large allocation has: a reader that stops after the first line
+        # leaves scontrol writing into a closed pipe (SIGPIPE, exit 141 under pipefail).
+        (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'node-a\\nnode-b\\n'\nseq -f 'node-c%g' 200000\n")
         (bin_dir / "scontrol").chmod(0o755)
     return str(bin_dir)
 
