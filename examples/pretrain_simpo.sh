@@ -30,7 +30,8 @@ if [ -z "${GPUS_PER_NODE:-}" ]; then
         GPUS_PER_NODE=${#visible[@]}
         [ "$GPUS_PER_NODE" -gt 0 ] || GPUS_PER_NODE=1  # every GPU hidden: one CPU process
     elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
-        GPUS_PER_NODE=$(nvidia-smi -L | grep -c '^GPU')
+        GPUS_PER_NODE=$(nvidia-smi -L | grep -c '^GPU' || true)  # grep -c exits 1 when it counts 0
+        [ "$GPUS_PER_NODE" -gt 0 ] || GPUS_PER_NODE=1
     else
         GPUS_PER_NODE=1
     fi

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -159,6 +160,15 @@ def test_launcher_counts_the_visible_gpus(tmp_path, visible, expected):
     _launch(tmp_path, "--mock-data", path_dirs=[stubs], **env)  # no nvidia-smi on this PATH
     argv = _recorded(tmp_path, "torchrun")
     assert argv[:3] == ["--nproc-per-node", expected, "--standalone"]
+
+
+@pytest.mark.parametrize("listed, expected", [("GPU 0: H100 (UUID: a)\nGPU 1: H100 (UUID: b)\n", "2"), ("", "1")])
+def test_launcher_counts_the_gpus_nvidia_smi_lists(tmp_path, listed, expected):
+    stubs = _stub_bin(tmp_path, "torchrun")
+    (Path(stubs) / "nvidia-smi").write_text(f"#!/usr/bin/env bash\nprintf '{listed}'\n")
+    (Path(stubs) / "nvidia-smi").chmod(0o755)
+    _launch(tmp_path, "--mock-data", path_dirs=[stubs])  # CUDA_VISIBLE_DEVICES unset
+    assert _recorded(tmp_path, "torchrun")[:2] == ["--nproc-per-node", expected]
 
 
 def test_launcher_without_torchrun_uses_the_module(tmp_path):
