@@ -8,9 +8,9 @@ pairs in the same order. Compared per step: the loss, the SFT term (TRL's ``nll_
 reward metrics as TRL logs them (``rewards/chosen``, ``rewards/rejected``, ``rewards/margins``,
 ``rewards/accuracies``, ``logps/*``), the gradient norm before clipping and the learning rate;
 after the last step, every weight (ours exported back to HF names). Our layouts: one process
-(2 micro-batches, padded; and with ``--packing``), and on two gloo processes DP=2 with the distributed optimizer (1 pair per
-micro-batch, 2 per rank), TP=2, and PP=2 (4 micro-batches through the 1F1B schedule), each
-against the one TRL run.
+(2 micro-batches, padded; and with ``--packing``), and on two gloo processes DP=2 with the
+distributed optimizer (1 pair per micro-batch, 2 per rank), TP=2, and PP=2 (4 micro-batches
+through the 1F1B schedule), each against the one TRL run.
 
 The two objectives are set to be the same one:
 - SimPO with average log-probs (TRL's simpo always averages), beta 2.5, gamma/beta 0.4 (TRL's
