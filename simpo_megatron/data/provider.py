@@ -3,7 +3,9 @@
 ``build_datasets(cfg)`` opens the preprocessed prefixes of ``--data-path`` (or the synthetic
 pairs of ``--mock-data``), checks each prefix's sidecar against the run's tokenizer, and
 splits train/valid. ``micro_batches(...)`` yields collated micro-batches for one
-data-parallel rank, resuming exactly from a consumed-samples count.
+data-parallel rank, resuming exactly from a consumed-samples count; ``global_batches(...)``
+groups them (or packs them) per global batch; ``eval_micro_batches(...)`` reads the
+validation pairs once.
 """
 
 from __future__ import annotations
@@ -94,9 +96,14 @@ def pad_multiple(cfg) -> int | None:
     data, par = cfg.data, cfg.parallel
     if not data.pad_to_multiple_of:
         return None
-    cp = par.context_parallel_size
-    need = (2 * cp if cp > 1 else 1) * (par.tensor_model_parallel_size if par.sequence_parallel else 1)
+    need = _cp_chunks(cfg) * (par.tensor_model_parallel_size if par.sequence_parallel else 1)
     return math.lcm(data.pad_to_multiple_of, need)
+
+
+def _cp_chunks(cfg) -> int:
+    """The equal chunks context parallelism splits each sequence into: 2 x CP (1 without CP)."""
+    cp = cfg.parallel.context_parallel_size
+    return 2 * cp if cp > 1 else 1
 
 
 def micro_batches(
@@ -131,11 +138,16 @@ def _sampled(dataset, cfg, consumed_samples, batch_size, data_parallel_rank, dat
         shuffle=shuffle,
         seed=cfg.optimizer.seed,
     )
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate,
-        num_workers=cfg.data.num_workers, persistent_workers=cfg.data.num_workers > 0,
-    )
-    return iter(loader)
+    return _loaded(dataset, sampler, collate, cfg, persistent=True)
+
+
+def _loaded(dataset, sampler, collate, cfg, persistent: bool) -> Iterator:
+    """The batches of ``sampler``, collated, through a DataLoader with ``--num-workers`` workers."""
+    workers = cfg.data.num_workers
+    return iter(torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+        persistent_workers=persistent and workers > 0,
+    ))
 
 
 def global_batches(
@@ -164,9 +176,6 @@ def global_batches(
     # Every rank reads the whole global batch (one "micro-batch" of all its pairs, as DP rank 0 of 1).
     loader = _sampled(dataset, cfg, consumed_samples, cfg.data.global_batch_size, 0, 1, shuffle, list)
     interleaved = cfg.virtual_pipeline_model_parallel_size() is not None
-    # Context parallelism splits every packed sequence into 2 x CP chunks of its own.
-    cp = cfg.parallel.context_parallel_size
-    sequence_multiple = 2 * cp if cp > 1 else 1
     for samples in loader:
         yield packed_micro_batches(
             samples,
@@ -177,7 +186,8 @@ def global_batches(
             pad_to_multiple_of=pad_multiple(cfg),
             # The interleaved schedule needs a multiple of the pipeline size.
             count_multiple_of=cfg.parallel.pipeline_model_parallel_size if interleaved else 1,
-            sequence_multiple_of=sequence_multiple,
+            # Context parallelism splits every packed sequence into 2 x CP chunks of its own.
+            sequence_multiple_of=_cp_chunks(cfg),
         )
 
 
@@ -210,13 +220,8 @@ def eval_micro_batches(
     sampler = OnePassBatchSampler(
         num_pairs, cfg.data.micro_batch_size, cfg.data.global_batch_size, data_parallel_rank, data_parallel_size
     )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=partial(
-            collate_padded, filler=dataset[0], micro_batch_size=cfg.data.micro_batch_size,
-            seq_length=cfg.data.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg),
-        ),
-        num_workers=cfg.data.num_workers,
+    collate = partial(
+        collate_padded, filler=dataset[0], micro_batch_size=cfg.data.micro_batch_size,
+        seq_length=cfg.data.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg),
     )
-    return iter(loader)
+    return _loaded(dataset, sampler, collate, cfg, persistent=False)
