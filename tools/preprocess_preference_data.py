@@ -335,7 +335,8 @@ class PairEncoder:
         )
         m = k + len(cut)
         prompt_ids, chosen_ids, rejected_ids = ids[:k], ids[m : m + k], ids[m + k :]
-        heads = [len(ids) if start >= len(prompt) else 0 for ids, prompt, start in zip(prompt_ids, prompts, starts)]
+        # Past the prompt, the responses' ids follow all of the prompt's.
+        heads = [len(own) if start >= len(prompt) else 0 for own, prompt, start in zip(prompt_ids, prompts, starts)]
         whole = []  # prompts whose ids do not end with those of their last words
         for i, tail in zip(cut, ids[k:m]):
             head = len(prompt_ids[i]) - len(tail)
@@ -488,20 +489,22 @@ def _parsed(records: list[Any]) -> list[Any]:
     """Each record's value: a JSON Lines line parsed (None where it does not parse), a record
     already parsed as it is. A chunk of lines parses in one call when every line holds one value."""
     if not all(type(record) is bytes for record in records):
-        return [_parsed([r])[0] if type(r) is bytes else r for r in records]
+        return [_loads(r) if type(r) is bytes else r for r in records]
     try:
         values = json.loads((b"[" + b",".join(records) + b"]").decode())
         if len(values) == len(records):  # no line held two values, or none
             return values
     except ValueError:  # UnicodeDecodeError and JSONDecodeError included
         pass
-    values = []
-    for line in records:
-        try:
-            values.append(json.loads(line.decode()))
-        except ValueError:
-            values.append(None)
-    return values
+    return list(map(_loads, records))
+
+
+def _loads(line: bytes) -> Any:
+    """A line's value, or None when it does not parse (the slow path names the problem)."""
+    try:
+        return json.loads(line.decode())
+    except ValueError:
+        return None
 
 
 def _parse_line(line: bytes) -> Any:
