@@ -12,7 +12,8 @@ import dataclasses
 import functools
 import types
 import typing
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import yaml
 

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from simpo_megatron.mathutil import ceil_div, round_up
 
@@ -93,11 +94,17 @@ class ModelConfig:
     apply_layernorm_1p: bool = _opt(False, "Norms scale by (1 + weight), weights stored centred on 0 (Gemma).")
     sandwich_norm: bool = _opt(False, "Also norm the attention and MLP outputs before the residual add (Gemma-2).")
     scale_embeddings: bool = _opt(False, "Multiply the embeddings by sqrt(hidden size), in their dtype (Gemma).")
-    softmax_scale: float | None = _opt(None, "Attention logit scale (default: 1/sqrt(head dim); Gemma-2: query_pre_attn_scalar^-0.5).")
+    softmax_scale: float | None = _opt(
+        None, "Attention logit scale (default: 1/sqrt(head dim); Gemma-2: query_pre_attn_scalar^-0.5)."
+    )
     attn_logit_softcapping: float | None = _opt(None, "Soft-cap attention logits to cap*tanh(x/cap) (Gemma-2: 50).")
     final_logit_softcapping: float | None = _opt(None, "Soft-cap the output logits to cap*tanh(x/cap) (Gemma-2: 30).")
-    sliding_window: int | None = _opt(None, "Sliding-window attention: each token sees this many tokens, itself included (HF's sliding_window).")
-    window_attn_skip_freq: int | None = _opt(None, "With --sliding-window, every N-th layer attends fully (Gemma-2: 2; default: none).")
+    sliding_window: int | None = _opt(
+        None, "Sliding-window attention: each token sees this many tokens, itself included (HF's sliding_window)."
+    )
+    window_attn_skip_freq: int | None = _opt(
+        None, "With --sliding-window, every N-th layer attends fully (Gemma-2: 2; default: none)."
+    )
     rotary_base: int = _opt(10000, "RoPE theta.")
     rotary_percent: float = _opt(1.0, "Fraction of the head dimension that RoPE rotates.")
     use_rope_scaling: bool = _opt(False, "Llama-3.1 RoPE frequency scaling.")
@@ -151,8 +158,12 @@ class ParallelConfig:
 
     tensor_model_parallel_size: int = _opt(1, "Tensor-parallel size.")
     pipeline_model_parallel_size: int = _opt(1, "Pipeline-parallel size.")
-    num_layers_per_virtual_pipeline_stage: int | None = _opt(None, "Layers per virtual pipeline stage (interleaved 1F1B).")
-    sequence_parallel: bool = _opt(False, "Sequence parallelism (needs TP > 1 and --transformer-impl transformer_engine).")
+    num_layers_per_virtual_pipeline_stage: int | None = _opt(
+        None, "Layers per virtual pipeline stage (interleaved 1F1B)."
+    )
+    sequence_parallel: bool = _opt(
+        False, "Sequence parallelism (needs TP > 1 and --transformer-impl transformer_engine)."
+    )
     context_parallel_size: int = _opt(
         1, "Context-parallel size: every sequence is split over this many ranks (2N chunks, rank r "
         "holding chunks r and 2N-1-r, as megatron-core), to fit long sequences; --seq-length must "

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -206,7 +206,9 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
         attention = dataclasses.replace(
             attention, submodules=dataclasses.replace(attention.submodules, linear_proj=RowParallelLinearWithPostNorm)
         )
-        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, linear_fc2=RowParallelLinearWithPostNorm))
+        mlp = dataclasses.replace(
+            mlp, submodules=dataclasses.replace(mlp.submodules, linear_fc2=RowParallelLinearWithPostNorm)
+        )
     return dataclasses.replace(
         spec, submodules=dataclasses.replace(layer, self_attention=attention, mlp=mlp, **changes)
     )

@@ -7,11 +7,10 @@ context), so here the full TransformerConfig is built for every format x recipe 
 on the CPU. The FP8 forward/backward itself is in tests/gpu/test_gpu_training.py.
 """
 
+import dataclasses
 import itertools
 import sys
 import types
-
-import dataclasses
 
 import pytest
 import torch
