@@ -49,23 +49,12 @@ def field_choices(f: dataclasses.Field) -> tuple[Any, ...] | None:
     return tuple(choices() if callable(choices) else choices)
 
 
-# Choices defined by the modules that use them, read when asked for.
-def _loss_names() -> tuple[str, ...]:
-    from simpo_megatron import losses
-
-    return tuple(losses.LOSSES)
-
-
+# Choices defined by the modules that use them, read when asked for (a loss registered in
+# losses.py is a --loss-type choice without an edit here).
 def _loss_types() -> tuple[str, ...]:
     from simpo_megatron import losses
 
     return tuple(losses.LOSS_TYPES)
-
-
-def _sft_loss_forms() -> tuple[str, ...]:
-    from simpo_megatron import losses
-
-    return tuple(losses.SFT_LOSS_FORMS)
 
 
 def _tokenizer_types() -> tuple[str | None, ...]:
@@ -221,7 +210,7 @@ class DataConfig:
 class LossConfig:
     """The preference loss and its knobs (the SimPO repository's names); the one place they are defined."""
 
-    loss: str = _opt("simpo", "Preference loss, by registry name.", _loss_names)
+    loss: str = _opt("simpo", "Preference loss, by registry name.")
     beta: float = _opt(2.0, "SimPO beta: scale of the reward (beta * average log-prob).")
     gamma_beta_ratio: float = _opt(0.5, "SimPO target margin gamma/beta (as in the SimPO repository).")
     loss_type: str = _opt("sigmoid", "SimPO loss type.", _loss_types)
@@ -231,7 +220,7 @@ class LossConfig:
         "token", "SFT term: 'token' is the cross-entropy averaged over all chosen-response tokens of "
         "the global batch (the SimPO repository and TRL's cpo_alpha take it per micro-batch); "
         "'pair' is -logp(chosen) per pair, averaged over pairs (length-normalized or summed, as "
-        "--average-log-prob says).", _sft_loss_forms,
+        "--average-log-prob says).", ("token", "pair"),
     )
     average_log_prob: bool = _opt(True, "Length-normalized log-probs (SimPO); --no-average-log-prob sums.")
 

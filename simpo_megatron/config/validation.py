@@ -127,9 +127,10 @@ def _check_data(data: DataConfig) -> None:
 
 
 def _check_loss(loss: LossConfig) -> None:
-    from simpo_megatron.losses import check_simpo_args
+    from simpo_megatron.losses import check_simpo_args, get_loss
 
     try:
+        get_loss(loss.loss)
         check_simpo_args(loss.beta, loss.loss_type, loss.label_smoothing, loss.sft_weight, name=flag)
     except ValueError as e:
         message = str(e)

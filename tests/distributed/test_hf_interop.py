@@ -282,6 +282,8 @@ def _gemma2_step(cfg, state, batches: list[dict], save: str) -> float | None:
 
 
 def _world1_worker(hf_dirs: dict, out: str, batches: list[dict]) -> dict:
+    from megatron.core.utils import unwrap_model
+
     from simpo_megatron.runtime import ParallelLayout, initialize_distributed
     from simpo_megatron.training.hf_checkpoint import export_checkpoint, import_hf_checkpoint
 
@@ -294,7 +296,7 @@ def _world1_worker(hf_dirs: dict, out: str, batches: list[dict]) -> dict:
         cfg = _config(hf_dir, 1, 1, **(GEMMA2_STEP if name == "gemma2" else {}))
         state, results[name] = _check(cfg, ckpt, batches)
         if name == "llama32":
-            results["llama32/inv_freq"] = state.model[0].module.rotary_pos_emb.inv_freq.clone()
+            results["llama32/inv_freq"] = unwrap_model(state.model[0]).rotary_pos_emb.inv_freq.clone()
         if name == "gemma2":
             results["gemma2/step_loss"] = _gemma2_step(cfg, state, batches, os.path.join(out, "gemma2_step"))
     return _by_value(results)
