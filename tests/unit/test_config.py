@@ -4,6 +4,7 @@ Pure unit tests: no process group is started. ``validate(world_size)`` only chec
 against each other and the world size, so every error is reachable with a plain SimPOConfig.
 """
 
+import math
 import re
 
 import pytest
@@ -145,6 +146,18 @@ def test_cli_boolean_overrides_yaml_boolean(tmp_path):
     assert cfg.loss.average_log_prob is True and cfg.model.swiglu is True
     cfg = load_config(["--config", write_yaml(tmp_path, "swiglu: true\n", "t.yaml"), "--no-swiglu"])
     assert cfg.model.swiglu is False
+
+
+def test_derived_sizes_round_up_as_megatron_does():
+    from simpo_megatron.config import ModelConfig
+
+    for h in range(1, 500):
+        # about 8/3 x hidden, rounded up to a multiple of 64 (the float formula, fine at these sizes)
+        assert ModelConfig(hidden_size=h).derived_ffn_hidden_size() == math.ceil(8 * h / 3 / 64) * 64, h
+    for vocab in (1, 255, 256, 257, 32000, 128256, 2**53 + 1):
+        cfg = SimPOConfig.from_flat(vocab_size=vocab, make_vocab_size_divisible_by=128, tensor_model_parallel_size=2)
+        padded = cfg.padded_vocab_size()
+        assert padded % 256 == 0 and vocab <= padded < vocab + 256, vocab  # exact for vocabularies floats cannot hold
 
 
 def test_no_swiglu_changes_the_default_ffn_size():
