@@ -39,7 +39,9 @@ def resolve_checkpoint(load: str) -> str:
     if iteration is not None:
         ckpt = checkpoint_dir(load, iteration)
         if not os.path.isdir(ckpt):
-            raise CheckpointError(f"{os.path.join(load, TRACKER_FILE)} names iteration {iteration}, but {ckpt} is missing")
+            raise CheckpointError(
+                f"{os.path.join(load, TRACKER_FILE)} names iteration {iteration}, but {ckpt} is missing"
+            )
         return ckpt
     if os.path.isfile(os.path.join(load, "metadata.json")):
         return load

@@ -12,7 +12,7 @@ import contextlib
 import os
 import shutil
 import socket
-from typing import Iterator
+from collections.abc import Iterator
 
 
 def fsync_directory(path: str) -> None:

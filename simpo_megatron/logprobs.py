@@ -14,7 +14,7 @@ the whole sequence (never a mean of per-rank means).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from megatron.core import parallel_state, tensor_parallel

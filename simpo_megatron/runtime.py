@@ -185,7 +185,7 @@ def cpu_support_active() -> bool:
     return _CPU_SUPPORT.active
 
 
-def pipeline_communication_settings(layout: "ParallelLayout | None" = None) -> dict[str, bool]:
+def pipeline_communication_settings(layout: ParallelLayout | None = None) -> dict[str, bool]:
     """TransformerConfig's pipeline p2p fields for the process group's backend (and ``layout``).
 
     NCCL (Megatron-LM's defaults): batched isend/irecv, and a stage's output freed once sent

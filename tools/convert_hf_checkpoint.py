@@ -11,7 +11,7 @@ Import keeps the HF config.json and tokenizer files in OUTPUT/hf_config/, which 
 by default (a run started with --load HF_DIR keeps them in SAVE/hf_config/). Import builds
 the model at TP=1/PP=1 in this process; export reads the checkpoint's global tensors and
 builds no model. Each writes OUTPUT only when it succeeds. The code is
-simpo_megatron.training.hf_checkpoint (CLI, import) and simpo_megatron.hf (the adapter, export).
+simpo_megatron.training.hf_checkpoint (import, export, CLI) on simpo_megatron.hf (the mappings).
 """
 
 from __future__ import annotations

@@ -6,13 +6,14 @@ import glob
 import json
 import os
 import shutil
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from simpo_megatron.hf.adapter import HFConversionError
+from simpo_megatron.hf.errors import HFConversionError
 
 # Files besides the weights that make an HF model directory usable; copied through conversions.
 TOKENIZER_FILES = (

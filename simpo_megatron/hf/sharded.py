@@ -9,15 +9,16 @@ fused QKV and [gate; up] layouts included), so nothing is converted per layout.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.utils import unwrap_model
 
-from simpo_megatron.hf.adapter import HFConversionError
+from simpo_megatron.hf.errors import HFConversionError
 
 
 def _sharded_tensors(chunk) -> Iterable[ShardedTensor]:
@@ -30,7 +31,8 @@ def _sharded_tensors(chunk) -> Iterable[ShardedTensor]:
 
 
 def load_into_model(chunks, get: Callable[[str, int | None], torch.Tensor]) -> None:
-    """Copy global tensors into this rank's parameters, each ShardedTensor's slice of them.
+    """Copy global tensors into this rank's parameters (of model chunks, DDP-wrapped or not),
+    each ShardedTensor's slice of them.
 
     ``get(key, None)`` is the global tensor of a megatron checkpoint key; for a layer-stacked
     key (megatron's ``decoder.layers.*``, one leading axis per layer) ``get(key, layer)`` is
@@ -38,8 +40,7 @@ def load_into_model(chunks, get: Callable[[str, int | None], torch.Tensor]) -> N
     ShardedTensor is a view of the parameter, so the copy fills the model.
     """
     with torch.no_grad():
-        for chunk in chunks:
-            chunk = chunk.module if hasattr(chunk, "module") else chunk
+        for chunk in unwrap_model(list(chunks)):
             for sh in _sharded_tensors(chunk):
                 index = sh.global_slice()
                 layer = None

@@ -26,8 +26,8 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 
 

@@ -1,7 +1,7 @@
-"""FP8 training through Transformer Engine: flag mapping and the checks that it can run.
+"""Transformer Engine layers and FP8 training: flag mapping and the checks that they can run here.
 
-FP8 is never silently dropped: asked for where Transformer Engine or a capable GPU is missing,
-the run stops at start and says what is missing.
+Neither is ever silently dropped: asked for where Transformer Engine, a GPU, or for FP8 a
+capable GPU is missing, the run stops at start and says what is missing.
 """
 
 from __future__ import annotations
@@ -16,8 +16,12 @@ from simpo_megatron.config import ModelConfig
 _MIN_CAPABILITY = {"delayed": (8, 9), "tensorwise": (8, 9), "blockwise": (9, 0), "mxfp8": (10, 0)}
 
 
+class TransformerEngineUnavailableError(RuntimeError):
+    """``--transformer-impl transformer_engine`` was asked for where Transformer Engine cannot run."""
+
+
 class FP8UnavailableError(RuntimeError):
-    """Transformer Engine layers or FP8 were asked for where they cannot run."""
+    """``--fp8-format`` was asked for where FP8 cannot run (Transformer Engine runs)."""
 
 
 def fp8_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
@@ -39,9 +43,10 @@ def fp8_config_kwargs(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def check_transformer_engine(cfg: ModelConfig) -> None:
-    """Raise FP8UnavailableError unless Transformer Engine (and FP8, if asked for) can run here."""
+    """Raise unless Transformer Engine (TransformerEngineUnavailableError) and FP8, if asked for
+    (FP8UnavailableError), can run here."""
     if not torch.cuda.is_available():
-        raise FP8UnavailableError(
+        raise TransformerEngineUnavailableError(
             "--transformer-impl transformer_engine needs a CUDA GPU, and none is available; "
             "use --transformer-impl local (without --fp8-format) on this machine"
         )
@@ -49,7 +54,7 @@ def check_transformer_engine(cfg: ModelConfig) -> None:
         import transformer_engine  # noqa: F401
         import transformer_engine.pytorch  # noqa: F401
     except ImportError as e:
-        raise FP8UnavailableError(
+        raise TransformerEngineUnavailableError(
             "--transformer-impl transformer_engine needs the transformer_engine package "
             f"(pip install transformer_engine[pytorch]); importing it failed: {e}"
         ) from e

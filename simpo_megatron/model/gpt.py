@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from megatron.core.transformer import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from simpo_megatron.config import ConfigError, ModelConfig
+from simpo_megatron.config import ModelConfig
 from simpo_megatron.model.attention import SDPAttention
 from simpo_megatron.model.fp8 import check_transformer_engine, fp8_config_kwargs
 from simpo_megatron.model.layers import RMSNorm, RowParallelLinearWithPostNorm, softcap
@@ -183,19 +183,15 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout = ParallelLayout
     )
 
 
-def layer_spec(cfg: ModelConfig, sequence_parallel: bool = False) -> ModuleSpec:
+def layer_spec(cfg: ModelConfig) -> ModuleSpec:
     """The transformer layer spec: Transformer Engine layers, or local layers with SDPA attention
-    (and, for Gemma-2, the local RMSNorm and the post-norm linears)."""
+    (and, for Gemma-2, the local RMSNorm and the post-norm linears). What each supports is
+    checked by the config's validation."""
     if cfg.transformer_impl == "transformer_engine":
         check_transformer_engine(cfg)
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    if sequence_parallel:
-        raise ConfigError(
-            "--sequence-parallel needs --transformer-impl transformer_engine: megatron-core's "
-            "local layers fall back to torch norms without Apex, which do not support it"
-        )
     spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
     layer = spec.submodules
     attention = dataclasses.replace(
@@ -210,7 +206,9 @@ def layer_spec(cfg: ModelConfig, sequence_parallel: bool = False) -> ModuleSpec:
         attention = dataclasses.replace(
             attention, submodules=dataclasses.replace(attention.submodules, linear_proj=RowParallelLinearWithPostNorm)
         )
-        mlp = dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, linear_fc2=RowParallelLinearWithPostNorm))
+        mlp = dataclasses.replace(
+            mlp, submodules=dataclasses.replace(mlp.submodules, linear_fc2=RowParallelLinearWithPostNorm)
+        )
     return dataclasses.replace(
         spec, submodules=dataclasses.replace(layer, self_attention=attention, mlp=mlp, **changes)
     )
@@ -228,10 +226,10 @@ def _block_spec(cfg: ModelConfig, config: TransformerConfig, spec: ModuleSpec, v
 def build_model(cfg: ModelConfig, layout: ParallelLayout, padded_vocab_size: int) -> list[GPTModel]:
     """This rank's model chunks (one, or one per virtual pipeline stage), unwrapped, on the device.
 
-    ``cfg`` is the model section of the run's config; ``layout`` the parallel state it is built in.
+    ``cfg`` is the model section of a validated config; ``layout`` the parallel state it is built in.
     """
     config = transformer_config(cfg, layout)
-    spec = layer_spec(cfg, layout.sequence_parallel)
+    spec = layer_spec(cfg)
     vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):

@@ -1,10 +1,14 @@
-"""HF directory -> weights-only Megatron checkpoint, and the CLI of tools/convert_hf_checkpoint.py.
+"""Checkpoint conversion between Hugging Face and Megatron, both ways, and the CLI of
+tools/convert_hf_checkpoint.py.
 
-Import builds the whole model at TP=1/PP=1 in this process, fills it through
-``simpo_megatron.hf.load_hf_weights`` and saves it as a dist checkpoint, which loads on any
-TP/PP layout with the same padded vocabulary. Export (``simpo_megatron.hf.export_checkpoint``)
-needs no model. Both write ``OUTPUT.tmp`` and rename it into place at the end: a failure
-leaves nothing behind.
+- ``import_hf_checkpoint``: an HF directory -> a weights-only training checkpoint. It builds
+  the whole model at TP=1/PP=1 in this process, fills it through ``hf.load_hf_weights`` and
+  saves it as a dist checkpoint, which loads on any TP/PP layout with the same padded vocabulary.
+- ``export_checkpoint``: a training checkpoint (any TP/PP/VPP layout) -> an HF directory, read
+  as global tensors, with no model and no model-parallel world.
+
+Both write ``OUTPUT.tmp`` and rename it into place at the end: a failure leaves nothing behind.
+The mappings themselves are ``simpo_megatron.hf`` (config.json and tensors).
 """
 
 from __future__ import annotations
@@ -16,18 +20,34 @@ import os
 import sys
 import types
 import warnings
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import torch.distributed as dist
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 
-from simpo_megatron.checkpoint_format import CheckpointError
+from simpo_megatron.checkpoint_format import CheckpointError, resolve_checkpoint
 from simpo_megatron.config import SimPOConfig
 from simpo_megatron.fsutil import staged_directory
-from simpo_megatron.hf import HFConversionError, export_checkpoint, load_hf_weights, save_hf_config
-from simpo_megatron.hf.adapter import hf_config_to_overrides, model_config_dict, sliding_window
-from simpo_megatron.hf.convert import HF_CONFIG_DIR
-from simpo_megatron.hf.files import read_hf_config
+from simpo_megatron.hf import HF_CONFIG_DIR, HFConversionError, load_hf_weights, save_hf_config
+from simpo_megatron.hf.config_mapping import (
+    hf_config_to_overrides,
+    model_config_dict,
+    model_config_from_dict,
+    sliding_window,
+    to_hf_config,
+)
+from simpo_megatron.hf.files import (
+    DTYPES,
+    TOKENIZER_FILES,
+    copy_files,
+    hf_config_dtype,
+    parse_dtype,
+    parse_size,
+    read_hf_config,
+    save_safetensors,
+)
+from simpo_megatron.hf.sharded import read_checkpoint_tensors
+from simpo_megatron.hf.tensor_mapping import megatron_to_hf
 from simpo_megatron.model.gpt import build_model
 from simpo_megatron.runtime import ParallelLayout, destroy_distributed, initialize_distributed
 from simpo_megatron.training.checkpointing import save_checkpoint
@@ -78,7 +98,8 @@ def import_hf_checkpoint(
     if window is not None and cfg.model.sliding_window is None:
         warnings.warn(
             f"{hf_dir}: sliding_window={window} on some layers only: the converted model uses full causal "
-            f"attention, which matches the HF model on sequences of up to {window} tokens"
+            f"attention, which matches the HF model on sequences of up to {window} tokens",
+            stacklevel=2,
         )
     try:
         with staged_directory(output) as tmp:
@@ -87,7 +108,7 @@ def import_hf_checkpoint(
                 load_hf_weights(hf_dir, model, cfg)
                 save_checkpoint(
                     tmp, types.SimpleNamespace(model=model, iteration=0),
-                    config_dict=model_config_dict(cfg), weights_only=True,
+                    config_dict=model_config_dict(cfg.model), weights_only=True,
                 )
                 del model
             save_hf_config(hf_dir, tmp)
@@ -101,6 +122,49 @@ def import_hf_checkpoint(
                     },
                     fh, indent=2,
                 )
+    except FileExistsError as e:
+        raise HFConversionError(str(e)) from None
+    return os.path.abspath(output)
+
+
+def export_checkpoint(
+    load: str,
+    output: str,
+    *,
+    hf_config_dir: str | None = None,
+    dtype: str | None = None,
+    max_shard_size: str | int = "5GB",
+) -> str:
+    """Convert the newest checkpoint under ``load`` (any TP/PP/VPP layout) into an HF directory.
+
+    ``hf_config_dir`` (default: ``LOAD/hf_config``) supplies the original config.json, whose
+    other entries are kept, and the tokenizer files, which are copied. ``dtype`` defaults to
+    that config's dtype, else float32. Returns ``output``, written atomically.
+    """
+    ckpt = resolve_checkpoint(load)
+    common = dist_checkpointing.load_common_state_dict(ckpt)
+    if "config" not in common:
+        raise HFConversionError(f"{ckpt} records no model config (save it with save_checkpoint(config_dict=...))")
+    cfg = SimPOConfig(model=model_config_from_dict(common["config"]))
+    if hf_config_dir is None and os.path.isdir(os.path.join(load, HF_CONFIG_DIR)):
+        hf_config_dir = os.path.join(load, HF_CONFIG_DIR)
+    base = read_hf_config(hf_config_dir) if hf_config_dir else None
+    if base is None:
+        warnings.warn(
+            f"{load}: no HF config given (--hf-config): writing a fresh config.json and no tokenizer files",
+            stacklevel=2,
+        )
+    dtype_name = dtype or (base and hf_config_dtype(base)) or "float32"
+    hf_config = to_hf_config(cfg, base, dtype_name)
+    max_shard_bytes = parse_size(max_shard_size)
+    try:
+        with staged_directory(output) as tmp:
+            tensors = megatron_to_hf(read_checkpoint_tensors(ckpt), cfg.model, parse_dtype(dtype_name))
+            save_safetensors(tensors, tmp, max_shard_bytes)
+            with open(os.path.join(tmp, "config.json"), "w") as fh:
+                json.dump(hf_config, fh, indent=2)
+            if hf_config_dir:
+                copy_files(hf_config_dir, tmp, TOKENIZER_FILES)
     except FileExistsError as e:
         raise HFConversionError(str(e)) from None
     return os.path.abspath(output)
@@ -124,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     exp.add_argument("--output", required=True, help="HF model directory to create.")
     exp.add_argument("--hf-config",
                      help=f"Original HF directory: config.json and tokenizer (default: LOAD/{HF_CONFIG_DIR}).")
-    exp.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    exp.add_argument("--dtype", choices=tuple(DTYPES),
                      help="Dtype of the weights (default: the original config's, else float32).")
     exp.add_argument("--max-shard-size", default="5GB", help="Largest safetensors file, e.g. 5GB, 500MB.")
     args = parser.parse_args(argv)

@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 
 from simpo_megatron.config import ConfigError, SimPOConfig, load_config
 from simpo_megatron.data.provider import DataMismatchError, build_datasets, eval_micro_batches, global_batches
-from simpo_megatron.model.fp8 import FP8UnavailableError, check_transformer_engine
+from simpo_megatron.model.fp8 import FP8UnavailableError, TransformerEngineUnavailableError, check_transformer_engine
 from simpo_megatron.hf import HFConversionError, hf_model_overrides, is_hf_checkpoint, load_hf_weights, save_hf_config
 from simpo_megatron.runtime import destroy_distributed, initialize_distributed
 from simpo_megatron.training.checkpointing import CheckpointError, config_to_dict, load_checkpoint, read_tracker, save_checkpoint
@@ -322,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(argv)
         pretrain(cfg)
-    except (ConfigError, FP8UnavailableError, DataMismatchError, CheckpointError, HFConversionError) as e:
+    except (ConfigError, TransformerEngineUnavailableError, FP8UnavailableError, DataMismatchError, CheckpointError,
+            HFConversionError) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:

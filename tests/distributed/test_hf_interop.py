@@ -43,14 +43,14 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from simpo_megatron.hf.adapter import (  # noqa: E402
-    HFConversionError,
+from simpo_megatron.hf import HFConversionError  # noqa: E402
+from simpo_megatron.hf.config_mapping import (  # noqa: E402
     hf_config_to_overrides,
-    hf_to_megatron,
-    megatron_to_hf,
     model_config_dict,
-    overrides_to_hf_config,
+    model_config_from_dict,
+    to_hf_config,
 )
+from simpo_megatron.hf.tensor_mapping import hf_to_megatron, megatron_to_hf  # noqa: E402
 from simpo_megatron.testing import run_distributed, tiny_config  # noqa: E402
 from simpo_megatron.training.hf_checkpoint import main as convert_main  # noqa: E402
 
@@ -282,9 +282,10 @@ def _gemma2_step(cfg, state, batches: list[dict], save: str) -> float | None:
 
 
 def _world1_worker(hf_dirs: dict, out: str, batches: list[dict]) -> dict:
+    from megatron.core.utils import unwrap_model
+
     from simpo_megatron.runtime import ParallelLayout, initialize_distributed
-    from simpo_megatron.hf import export_checkpoint
-    from simpo_megatron.training.hf_checkpoint import import_hf_checkpoint
+    from simpo_megatron.training.hf_checkpoint import export_checkpoint, import_hf_checkpoint
 
     initialize_distributed(ParallelLayout(1, 1))  # the conversions run in this world of one
     results = {}
@@ -295,7 +296,7 @@ def _world1_worker(hf_dirs: dict, out: str, batches: list[dict]) -> dict:
         cfg = _config(hf_dir, 1, 1, **(GEMMA2_STEP if name == "gemma2" else {}))
         state, results[name] = _check(cfg, ckpt, batches)
         if name == "llama32":
-            results["llama32/inv_freq"] = state.model[0].module.rotary_pos_emb.inv_freq.clone()
+            results["llama32/inv_freq"] = unwrap_model(state.model[0]).rotary_pos_emb.inv_freq.clone()
         if name == "gemma2":
             results["gemma2/step_loss"] = _gemma2_step(cfg, state, batches, os.path.join(out, "gemma2_step"))
     return _by_value(results)
@@ -453,7 +454,8 @@ def test_gemma2_step_is_the_same_on_tp1_and_tp2(imported, tp2):
     save, tp2_results = tp2
     assert tp2_results["gemma2/step_loss"] == pytest.approx(tp1_results["gemma2/step_loss"], abs=1e-6)
     before = read_checkpoint_tensors(resolve_checkpoint(os.path.join(out, "gemma2")))
-    after = [read_checkpoint_tensors(resolve_checkpoint(p)) for p in (os.path.join(out, "gemma2_step"), os.path.join(save, "gemma2"))]
+    after = [read_checkpoint_tensors(resolve_checkpoint(p))
+             for p in (os.path.join(out, "gemma2_step"), os.path.join(save, "gemma2"))]
     weights = [k for k, v in before.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer")]
     assert "decoder.layers.mlp.linear_fc2.post_layernorm.weight" in weights
     for key in weights:
@@ -481,7 +483,7 @@ def test_export_after_training_tp2(tp2, hf_dirs, references, batches, tmp_path):
 
 
 def test_pp2_matches_transformers_and_exports_exactly(pp2, hf_dirs, references, tmp_path):
-    from simpo_megatron.hf import export_checkpoint
+    from simpo_megatron.training.hf_checkpoint import export_checkpoint
 
     save, results = pp2
     for name, ref in references.items():
@@ -491,7 +493,7 @@ def test_pp2_matches_transformers_and_exports_exactly(pp2, hf_dirs, references, 
 
 
 def test_vpp_gemma2_matches_transformers_and_exports_exactly(hf_dirs, references, batches, tmp_path):
-    from simpo_megatron.hf import export_checkpoint
+    from simpo_megatron.training.hf_checkpoint import export_checkpoint
 
     sources = {"gemma2": (hf_dirs["gemma2"], hf_dirs["gemma2"])}
     save = str(tmp_path / "vpp")
@@ -560,13 +562,13 @@ def test_wrong_tensor_shape_writes_nothing(hf_dirs, tmp_path, capsys):
     _assert_nothing_written(output)
 
 
-def test_adapter_round_trip_and_megatron_layout(hf_dirs):
+def test_tensor_mapping_round_trip_and_megatron_layout(hf_dirs):
     """HF -> Megatron -> HF is the identity; the Megatron side has megatron-core's fused layouts."""
     for name in ("qwen2_tied", "gemma2"):
         hf = hf_tensors(hf_dirs[name])
         cfg = tiny_config(**hf_config_to_overrides(json.loads(Path(hf_dirs[name], "config.json").read_text())))
-        mcore = hf_to_megatron(hf, cfg, 256)
-        back = megatron_to_hf(mcore, cfg)
+        mcore = hf_to_megatron(hf, cfg.model, 256)
+        back = megatron_to_hf(mcore, cfg.model)
         assert back.keys() == hf.keys() - {"lm_head.weight"}
         for key, value in back.items():
             assert torch.equal(value, hf[key]), (name, key)
@@ -591,8 +593,9 @@ def test_config_mapping():
     assert overrides["use_rope_scaling"] and overrides["rope_scaling_factor"] == 32.0
     assert overrides["rotary_base"] == 500000 and overrides["num_query_groups"] == 2
     cfg = tiny_config(**overrides)
-    assert hf_config_to_overrides(overrides_to_hf_config(cfg)) == overrides
-    assert model_config_dict(cfg)["kv_channels"] == 16
+    assert hf_config_to_overrides(to_hf_config(cfg)) == overrides
+    assert model_config_dict(cfg.model)["kv_channels"] == 16
+    assert model_config_from_dict(cfg.to_flat()) == cfg.model  # the checkpoint's record, and back
     # transformers 5 keeps theta and scaling in rope_parameters.
     v5 = {k: v for k, v in llama.items() if k not in ("rope_theta", "rope_scaling")}
     v5["rope_parameters"] = {**llama["rope_scaling"], "rope_theta": 500000.0}
@@ -612,7 +615,7 @@ def test_config_mapping():
     assert hf_config_to_overrides(mistral, seq_length=8192)["sliding_window"] is None
     windowed = hf_config_to_overrides({**mistral, "sliding_window": 4096}, seq_length=8192)
     assert (windowed["sliding_window"], windowed["window_attn_skip_freq"]) == (4096, None)
-    assert hf_config_to_overrides(windowed_cfg := overrides_to_hf_config(tiny_config(**windowed)))["sliding_window"] == 4096
+    assert hf_config_to_overrides(windowed_cfg := to_hf_config(tiny_config(**windowed)))["sliding_window"] == 4096
     assert windowed_cfg["model_type"] == "mistral"
     # Qwen2: a window on the top layers only is exact while it covers the sequence.
     qwen2 = {**mistral, "model_type": "qwen2", "sliding_window": 4096,
@@ -633,7 +636,7 @@ def test_config_mapping():
     assert (g["sliding_window"], g["window_attn_skip_freq"], g["softmax_scale"]) == (8, 2, 32 ** -0.5)
     assert g["geglu"] and not g["swiglu"] and g["apply_layernorm_1p"] and g["sandwich_norm"] and g["scale_embeddings"]
     assert not g["untie_embeddings_and_output_weights"]  # Gemma-2 ties by default
-    back = overrides_to_hf_config(tiny_config(**g))
+    back = to_hf_config(tiny_config(**g))
     assert back["query_pre_attn_scalar"] == 32 and back["layer_types"][:2] == ["sliding_attention", "full_attention"]
     assert hf_config_to_overrides(back) == g
     assert "hidden_activation" in error({**gemma2, "hidden_activation": "gelu"})

@@ -189,7 +189,7 @@ def _our_metrics(save: Path) -> list[dict]:
 def _our_weights(save: Path, hf_dir: str, out: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    from simpo_megatron.hf import export_checkpoint
+    from simpo_megatron.training.hf_checkpoint import export_checkpoint
 
     exported = export_checkpoint(str(save), str(out), hf_config_dir=hf_dir)
     return {k: v for f in sorted(os.listdir(exported)) if f.endswith(".safetensors")

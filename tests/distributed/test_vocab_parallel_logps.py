@@ -160,7 +160,9 @@ def test_chunked_head_equals_unchunked_and_reference(head_results, dtype_name, t
             assert logps.dtype == torch.float32 and grad_dtype == hidden.dtype
             # bf16 matmuls round the logits: compare the log-probs at bf16 resolution there.
             torch.testing.assert_close(logps.double(), ref_logps, rtol=0, atol=1e-5 if fp32 else 0.15)
-            torch.testing.assert_close(grad_h.double(), ref_grad_h, rtol=1e-4 if fp32 else 0.05, atol=1e-5 if fp32 else 0.05)
+            torch.testing.assert_close(
+                grad_h.double(), ref_grad_h, rtol=1e-4 if fp32 else 0.05, atol=1e-5 if fp32 else 0.05
+            )
         torch.testing.assert_close(grad_w[:VOCAB].double(), ref_grad_w[:VOCAB], rtol=1e-4 if fp32 else 0.05,
                                    atol=1e-5 if fp32 else 0.02)
     # The chunked head against today's path on the same (bf16-rounded) inputs: same roundings.

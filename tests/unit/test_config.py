@@ -4,6 +4,7 @@ Pure unit tests: no process group is started. ``validate(world_size)`` only chec
 against each other and the world size, so every error is reachable with a plain SimPOConfig.
 """
 
+import math
 import re
 
 import pytest
@@ -147,6 +148,18 @@ def test_cli_boolean_overrides_yaml_boolean(tmp_path):
     assert cfg.model.swiglu is False
 
 
+def test_derived_sizes_round_up_as_megatron_does():
+    from simpo_megatron.config import ModelConfig
+
+    for h in range(1, 500):
+        # about 8/3 x hidden, rounded up to a multiple of 64 (the float formula, fine at these sizes)
+        assert ModelConfig(hidden_size=h).derived_ffn_hidden_size() == math.ceil(8 * h / 3 / 64) * 64, h
+    for vocab in (1, 255, 256, 257, 32000, 128256, 2**53 + 1):
+        cfg = SimPOConfig.from_flat(vocab_size=vocab, make_vocab_size_divisible_by=128, tensor_model_parallel_size=2)
+        padded = cfg.padded_vocab_size()
+        assert padded % 256 == 0 and vocab <= padded < vocab + 256, vocab  # exact for vocabularies floats cannot hold
+
+
 def test_no_swiglu_changes_the_default_ffn_size():
     assert load_config(["--hidden-size", "96"]).model.derived_ffn_hidden_size() == 256  # 8/3 x 96, to x64
     assert load_config(["--hidden-size", "96", "--no-swiglu"]).model.derived_ffn_hidden_size() == 384  # 4 x 96
@@ -189,7 +202,8 @@ def test_base_config_validates_and_returns_itself():
     (8, dict(global_batch_size=16), 8, 1),
     (16, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, global_batch_size=32), 4, 4),
     (8, dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, global_batch_size=16), 4, 2),
-    (4, dict(tensor_model_parallel_size=4, num_query_groups=4, sequence_parallel=True), 1, 4),
+    (4, dict(tensor_model_parallel_size=4, num_query_groups=4, sequence_parallel=True,
+          transformer_impl="transformer_engine"), 1, 4),
     (2, dict(tensor_model_parallel_size=2, hidden_size=200, kv_channels=32), 1, 4),
 ])
 def test_valid_layouts(world, overrides, dp, micro_batches):
@@ -325,6 +339,59 @@ def test_other_inconsistent_settings(overrides, needles):
 def test_sequence_parallel_needs_seq_length_divisible_by_tp():
     check_error(base(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=101), 2,
                 "--seq-length (101)", "--tensor-model-parallel-size (2)", "--sequence-parallel")
+
+
+def test_sequence_parallel_on_the_local_layers_is_refused_at_validation():
+    # Without Apex, megatron-core's local layers use torch norms, which refuse sequence parallelism.
+    check_error(base(tensor_model_parallel_size=2, sequence_parallel=True), 2,
+                "--sequence-parallel", "--transformer-impl transformer_engine")
+    base(tensor_model_parallel_size=2, sequence_parallel=True, transformer_impl="transformer_engine").validate(2)
+
+
+@pytest.mark.parametrize("key, value, flag", [
+    ("transformer_impl", "te", "--transformer-impl"),
+    ("normalization", "ScaleNorm", "--normalization"),
+    ("fp8_recipe", "fast", "--fp8-recipe"),
+    ("tokenizer_type", "GPT2BPETokenizer", "--tokenizer-type"),
+    ("sft_loss_form", "sequence", "--sft-loss-form"),
+])
+def test_a_value_outside_the_choices_from_yaml_is_an_error_naming_the_flag(tmp_path, key, value, flag):
+    # argparse checks choices on the command line only; validation checks them whatever the source.
+    path = write_yaml(tmp_path, f"mock_data: true\n{key}: {value}\n")
+    with pytest.raises(ConfigError, match=f"^{flag} must be one of .*got '{value}'"):
+        load_config(["--config", path]).validate(1)
+
+
+def test_choices_come_from_the_modules_that_define_them():
+    from simpo_megatron import losses
+    from simpo_megatron.data.tokenizers import TOKENIZER_TYPES
+
+    actions = {a.dest: a for a in build_parser()._actions}
+    assert tuple(actions["loss_type"].choices) == tuple(losses.LOSS_TYPES)
+    assert tuple(actions["tokenizer_type"].choices) == tuple(TOKENIZER_TYPES)
+
+
+def test_help_lists_the_flags_by_section():
+    text = build_parser().format_help()
+    headings = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    for section in ("model", "parallel", "data", "loss", "optimizer", "checkpoint", "logging"):
+        assert section in headings, headings
+    groups = text[text.index("\nmodel:"):]
+    assert groups.index("--hidden-size") < groups.index("\nparallel:") < groups.index("--tensor-model-parallel-size")
+    assert "(default: None)" not in groups.split("--ffn-hidden-size")[1].split("--num-attention-heads")[0]
+
+
+def test_sections_are_frozen_and_replace_returns_a_copy():
+    import dataclasses
+
+    cfg = base()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model.hidden_size = 512
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.model = cfg.model
+    changed = cfg.replace(hidden_size=512, beta=3.0)
+    assert (changed.model.hidden_size, changed.loss.beta) == (512, 3.0)
+    assert (cfg.model.hidden_size, cfg.loss.beta) == (256, 2.0)
 
 
 # ------------------------------------------------------------------ validate: SimPO knobs

@@ -4,14 +4,13 @@ Transformer Engine or a capable GPU is missing (never a silent fallback to bf16)
 megatron-core 0.16.1's TransformerConfig takes the FP8 fields without importing Transformer
 Engine or touching CUDA (they are read when the TE layers run, inside megatron's FP8
 context), so here the full TransformerConfig is built for every format x recipe combination,
-on the CPU. The FP8 forward/backward itself is tests/gpu/test_fp8_te.py.
+on the CPU. The FP8 forward/backward itself is in tests/gpu/test_gpu_training.py.
 """
 
+import dataclasses
 import itertools
 import sys
 import types
-
-import dataclasses
 
 import pytest
 import torch
@@ -19,8 +18,14 @@ from megatron.core.enums import Fp8Recipe
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from simpo_megatron.config import ConfigError, ModelConfig, SimPOConfig
+from simpo_megatron.config.sections import field_choices
 from simpo_megatron.model import fp8 as fp8_module
-from simpo_megatron.model.fp8 import FP8UnavailableError, check_transformer_engine, fp8_config_kwargs
+from simpo_megatron.model.fp8 import (
+    FP8UnavailableError,
+    TransformerEngineUnavailableError,
+    check_transformer_engine,
+    fp8_config_kwargs,
+)
 from simpo_megatron.model.gpt import layer_spec, transformer_config
 from simpo_megatron.testing import tiny_config
 
@@ -37,10 +42,11 @@ def fp8_cfg(**overrides) -> SimPOConfig:
 
 def test_the_flag_choices_are_the_combinations_tested_here():
     fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    assert [c for c in fields["fp8_format"].metadata["choices"] if c] == list(FORMATS)
-    assert list(fields["fp8_recipe"].metadata["choices"]) == list(RECIPES)
-    # every recipe flag is a megatron-core Fp8Recipe
+    assert [c for c in field_choices(fields["fp8_format"]) if c] == list(FORMATS)
+    assert list(field_choices(fields["fp8_recipe"])) == list(RECIPES)
+    # every recipe flag is a megatron-core Fp8Recipe, with a minimum GPU it is checked against
     assert {r.value for r in Fp8Recipe} >= set(RECIPES)
+    assert set(fp8_module._MIN_CAPABILITY) == set(RECIPES)
 
 
 def test_no_fp8_format_means_no_fp8_fields():
@@ -121,8 +127,9 @@ def test_fp8_param_gather_without_fp8_format_is_a_config_error():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 @pytest.mark.parametrize("cfg", [fp8_cfg(), fp8_cfg(fp8_format=None)], ids=["fp8", "te_only"])
 def test_without_cuda_transformer_engine_is_refused_with_a_clear_message(cfg):
-    with pytest.raises(FP8UnavailableError) as info:
+    with pytest.raises(TransformerEngineUnavailableError) as info:
         check_transformer_engine(cfg.model)
+    assert not isinstance(info.value, FP8UnavailableError)  # what is missing is TE, FP8 asked for or not
     message = str(info.value)
     assert "CUDA GPU" in message and "--transformer-impl transformer_engine" in message
     assert "--transformer-impl local" in message  # says what to do instead
@@ -130,7 +137,7 @@ def test_without_cuda_transformer_engine_is_refused_with_a_clear_message(cfg):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_model_builder_refuses_te_layers_without_cuda():
-    with pytest.raises(FP8UnavailableError, match="CUDA GPU"):
+    with pytest.raises(TransformerEngineUnavailableError, match="CUDA GPU"):
         layer_spec(fp8_cfg().model)
 
 
@@ -178,8 +185,9 @@ def fake_transformer_engine(monkeypatch):
 @pytest.mark.parametrize("cfg", [fp8_cfg(), fp8_cfg(fp8_format=None)], ids=["fp8", "te_only"])
 def test_without_transformer_engine_the_message_says_how_to_install_it(cfg, fake_cuda, no_transformer_engine):
     fake_cuda((9, 0))
-    with pytest.raises(FP8UnavailableError) as info:
+    with pytest.raises(TransformerEngineUnavailableError) as info:
         check_transformer_engine(cfg.model)
+    assert not isinstance(info.value, FP8UnavailableError)  # what is missing is TE, FP8 asked for or not
     message = str(info.value)
     assert "transformer_engine package" in message
     assert "pip install transformer_engine[pytorch]" in message

@@ -1,4 +1,4 @@
-"""The package reads in layers: tools -> training -> model -> hf / data -> the core modules.
+"""The package reads in layers: tools -> training -> model -> hf / data / config -> the core modules.
 
 Every ``simpo_megatron`` import (also those inside functions) must point to the same layer
 or a lower one: an import running back up (model/ importing training/, say) fails here.
@@ -11,8 +11,9 @@ PACKAGE = Path(__file__).resolve().parents[2] / "simpo_megatron"
 
 # Lower number = lower layer. Top-level modules and subpackages, by their first name.
 LAYERS = {
-    "config": 0, "fsutil": 0, "checkpoint_format": 0, "losses": 0, "logprobs": 0, "runtime": 0,
-    "hf": 1, "data": 1,
+    "fsutil": 0, "checkpoint_format": 0, "losses": 0, "logprobs": 0, "runtime": 0, "mathutil": 0,
+    # config reads its choices from data (tokenizer types) and losses (the loss registry).
+    "config": 1, "hf": 1, "data": 1,
     "model": 2,
     "training": 3,
     "cli": 4, "example": 4, "testing": 4,

@@ -12,7 +12,7 @@ import os
 import pytest
 
 from simpo_megatron.config import ConfigError, SimPOConfig, load_config
-from simpo_megatron.hf.adapter import MODEL_FIELDS, hf_config_to_overrides
+from simpo_megatron.hf.config_mapping import MODEL_FIELDS, hf_config_to_overrides
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs")
 ALL = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
@@ -20,7 +20,8 @@ FAKE_DATA = ["--data-path", "/nonexistent/train_prefix", "--valid-data-path", "/
              "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "/nonexistent/tokenizer"]
 
 # The SimPO repository's training_configs/*.yaml (princeton-nlp/SimPO), in this project's flags
-# (Llama-3.1 takes the Llama-3 v0.2 recipe: the repository has none of its own). Common to all: bf16, cosine decay, warmup_ratio 0.1, one epoch, max_length 2048,
+# (Llama-3.1 takes the Llama-3 v0.2 recipe: the repository has none of its own). Common to all:
+# bf16, cosine decay, warmup_ratio 0.1, one epoch, max_length 2048,
 # max_prompt_length 1800, 2 pairs x 16 accumulation steps x 4 processes = 128 pairs per step.
 PUBLISHED = {
     "llama3-8b-instruct.yaml": dict(source="training_configs/llama-3-8b-instruct-simpo-v2.yaml",
@@ -66,7 +67,7 @@ HF_CONFIGS["gemma2-9b-it.yaml"] = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def recipe(name: str, *extra: str) -> SimPOConfig:
     """The parsed recipe (cached: parsing is the slow part; no test changes a config)."""
     return load_config(["--config", os.path.join(CONFIGS, name), *extra])
@@ -119,7 +120,8 @@ def test_paper_recipes_carry_the_published_hyperparameters(name):
     assert cfg.optimizer.lr_decay_style == "cosine" and cfg.optimizer.min_lr == 0.0
     assert cfg.optimizer.lr_warmup_fraction == 0.1 and cfg.optimizer.lr_warmup_iters == 0
     # HF AdamW (adamw_torch) defaults and Trainer's gradient clipping.
-    assert (cfg.optimizer.optimizer, cfg.optimizer.adam_beta1, cfg.optimizer.adam_beta2, cfg.optimizer.adam_eps) == ("adam", 0.9, 0.999, 1e-8)
+    opt = cfg.optimizer
+    assert (opt.optimizer, opt.adam_beta1, opt.adam_beta2, opt.adam_eps) == ("adam", 0.9, 0.999, 1e-8)
     assert cfg.optimizer.weight_decay == 0.0 and cfg.optimizer.clip_grad == 1.0
     assert cfg.optimizer.seed == 42
     # One epoch of ~60k UltraFeedback pairs.
@@ -153,7 +155,7 @@ def test_gemma2_recipe_is_gemma2():
     assert cfg.model.untie_embeddings_and_output_weights is False
     assert cfg.model.geglu and cfg.model.sandwich_norm and cfg.model.apply_layernorm_1p and cfg.model.scale_embeddings
     assert (cfg.model.attn_logit_softcapping, cfg.model.final_logit_softcapping) == (50.0, 30.0)
-    assert (cfg.model.sliding_window, cfg.model.window_attn_skip_freq, cfg.model.softmax_scale) == (4096, 2, 256 ** -0.5)
+    assert (cfg.model.sliding_window, cfg.model.window_attn_skip_freq, cfg.model.softmax_scale) == (4096, 2, 256**-0.5)
     te = recipe("gemma2-9b-it.yaml", *FAKE_DATA, "--transformer-impl", "transformer_engine")
     with pytest.raises(ConfigError, match="--attn-logit-softcapping .* needs --transformer-impl local"):
         te.validate(8 * model_parallel(te))
@@ -161,7 +163,8 @@ def test_gemma2_recipe_is_gemma2():
 
 def test_llama31_recipe_scales_rope_by_8():
     cfg = recipe("llama3.1-8b-instruct.yaml", "--mock-data")
-    assert cfg.model.use_rope_scaling and cfg.model.rope_scaling_factor == 8.0 and cfg.model.max_position_embeddings == 131072
+    assert cfg.model.use_rope_scaling and cfg.model.rope_scaling_factor == 8.0
+    assert cfg.model.max_position_embeddings == 131072
 
 
 def test_command_line_overrides_a_recipe():

@@ -1,0 +1,248 @@
+"""The rules a run's settings obey, checked once at start, before any work.
+
+``validate(cfg, world_size)`` checks every setting against its choices, each section on its
+own, then the sections against each other and the world size, and raises ConfigError with a
+message that names the flags. Every configuration rule is here, those about what the layer
+implementations support included: the model builder and the training loop take a validated
+config. (Checks that need the data, such as the tokenizer's vocabulary or the number of
+pairs, run where the data is read.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from simpo_megatron.config.sections import (
+    SECTIONS,
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    LoggingConfig,
+    LossConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ParallelConfig,
+    SimPOConfig,
+    field_choices,
+    flag,
+)
+
+
+def validate(cfg: SimPOConfig, world_size: int) -> SimPOConfig:
+    """Check ``cfg`` for a run of ``world_size`` processes; returns ``cfg`` or raises ConfigError."""
+    _check_choices(cfg)
+    _check_model(cfg.model)
+    _check_parallel(cfg.parallel)
+    _check_data(cfg.data)
+    _check_loss(cfg.loss)
+    _check_optimizer(cfg.optimizer)
+    _check_checkpoint(cfg.checkpoint)
+    _check_logging(cfg.logging)
+    _check_layout(cfg, world_size)
+    _check_features(cfg)
+    return cfg
+
+
+def _require_positive(section, *names: str) -> None:
+    for name in names:
+        if getattr(section, name) < 1:
+            raise ConfigError(f"{flag(name)} must be >= 1, got {getattr(section, name)}")
+
+
+def _check_choices(cfg: SimPOConfig) -> None:
+    """Values outside a flag's choices (argparse checks the command line; this, a YAML file too)."""
+    for section in SECTIONS:
+        values = getattr(cfg, section)
+        for f in dataclasses.fields(values):
+            choices = field_choices(f)
+            value = getattr(values, f.name)
+            if choices is not None and value not in choices:
+                named = ", ".join(str(c) for c in choices if c is not None)
+                raise ConfigError(f"{flag(f.name)} must be one of {named}, got {value!r}")
+
+
+# ------------------------------------------------------------------ one section at a time
+
+
+def _check_model(model: ModelConfig) -> None:
+    _require_positive(model, "num_layers", "hidden_size", "num_attention_heads")
+    groups = model.num_query_groups or model.num_attention_heads
+    if model.num_attention_heads % groups != 0:
+        raise ConfigError(
+            f"--num-attention-heads ({model.num_attention_heads}) is not divisible by "
+            f"--num-query-groups ({groups})"
+        )
+    if model.kv_channels is None and model.hidden_size % model.num_attention_heads != 0:
+        raise ConfigError(
+            f"--hidden-size ({model.hidden_size}) is not divisible by --num-attention-heads "
+            f"({model.num_attention_heads}); set --kv-channels"
+        )
+    if model.bf16 and model.fp16:
+        raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+    if model.logprob_chunk_size < 0:
+        raise ConfigError(f"--logprob-chunk-size must be >= 0, got {model.logprob_chunk_size}")
+    if model.geglu and model.swiglu:
+        raise ConfigError("--geglu and --swiglu are mutually exclusive (pass --no-swiglu)")
+    for name in ("softmax_scale", "attn_logit_softcapping", "final_logit_softcapping",
+                 "sliding_window", "window_attn_skip_freq"):
+        if getattr(model, name) is not None and getattr(model, name) <= 0:
+            raise ConfigError(f"{flag(name)} must be > 0, got {getattr(model, name)}")
+    if model.transformer_impl == "transformer_engine":
+        for name in ("attn_logit_softcapping", "sandwich_norm"):
+            if getattr(model, name):
+                raise ConfigError(
+                    f"{flag(name)} (Gemma-2) needs --transformer-impl local: megatron-core 0.16.1's "
+                    "Transformer Engine layers have no attention logit soft-capping and no post-norms"
+                )
+    if model.window_attn_skip_freq is not None and model.sliding_window is None:
+        raise ConfigError("--window-attn-skip-freq needs --sliding-window")
+    if model.fp8_format is not None and model.transformer_impl != "transformer_engine":
+        raise ConfigError("--fp8-format needs --transformer-impl transformer_engine")
+    if model.fp8_param_gather and model.fp8_format is None:
+        raise ConfigError("--fp8-param-gather needs --fp8-format")
+
+
+def _check_parallel(par: ParallelConfig) -> None:
+    _require_positive(par, "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
+    if par.sequence_parallel and par.tensor_model_parallel_size == 1:
+        raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if par.num_layers_per_virtual_pipeline_stage is not None and par.pipeline_model_parallel_size < 2:
+        raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
+    if par.overlap_param_gather and not par.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
+
+
+def _check_data(data: DataConfig) -> None:
+    _require_positive(data, "micro_batch_size", "global_batch_size", "seq_length")
+    if data.pad_to_multiple_of < 0:
+        raise ConfigError(f"--pad-to-multiple-of must be >= 0, got {data.pad_to_multiple_of}")
+    if data.seq_length < 2:
+        raise ConfigError("--seq-length must be >= 2 (a prompt token and a response token)")
+    if data.max_prompt_length is not None and not 1 <= data.max_prompt_length < data.seq_length:
+        raise ConfigError(f"--max-prompt-length ({data.max_prompt_length}) must be in [1, --seq-length)")
+    if data.mock_data == bool(data.data_path):
+        raise ConfigError("give exactly one of --data-path and --mock-data")
+    if data.data_path and not data.tokenizer_model:
+        raise ConfigError("--data-path needs --tokenizer-type and --tokenizer-model")
+
+
+def _check_loss(loss: LossConfig) -> None:
+    from simpo_megatron.losses import check_simpo_args, get_loss
+
+    try:
+        get_loss(loss.loss)
+        check_simpo_args(loss.beta, loss.loss_type, loss.label_smoothing, loss.sft_weight, name=flag)
+    except ValueError as e:
+        message = str(e)
+        raise ConfigError(message if message.startswith("--") else f"--loss: {message}") from None
+
+
+def _check_optimizer(opt: OptimizerConfig) -> None:
+    _require_positive(opt, "train_iters")
+    if opt.lr_warmup_fraction is not None and opt.lr_warmup_iters:
+        raise ConfigError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive")
+    if opt.lr_warmup_fraction is not None and not 0.0 <= opt.lr_warmup_fraction <= 1.0:
+        raise ConfigError(f"--lr-warmup-fraction must be in [0, 1], got {opt.lr_warmup_fraction}")
+    if opt.min_lr > opt.lr:
+        raise ConfigError(f"--min-lr ({opt.min_lr}) exceeds --lr ({opt.lr})")
+    if opt.clip_grad < 0:
+        raise ConfigError(f"--clip-grad must be >= 0, got {opt.clip_grad}")
+
+
+def _check_checkpoint(ckpt: CheckpointConfig) -> None:
+    if ckpt.save_interval is not None and ckpt.save_interval < 1:
+        raise ConfigError(f"--save-interval must be >= 1, got {ckpt.save_interval}")
+
+
+def _check_logging(log: LoggingConfig) -> None:
+    _require_positive(log, "log_interval")
+    if log.health_check_window < 0:
+        raise ConfigError(f"--health-check-window must be >= 0, got {log.health_check_window}")
+    if log.eval_iters < 1 and log.eval_iters != -1:
+        raise ConfigError(f"--eval-iters must be >= 1, or -1 for the whole validation set; got {log.eval_iters}")
+
+
+# ------------------------------------------------------------------ sections together
+
+
+def _check_layout(cfg: SimPOConfig, world_size: int) -> None:
+    """The model and the batch against the parallel sizes and the world size."""
+    model, par, data = cfg.model, cfg.parallel, cfg.data
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    cp = par.context_parallel_size
+    if world_size % par.model_parallel_size != 0:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) "
+            f"x --pipeline-model-parallel-size ({pp})"
+            + (f" x --context-parallel-size ({cp})" if cp > 1 else "")
+        )
+    if model.num_attention_heads % tp != 0:
+        raise ConfigError(
+            f"--num-attention-heads ({model.num_attention_heads}) is not divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    groups = model.num_query_groups or model.num_attention_heads
+    if groups % tp != 0:
+        raise ConfigError(f"--num-query-groups ({groups}) is not divisible by --tensor-model-parallel-size ({tp})")
+    if model.num_layers % pp != 0:
+        raise ConfigError(
+            f"--num-layers ({model.num_layers}) is not divisible by --pipeline-model-parallel-size ({pp})"
+        )
+    per_vstage = par.num_layers_per_virtual_pipeline_stage
+    if per_vstage is not None and (model.num_layers // pp) % per_vstage != 0:
+        raise ConfigError(
+            f"layers per pipeline stage ({model.num_layers // pp}) is not divisible by "
+            f"--num-layers-per-virtual-pipeline-stage ({per_vstage})"
+        )
+    dp = cfg.data_parallel_size(world_size)
+    if data.global_batch_size % (data.micro_batch_size * dp) != 0:
+        raise ConfigError(
+            f"--global-batch-size ({data.global_batch_size}) is not divisible by "
+            f"--micro-batch-size ({data.micro_batch_size}) x data-parallel size ({dp})"
+        )
+    if cfg.virtual_pipeline_model_parallel_size() is not None and cfg.num_micro_batches(world_size) % pp != 0:
+        raise ConfigError(
+            f"the interleaved schedule needs the number of micro-batches "
+            f"({cfg.num_micro_batches(world_size)}) to be a multiple of --pipeline-model-parallel-size ({pp})"
+        )
+    if cp > 1 and data.seq_length % (2 * cp) != 0:
+        raise ConfigError(
+            f"--seq-length ({data.seq_length}) must be divisible by 2 x --context-parallel-size "
+            f"({2 * cp}): each sequence is split into that many equal chunks"
+        )
+    if par.sequence_parallel and (data.seq_length // cp) % tp != 0:
+        raise ConfigError(
+            f"--seq-length ({data.seq_length}) must be divisible by --tensor-model-parallel-size "
+            f"({tp}) x --context-parallel-size ({cp}) with --sequence-parallel"
+        )
+
+
+def _check_features(cfg: SimPOConfig) -> None:
+    """What the layer implementations and the optimizer support in combination."""
+    model, par, data = cfg.model, cfg.parallel, cfg.data
+    tp, cp = par.tensor_model_parallel_size, par.context_parallel_size
+    if cp > 1 and model.transformer_impl == "local" and (model.attn_logit_softcapping or model.sliding_window):
+        raise ConfigError(
+            "--context-parallel-size > 1 on the local layers supports neither --attn-logit-softcapping "
+            "nor --sliding-window yet"
+        )
+    te_allgather = model.transformer_impl == "transformer_engine" and par.cp_comm_type == "allgather"
+    if cp > 1 and data.packing and te_allgather:
+        raise ConfigError(
+            "--cp-comm-type allgather does not support packed sequences (--packing, THD) in Transformer "
+            "Engine: use p2p or a2a"
+        )
+    if cp > 1 and par.cp_comm_type == "a2a" and (model.num_attention_heads // tp) % cp != 0:
+        raise ConfigError(
+            f"--cp-comm-type a2a needs the attention heads per tensor-parallel rank "
+            f"({model.num_attention_heads // tp}) to be divisible by --context-parallel-size ({cp})"
+        )
+    if par.sequence_parallel and model.transformer_impl == "local":
+        raise ConfigError(
+            "--sequence-parallel needs --transformer-impl transformer_engine: megatron-core's "
+            "local layers fall back to torch norms without Apex, which do not support it"
+        )
+    if par.use_distributed_optimizer and cfg.optimizer.optimizer != "adam":
+        raise ConfigError("--use-distributed-optimizer supports --optimizer adam only (megatron-core)")
+    if cfg.logging.eval_only and not cfg.checkpoint.load:
+        raise ConfigError("--eval-only needs --load")
