@@ -19,7 +19,9 @@ The entries and the TRL 1.16 code each one equals:
 - ``ipo``: IPO (Azar et al., 2023) on length-averaged log-ratios, ``DPOTrainer(loss_type="ipo")``.
 - ``dpo-norm``: DPO on length-averaged log-ratios, ``DPOTrainer(loss_type="sigmoid_norm")``.
 - ``orpo``: ORPO's odds-ratio term (Hong et al., 2024) on averaged log-probs, TRL's
-  ``ORPOTrainer.odds_ratio_loss``; ORPO's NLL term is the SFT term (weight 1, token form).
+  ``ORPOTrainer.odds_ratio_loss``; ORPO's NLL term is the token-level SFT term with weight 1
+  (TRL 1.16's ORPOTrainer takes that NLL over the prompt tokens too; ours covers the chosen
+  response only, as the SimPO repository's and TRL's CPO SFT terms do).
 
 CPO (Xu et al., 2024) and SLiC-HF (Zhao et al., 2023) need no entry: CPO is ``sigmoid`` with
 ``average_log_prob=False``, ``gamma_beta_ratio=0`` and the token-level SFT term (TRL's
@@ -225,6 +227,8 @@ def simpo_loss(
 
 
 def _simpo(loss_type: str) -> Callable[..., LossOutput]:
+    """SimPO of ``loss_type`` on :class:`PairScores`, averaged or summed as ``average_log_prob`` says."""
+
     def simpo(policy: PairScores, *, beta: float, gamma_beta_ratio: float = 0.5, label_smoothing: float = 0.0,
               average_log_prob: bool = True, sft_weight: float = 0.0) -> LossOutput:
         chosen, rejected = policy.logps(average_log_prob)
@@ -315,9 +319,10 @@ _SIMPO_KNOBS = ("beta", "gamma_beta_ratio", "average_log_prob", "sft_weight")
 LOSSES: dict[str, PreferenceLoss] = {
     e.name: e
     for e in (
-        PreferenceLoss("sigmoid", _simpo("sigmoid"), "SimPO, reference-free: -logsigmoid(beta * (margin - gamma/beta)).",
+        PreferenceLoss("sigmoid", _simpo("sigmoid"), "SimPO, reference-free: -logsigmoid(beta * (logp_w - logp_l) "
+                       "- gamma), on averaged log-probs unless --no-average-log-prob.",
                        _SIMPO_KNOBS + ("label_smoothing",), needs_reference=False),
-        PreferenceLoss("hinge", _simpo("hinge"), "SimPO's hinge form: relu(1 - beta * (margin - gamma/beta)).",
+        PreferenceLoss("hinge", _simpo("hinge"), "SimPO's hinge form: relu(1 - beta * (logp_w - logp_l) + gamma).",
                        _SIMPO_KNOBS, needs_reference=False),
         PreferenceLoss("dpo", dpo_loss, "DPO on summed log-ratios (cDPO with --label-smoothing, R-DPO with "
                        "--rdpo-alpha); needs a reference model.",
