@@ -172,7 +172,7 @@ def check_simpo_args(
     sft_weight: float,
     name: Callable[[str], str] = str,
 ) -> None:
-    """The SimPO knobs' check, for callers not yet on :func:`check_loss_args` (compatibility)."""
+    """``simpo_loss``'s own check: a SimPO loss type and valid knobs."""
     if loss_type not in SIMPO_LOSS_TYPES:
         raise ValueError(f"{name('loss_type')} must be one of {SIMPO_LOSS_TYPES}, got {loss_type!r}")
     check_loss_args(loss_type, name=name, beta=beta, label_smoothing=label_smoothing, sft_weight=sft_weight)
@@ -337,17 +337,11 @@ LOSSES: dict[str, PreferenceLoss] = {
 }
 LOSS_TYPES = tuple(LOSSES)
 
-# Compatibility for callers of the former registry (name -> simpo_loss-shaped function).
-_LEGACY_LOSSES = {"simpo": simpo_loss}
 
-
-def get_loss(loss_type: str) -> PreferenceLoss | Callable[..., tuple[torch.Tensor, ...]]:
-    """The preference loss registered under ``loss_type``; ``"simpo"`` (compatibility) gives
-    ``simpo_loss`` itself."""
+def get_loss(loss_type: str) -> PreferenceLoss:
+    """The preference loss registered under ``loss_type``."""
     if loss_type in LOSSES:
         return LOSSES[loss_type]
-    if loss_type in _LEGACY_LOSSES:
-        return _LEGACY_LOSSES[loss_type]
     raise ValueError(f"unknown loss {loss_type!r}; registered: {sorted(LOSSES)}")
 
 

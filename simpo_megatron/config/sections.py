@@ -210,11 +210,16 @@ class DataConfig:
 class LossConfig:
     """The preference loss and its knobs (the SimPO repository's names); the one place they are defined."""
 
-    loss: str = _opt("simpo", "Preference loss, by registry name.")
-    beta: float = _opt(2.0, "SimPO beta: scale of the reward (beta * average log-prob).")
+    beta: float = _opt(
+        2.0, "Reward scale: SimPO's beta (reward = beta x average log-prob), DPO's beta, IPO's tau, ORPO's lambda."
+    )
     gamma_beta_ratio: float = _opt(0.5, "SimPO target margin gamma/beta (as in the SimPO repository).")
-    loss_type: str = _opt("sigmoid", "SimPO loss type.", _loss_types)
-    label_smoothing: float = _opt(0.0, "Label smoothing of the sigmoid loss, in [0, 0.5].")
+    loss_type: str = _opt("sigmoid", "Preference loss.", _loss_types)
+    label_smoothing: float = _opt(0.0, "Label smoothing, in [0, 0.5]: SimPO's sigmoid, and conservative DPO (dpo).")
+    rdpo_alpha: float = _opt(
+        0.0, "R-DPO length margin: alpha x (|chosen| - |rejected|) added to beta x the DPO logits "
+        "(--loss-type dpo only; 0 disables)."
+    )
     sft_weight: float = _opt(0.0, "Weight of the SFT term on the chosen responses.")
     sft_loss_form: str = _opt(
         "token", "SFT term: 'token' is the cross-entropy averaged over all chosen-response tokens of "
@@ -266,6 +271,14 @@ class CheckpointConfig:
     no_load_optim: bool = _opt(False, "Do not load optimizer state.")
     no_load_rng: bool = _opt(False, "Do not load RNG state.")
     finetune: bool = _opt(False, "Load weights only and start at iteration 0.")
+    ref_load: str | None = _opt(
+        None, "Reference model of a reference-based --loss-type (an HF directory or a checkpoint directory); "
+        "default: the weights --load starts from."
+    )
+    ref_scores_dir: str | None = _opt(
+        None, "Where the reference model's scores of each dataset are kept (computed once, reused while the "
+        "data, the reference and the truncation are the same); default: beside each --data-path prefix."
+    )
     dist_ckpt_optim_fully_reshardable: bool = _opt(
         False, "Save distributed-optimizer state so that it loads on any TP/PP/DP layout "
         "(gathers it at save time); by default it reshards over data-parallel ranks only."

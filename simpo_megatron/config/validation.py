@@ -127,14 +127,12 @@ def _check_data(data: DataConfig) -> None:
 
 
 def _check_loss(loss: LossConfig) -> None:
-    from simpo_megatron.losses import check_simpo_args, get_loss
+    from simpo_megatron.losses import KNOBS, check_loss_args
 
     try:
-        get_loss(loss.loss)
-        check_simpo_args(loss.beta, loss.loss_type, loss.label_smoothing, loss.sft_weight, name=flag)
+        check_loss_args(loss.loss_type, name=flag, **{k: getattr(loss, k) for k in KNOBS})
     except ValueError as e:
-        message = str(e)
-        raise ConfigError(message if message.startswith("--") else f"--loss: {message}") from None
+        raise ConfigError(str(e)) from None
 
 
 def _check_optimizer(opt: OptimizerConfig) -> None:

@@ -176,7 +176,7 @@ def test_every_field_has_a_flag():
 
 
 @pytest.mark.parametrize("argv, flag", [
-    (["--loss-type", "ipo"], "--loss-type"),
+    (["--loss-type", "kto"], "--loss-type"),
     (["--fp8-format", "e5m2"], "--fp8-format"),
     (["--lr-decay-style", "exponential"], "--lr-decay-style"),
     (["--hidden-size", "big"], "--hidden-size"),
@@ -398,15 +398,17 @@ def test_sections_are_frozen_and_replace_returns_a_copy():
 
 
 @pytest.mark.parametrize("overrides, flag, detail", [
-    (dict(loss_type="ipo"), "--loss-type", "'ipo'"),
+    (dict(loss_type="kto"), "--loss-type", "'kto'"),
     (dict(beta=0.0), "--beta", "> 0"),
     (dict(beta=-2.0), "--beta", "> 0"),
     (dict(label_smoothing=0.6), "--label-smoothing", "[0, 0.5]"),
     (dict(label_smoothing=-0.1), "--label-smoothing", "[0, 0.5]"),
     (dict(loss_type="hinge", label_smoothing=0.1), "--label-smoothing", "hinge"),
     (dict(sft_weight=-0.5), "--sft-weight", ">= 0"),
-    (dict(loss="dpo"), "--loss", "'dpo'"),
-], ids=["loss_type", "beta0", "beta_neg", "ls_high", "ls_low", "ls_hinge", "sft", "loss"])
+    (dict(loss_type="ipo", label_smoothing=0.1), "--label-smoothing", "'ipo'"),
+    (dict(loss_type="ipo", rdpo_alpha=0.5), "--rdpo-alpha", "'dpo' only"),
+    (dict(loss_type="dpo", rdpo_alpha=-1.0), "--rdpo-alpha", ">= 0"),
+], ids=["loss_type", "beta0", "beta_neg", "ls_high", "ls_low", "ls_hinge", "sft", "ls_ipo", "rdpo_ipo", "rdpo_neg"])
 def test_simpo_knob_errors_name_the_flag(overrides, flag, detail):
     message = check_error(base(**overrides), 1, flag, detail)
     assert message.startswith(flag), message
