@@ -7,11 +7,15 @@ The names below load on first use, so that the preprocessing tool, which imports
 from importlib import import_module
 
 _EXPORTS = {
+    "BatchLayout": "batch",
+    "MicroBatch": "batch",
+    "PackedLayout": "batch",
+    "ReferenceScores": "batch",
+    "collate": "batch",
     "BlendedPairDataset": "blended",
     "build_pair_datasets": "blended",
     "parse_data_path": "blended",
     "PreferencePairDataset": "pair_dataset",
-    "collate_pairs": "pair_dataset",
     "PairBatchSampler": "sampler",
 }
 __all__ = sorted(_EXPORTS)

@@ -25,12 +25,10 @@ depend on any of this.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
-import numpy as np
-import torch
-
-from simpo_megatron.data.pair_dataset import PairSample, sequence_row
+from simpo_megatron.data.batch import REFERENCE_KEY, BatchLayout, MicroBatch, PairSample, ReferenceScores, collate
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -76,61 +74,6 @@ def pack_first_fit(sizes: Sequence[int], budget: int) -> list[list[int]]:
     return [sorted(b) for b in bins]
 
 
-def collate_packed(
-    samples: Sequence[PairSample],
-    pad_id: int,
-    pad_to_multiple_of: int | None = None,
-    sequence_multiple_of: int = 1,
-) -> dict[str, torch.Tensor | int]:
-    """One packed micro-batch of ``m`` pairs (``m`` may be 0: an empty micro-batch).
-
-    Returns ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` and ``segment_ids`` (the
-    sequence of each token: ``k`` for pair k's chosen, ``m + k`` for its rejected, ``2m`` for
-    the tail padding), all ``[1, T]``; ``cu_seqlens`` (int32, with the padding segment) and
-    ``max_seqlen``; ``num_pairs`` and ``num_tokens`` (real tokens). With
-    ``sequence_multiple_of > 1`` (context parallelism) each sequence is padded to a multiple
-    of it, and ``cu_seqlens_padded`` (the padded offsets) comes along; ``max_seqlen`` is then
-    the longest padded sequence. The total is padded to a multiple of ``pad_to_multiple_of``.
-    """
-    rows = [sequence_row(s["prompt"], s[key], pad_id) for key in ("chosen", "rejected") for s in samples]
-    real_lengths = [len(x) for x, _, _ in rows]
-    lengths = [_round_up(n, sequence_multiple_of) for n in real_lengths]
-    real, used = sum(real_lengths), sum(lengths)
-    multiple = pad_to_multiple_of or sequence_multiple_of
-    if multiple % sequence_multiple_of:
-        raise ValueError(
-            f"pad_to_multiple_of ({multiple}) must be a multiple of sequence_multiple_of ({sequence_multiple_of})"
-        )
-    total = max(_round_up(used, multiple), multiple)
-    if total > used:
-        lengths.append(total - used)
-        real_lengths.append(total - used)
-    tokens = torch.full((total,), pad_id, dtype=torch.int64)
-    labels = torch.full((total,), pad_id, dtype=torch.int64)
-    loss_mask = torch.zeros(total, dtype=torch.float32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
-    for (x, y, mask), start in zip(rows, offsets):
-        tokens[start : start + len(x)] = x
-        labels[start : start + len(x)] = y
-        loss_mask[start : start + len(x)] = mask
-    segment_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    position_ids = torch.cat([torch.arange(n) for n in lengths])
-    batch = {
-        "tokens": tokens[None],
-        "labels": labels[None],
-        "loss_mask": loss_mask[None],
-        "position_ids": position_ids[None],
-        "segment_ids": segment_ids[None],
-        "cu_seqlens": torch.from_numpy(np.concatenate([[0], np.cumsum(real_lengths)]).astype(np.int32)),
-        "max_seqlen": int(max(lengths)),
-        "num_pairs": len(samples),
-        "num_tokens": real,
-    }
-    if sequence_multiple_of > 1:
-        batch["cu_seqlens_padded"] = torch.from_numpy(offsets.astype(np.int32))
-    return batch
-
-
 def packed_micro_batches(
     samples: Sequence[PairSample],
     budget: int,
@@ -140,11 +83,12 @@ def packed_micro_batches(
     pad_to_multiple_of: int | None = None,
     count_multiple_of: int = 1,
     sequence_multiple_of: int = 1,
-) -> list[dict]:
+) -> list[MicroBatch]:
     """This rank's packed micro-batches of one global batch (``samples``: all its pairs).
 
     Every rank returns the same number of micro-batches (a multiple of ``count_multiple_of``),
-    padded with empty ones. ``sequence_multiple_of``: see ``collate_packed``.
+    padded with empty ones (which carry empty reference scores when the pairs carry them).
+    ``pad_to_multiple_of`` and ``sequence_multiple_of``: see ``BatchLayout``.
     """
     sizes = [pair_tokens(s, sequence_multiple_of) for s in samples]
     shares = balance_over_ranks(sizes, data_parallel_size)
@@ -153,4 +97,11 @@ def packed_micro_batches(
     count = -(-max(count, 1) // count_multiple_of) * count_multiple_of
     mine = plans[data_parallel_rank]
     mine = mine + [[] for _ in range(count - len(mine))]
-    return [collate_packed([samples[i] for i in b], pad_id, pad_to_multiple_of, sequence_multiple_of) for b in mine]
+    layout = BatchLayout(
+        pad_id, pad_to_multiple_of=pad_to_multiple_of, packed=True, sequence_multiple_of=sequence_multiple_of
+    )
+    batches = [collate([samples[i] for i in b], layout) for b in mine]
+    if any(REFERENCE_KEY in s for s in samples):
+        empty = ReferenceScores.stack([])
+        batches = [b if b.num_pairs else dataclasses.replace(b, reference=empty) for b in batches]
+    return batches

@@ -1,8 +1,9 @@
-"""Preference pairs read from a Megatron indexed dataset, truncated and collated for training.
+"""Preference pairs read from a Megatron indexed dataset and truncated to ``--seq-length``.
 
-On disk (design.md): `PREFIX.bin/.idx` as written by megatron-core's `IndexedDatasetBuilder`,
+On disk: `PREFIX.bin/.idx` as written by megatron-core's `IndexedDatasetBuilder`,
 one document per pair holding three sequences in order prompt, chosen, rejected, so pair i is
 sequences 3i, 3i+1, 3i+2. The prompt starts with BOS and each response ends with EOS.
+``simpo_megatron.data.batch.collate`` turns the pairs into micro-batches.
 """
 
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 
-PairSample = dict[str, np.ndarray]
+from simpo_megatron.data.batch import PairSample
 
 
 def check_prefix_exists(prefix: str) -> None:
@@ -124,83 +125,3 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         if p < len(prompt):
             prompt = np.concatenate([prompt[:1], prompt[len(prompt) - p + 1 :]])
         return {"prompt": prompt, "chosen": chosen[:c], "rejected": rejected[:r]}
-
-
-def sequence_row(prompt: np.ndarray, response: np.ndarray, pad_id: int):
-    """Tokens ``x = prompt + response``, labels ``x[t + 1]`` (``pad_id`` after the last token)
-    and the loss mask (1 exactly where the label is a response token)."""
-    x = torch.from_numpy(np.concatenate([prompt, response]).astype(np.int64))
-    labels = torch.cat([x[1:], torch.tensor([pad_id])])
-    mask = torch.zeros(len(x), dtype=torch.float32)
-    mask[len(prompt) - 1 : len(x) - 1] = 1.0
-    return x, labels, mask
-
-
-def collate_pairs(
-    samples: Sequence[PairSample],
-    seq_length: int,
-    pad_id: int,
-    pad_to_multiple_of: int | None = None,
-) -> dict[str, torch.Tensor | int]:
-    """Build one micro-batch: m pairs -> 2m rows, all chosen first, then all rejected.
-
-    Row x = prompt + response, right-padded with `pad_id` to S columns; S = seq_length, or,
-    with `pad_to_multiple_of`, the longest row rounded up to that multiple (at most seq_length). `labels[:, t] = x[t + 1]` (pad_id where there is no next
-    token: a valid id, the mask hides it) and `loss_mask[:, t] = 1` exactly where that label is
-    a response token, so each row's mask sums to its response length.
-    """
-    if not samples:
-        raise ValueError("collate_pairs needs at least one sample")
-    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
-        raise ValueError(f"pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-    rows = [(s["prompt"], s[key]) for key in ("chosen", "rejected") for s in samples]
-    longest = max(len(p) + len(r) for p, r in rows)
-    if longest > seq_length:
-        raise ValueError(
-            f"a sample has {longest} tokens > seq_length {seq_length}: truncate it first"
-        )
-    if pad_to_multiple_of is None:
-        width = seq_length
-    else:
-        width = min(-(-longest // pad_to_multiple_of) * pad_to_multiple_of, seq_length)
-
-    tokens = torch.full((len(rows), width), pad_id, dtype=torch.int64)
-    labels = torch.full((len(rows), width), pad_id, dtype=torch.int64)
-    loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
-    for row, (prompt, response) in enumerate(rows):
-        x, y, mask = sequence_row(prompt, response, pad_id)
-        tokens[row, : len(x)] = x
-        labels[row, : len(x)] = y
-        loss_mask[row, : len(x)] = mask
-    position_ids = torch.arange(width, dtype=torch.int64).repeat(len(rows), 1)
-    return {
-        "tokens": tokens,
-        "labels": labels,
-        "loss_mask": loss_mask,
-        "position_ids": position_ids,
-        "num_pairs": len(samples),
-        "num_tokens": sum(len(p) + len(r) for p, r in rows),
-    }
-
-
-def pad_micro_batch(batch: dict, width: int) -> dict:
-    """``batch`` right-padded to ``width`` columns (masked padding: token and label id 0)."""
-    extra = width - batch["tokens"].shape[1]
-    if extra < 0:
-        raise ValueError(f"cannot pad a micro-batch of width {batch['tokens'].shape[1]} to {width}")
-    if extra == 0:
-        return batch
-    padded = dict(batch)
-    for key in ("tokens", "labels", "loss_mask"):
-        padded[key] = torch.nn.functional.pad(batch[key], (0, extra))
-    if "cu_seqlens" in batch:  # packed: the extra columns are one more padding segment
-        for key in ("cu_seqlens", "cu_seqlens_padded"):
-            if key in batch:
-                padded[key] = torch.cat([batch[key], batch[key][-1:] + extra])
-        padded["max_seqlen"] = max(batch["max_seqlen"], extra)
-        padded["position_ids"] = torch.cat([batch["position_ids"], torch.arange(extra)[None]], dim=1)
-        padded["segment_ids"] = torch.nn.functional.pad(batch["segment_ids"], (0, extra), value=2 * batch["num_pairs"])
-    else:
-        rows = batch["tokens"].shape[0]
-        padded["position_ids"] = torch.arange(width, dtype=torch.int64).repeat(rows, 1)
-    return padded

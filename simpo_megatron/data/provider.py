@@ -1,11 +1,12 @@
 """What training asks of the data: the datasets of a run and its stream of micro-batches.
 
-``build_datasets(cfg)`` opens the preprocessed prefixes of ``--data-path`` (or the synthetic
-pairs of ``--mock-data``), checks each prefix's sidecar against the run's tokenizer, and
-splits train/valid. ``micro_batches(...)`` yields collated micro-batches for one
-data-parallel rank, resuming exactly from a consumed-samples count; ``global_batches(...)``
-groups them (or packs them) per global batch; ``eval_micro_batches(...)`` reads the
-validation pairs once.
+``read_tokenizer(cfg)`` gives the vocabulary size and pad id of the run's data (building the
+tokenizer and checking each prefix's sidecar against it; no process group needed, so the
+configuration can be completed before it is validated). ``build_datasets(cfg)`` opens the
+preprocessed prefixes of ``--data-path`` (or the synthetic pairs of ``--mock-data``) and
+splits train/valid. ``micro_batches(...)`` yields ``MicroBatch``es for one data-parallel rank,
+resuming exactly from a consumed-samples count; ``global_batches(...)`` groups them (or packs
+them) per global batch; ``eval_micro_batches(...)`` reads the validation pairs once.
 """
 
 from __future__ import annotations
@@ -17,12 +18,21 @@ from typing import Iterator
 
 import torch
 
+from simpo_megatron.data.batch import BatchLayout, MicroBatch, collate
 from simpo_megatron.data.blended import build_pair_datasets, parse_data_path
 from simpo_megatron.data.mock import MockPairDataset
-from simpo_megatron.data.pair_dataset import collate_pairs
 from simpo_megatron.data.sampler import OnePassBatchSampler, PairBatchSampler
 
 _MOCK_PAIRS = {"train": 4096, "valid": 256}
+_MOCK_VOCAB = 256  # --mock-data's vocabulary without --vocab-size
+
+
+@dataclass(frozen=True)
+class TokenizerFacts:
+    """What the model and the collate need to know of the run's tokenizer."""
+
+    vocab_size: int
+    pad_id: int
 
 
 @dataclass
@@ -56,16 +66,12 @@ def _check_sidecars(prefixes: list[str], tokenizer) -> None:
             )
 
 
-def build_datasets(cfg) -> DataSetup:
-    """The train and valid datasets of ``cfg`` and the tokenizer facts the model needs."""
+def read_tokenizer(cfg) -> TokenizerFacts:
+    """The vocabulary size and pad id of ``cfg``'s data; every prefix's sidecar is checked
+    against the tokenizer (``DataMismatchError``). ``--mock-data`` has no tokenizer: its
+    vocabulary is ``--vocab-size`` (256 without it)."""
     if cfg.data.mock_data:
-        vocab = cfg.model.vocab_size or 256
-        return DataSetup(
-            train=MockPairDataset(_MOCK_PAIRS["train"], vocab, cfg.data.seq_length, seed=cfg.optimizer.seed),
-            valid=MockPairDataset(_MOCK_PAIRS["valid"], vocab, cfg.data.seq_length, seed=cfg.optimizer.seed + 1),
-            vocab_size=vocab,
-            pad_id=MockPairDataset.pad_id,
-        )
+        return TokenizerFacts(cfg.model.vocab_size or _MOCK_VOCAB, MockPairDataset.pad_id)
     from simpo_megatron.data.tokenizers import build_tokenizer
 
     tokenizer = build_tokenizer(cfg.data.tokenizer_type, cfg.data.tokenizer_model)
@@ -73,6 +79,21 @@ def build_datasets(cfg) -> DataSetup:
     if cfg.data.valid_data_path:
         prefixes += parse_data_path(cfg.data.valid_data_path)[0]
     _check_sidecars(prefixes, tokenizer)
+    return TokenizerFacts(tokenizer.vocab_size, tokenizer.pad_id)
+
+
+def build_datasets(cfg, tokenizer: TokenizerFacts | None = None) -> DataSetup:
+    """The train and valid datasets of ``cfg`` and the tokenizer facts the model needs
+    (``tokenizer``: what ``read_tokenizer(cfg)`` returned, read again when not given)."""
+    tokenizer = tokenizer or read_tokenizer(cfg)
+    if cfg.data.mock_data:
+        vocab = tokenizer.vocab_size
+        return DataSetup(
+            train=MockPairDataset(_MOCK_PAIRS["train"], vocab, cfg.data.seq_length, seed=cfg.optimizer.seed),
+            valid=MockPairDataset(_MOCK_PAIRS["valid"], vocab, cfg.data.seq_length, seed=cfg.optimizer.seed + 1),
+            vocab_size=vocab,
+            pad_id=tokenizer.pad_id,
+        )
     train, valid = build_pair_datasets(
         cfg.data.data_path,
         cfg.data.split,
@@ -114,19 +135,19 @@ def micro_batches(
     data_parallel_rank: int,
     data_parallel_size: int,
     shuffle: bool = True,
-) -> Iterator[dict]:
-    """Endless collated micro-batches of ``cfg.data.micro_batch_size`` pairs for one DP rank.
+) -> Iterator[MicroBatch]:
+    """Endless micro-batches of ``cfg.data.micro_batch_size`` pairs for one DP rank.
 
     Each micro-batch is padded to its longest sequence rounded up to ``--pad-to-multiple-of``
     (to ``--seq-length`` when 0); pipeline stages exchange the varying shapes
     (``variable_seq_lengths``).
     """
-    collate = partial(collate_pairs, seq_length=cfg.data.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg))
+    layout = BatchLayout(pad_id, seq_length=cfg.data.seq_length, pad_to_multiple_of=pad_multiple(cfg))
     return _sampled(dataset, cfg, consumed_samples, cfg.data.micro_batch_size, data_parallel_rank,
-                    data_parallel_size, shuffle, collate)
+                    data_parallel_size, shuffle, partial(collate, layout=layout))
 
 
-def _sampled(dataset, cfg, consumed_samples, batch_size, data_parallel_rank, data_parallel_size, shuffle, collate):
+def _sampled(dataset, cfg, consumed_samples, batch_size, data_parallel_rank, data_parallel_size, shuffle, collate_fn):
     """Batches of ``batch_size`` pairs for one DP rank from ``PairBatchSampler``, through a DataLoader."""
     sampler = PairBatchSampler(
         total_pairs=len(dataset),
@@ -138,14 +159,14 @@ def _sampled(dataset, cfg, consumed_samples, batch_size, data_parallel_rank, dat
         shuffle=shuffle,
         seed=cfg.optimizer.seed,
     )
-    return _loaded(dataset, sampler, collate, cfg, persistent=True)
+    return _loaded(dataset, sampler, collate_fn, cfg, persistent=True)
 
 
-def _loaded(dataset, sampler, collate, cfg, persistent: bool) -> Iterator:
+def _loaded(dataset, sampler, collate_fn, cfg, persistent: bool) -> Iterator:
     """The batches of ``sampler``, collated, through a DataLoader with ``--num-workers`` workers."""
     workers = cfg.data.num_workers
     return iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+        dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers,
         persistent_workers=persistent and workers > 0,
     ))
 
@@ -158,7 +179,7 @@ def global_batches(
     data_parallel_rank: int,
     data_parallel_size: int,
     shuffle: bool = True,
-) -> Iterator[list[dict]]:
+) -> Iterator[list[MicroBatch]]:
     """Endless steps: this DP rank's list of micro-batches for each global batch.
 
     Unpacked, ``--global-batch-size / (--micro-batch-size x DP)`` collated micro-batches. With
@@ -191,37 +212,22 @@ def global_batches(
         )
 
 
-def collate_padded(
-    samples, filler, micro_batch_size: int, seq_length: int, pad_id: int, pad_to_multiple_of: int | None = None
-) -> dict:
-    """``collate_pairs`` of up to ``micro_batch_size`` samples, topped up with copies of ``filler``.
-
-    A short (or empty) micro-batch of an evaluation keeps its number of rows; ``pair_weights`` (1 real, 0 padding) keeps the padding out of
-    every sum and count, and ``num_pairs`` / ``num_tokens`` count the real pairs only.
-    """
-    real = len(samples)
-    batch = collate_pairs(
-        list(samples) + [filler] * (micro_batch_size - real), seq_length, pad_id, pad_to_multiple_of=pad_to_multiple_of
-    )
-    batch["pair_weights"] = torch.tensor([1.0] * real + [0.0] * (micro_batch_size - real))
-    batch["num_pairs"] = real
-    batch["num_tokens"] = sum(2 * len(s["prompt"]) + len(s["chosen"]) + len(s["rejected"]) for s in samples)
-    return batch
-
-
 def eval_micro_batches(
     dataset, cfg, pad_id: int, num_pairs: int, data_parallel_rank: int, data_parallel_size: int
-) -> Iterator[dict]:
+) -> Iterator[MicroBatch]:
     """Pairs ``[0, num_pairs)`` of ``dataset`` exactly once, as this rank's micro-batches.
 
     ``ceil(num_pairs / global_batch_size)`` global batches, the last one possibly partial;
-    each rank yields the same number of fixed-shape micro-batches (see ``collate_padded``).
+    each rank yields the same number of micro-batches of ``--micro-batch-size`` pairs, short
+    (or empty) ones topped up with copies of the first pair: their zero ``pair_weights`` keep
+    the copies out of every sum and count, and ``num_pairs`` / ``num_tokens`` count the real
+    pairs only.
     """
     sampler = OnePassBatchSampler(
         num_pairs, cfg.data.micro_batch_size, cfg.data.global_batch_size, data_parallel_rank, data_parallel_size
     )
-    collate = partial(
-        collate_padded, filler=dataset[0], micro_batch_size=cfg.data.micro_batch_size,
-        seq_length=cfg.data.seq_length, pad_id=pad_id, pad_to_multiple_of=pad_multiple(cfg),
+    layout = BatchLayout(
+        pad_id, seq_length=cfg.data.seq_length, pad_to_multiple_of=pad_multiple(cfg),
+        pairs=cfg.data.micro_batch_size, filler=dataset[0],
     )
-    return _loaded(dataset, sampler, collate, cfg, persistent=False)
+    return _loaded(dataset, sampler, partial(collate, layout=layout), cfg, persistent=False)

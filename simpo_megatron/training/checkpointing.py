@@ -8,6 +8,10 @@ good checkpoint and the tracker pointing to it untouched.
 
 Model and optimizer state are sharded tensors, so a checkpoint saved on one TP/PP layout
 loads on another. RNG states are per (PP, TP) rank and are restored only on the same layout.
+
+``Checkpointer`` is what the training loop uses: it decides how a run starts (resume, a
+Hugging Face model, a Megatron checkpoint, or fresh weights) and saves at intervals and at
+the end.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +38,8 @@ from simpo_megatron.checkpoint_format import (  # noqa: F401 - public API of thi
     read_tracker,
 )
 from simpo_megatron.fsutil import atomic_write_text, publish
+from simpo_megatron.hf import is_hf_checkpoint, load_hf_weights, save_hf_config
+from simpo_megatron.training.monitor import print_rank_last
 
 
 def _check_model_shapes(ckpt: str, sharded: dict) -> None:
@@ -269,3 +276,78 @@ def load_checkpoint(
 def config_to_dict(cfg) -> dict:
     """The run's settings by flat name, to store beside the checkpoint."""
     return cfg.to_flat()
+
+
+@dataclass(frozen=True)
+class Start:
+    """How a run began: ``source`` is "checkpoint" (``path`` loaded at ``iteration``),
+    "hf" (the Hugging Face model at ``path``, iteration 0) or "fresh" (initialized weights)."""
+
+    source: str
+    path: str | None = None
+    iteration: int = 0
+
+
+class Checkpointer:
+    """The run's checkpoints: where it starts from, and its periodic and final saves (``--save``)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.save_dir = cfg.checkpoint.save
+        self.config_dict = config_to_dict(cfg)
+
+    def start(self, state) -> Start:
+        """Load what the run starts from into ``state``, and say what it was.
+
+        In order: ``--load`` names a Hugging Face model and ``--save`` holds a checkpoint:
+        resume from it (a run that started from the HF model); ``--load`` names a Hugging Face
+        model: load its weights as a fresh start (and keep its config and tokenizer in
+        ``SAVE/hf_config`` for export); ``--load`` holds a checkpoint: load it (as
+        ``--no-load-optim``, ``--no-load-rng`` and ``--finetune`` say); otherwise start from
+        the initialized weights (as Megatron-LM, also when ``--load`` holds no checkpoint yet,
+        so that ``--save`` and ``--load`` can name the same directory from the first run on).
+        """
+        load = self.cfg.checkpoint.load
+        if load and is_hf_checkpoint(load):
+            if self.save_dir and read_tracker(self.save_dir) is not None:
+                return self._load(self.save_dir, state)
+            load_hf_weights(load, state.model, self.cfg)
+            state.optimizer.reload_model_params()  # mixed-precision optimizers' fp32 copies
+            if self.save_dir and dist.get_rank() == 0:
+                save_hf_config(load, self.save_dir)  # export's default config and tokenizer
+            print_rank_last(f"loaded the Hugging Face model {load}")
+            return Start("hf", load)
+        if load and read_tracker(load) is not None:
+            return self._load(load, state)
+        if load:
+            print_rank_last(f"no checkpoint in --load {load}: training from scratch")
+        return Start("fresh")
+
+    def _load(self, root: str, state) -> Start:
+        ckpt = self.cfg.checkpoint
+        load_checkpoint(
+            root, state, load_optim=not ckpt.no_load_optim, load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune
+        )
+        print_rank_last(f"loaded {root} at iteration {state.iteration}")
+        return Start("checkpoint", root, state.iteration)
+
+    def save_if_due(self, state) -> str | None:
+        """Save at every ``--save-interval`` iterations; the checkpoint directory, or None."""
+        interval = self.cfg.checkpoint.save_interval
+        if self.save_dir and interval and state.iteration % interval == 0:
+            return self._save(state)
+        return None
+
+    def save_final(self, state) -> str | None:
+        """The end-of-run save (a no-op when the interval save just wrote this iteration)."""
+        if not self.save_dir:
+            return None
+        path = self._save(state)
+        print_rank_last(f"saved checkpoint {path}")
+        return path
+
+    def _save(self, state) -> str:
+        return save_checkpoint(
+            self.save_dir, state, self.config_dict,
+            optim_fully_reshardable=self.cfg.checkpoint.dist_ckpt_optim_fully_reshardable,
+        )

@@ -1,7 +1,11 @@
-"""Metrics output: a console line, a JSONL file, and TensorBoard when asked for.
+"""What a run reports: a console line, a JSONL file, and TensorBoard when asked for.
 
-One ``MetricsWriter`` lives on the rank that holds the metrics (the last rank: last pipeline
-stage, metrics already reduced over data-parallel ranks); every other rank gets ``None``.
+``MetricsProcessor`` is the one object the training loop hands each step's and each
+evaluation's results to. It keeps the log window (Megatron-LM's averages over the iterations
+since the last console line), throughput, the training-health checks and the count of
+consecutive skipped updates, and owns the ``MetricsWriter``, which lives on the rank that holds
+the metrics (the last rank: last pipeline stage, metrics already reduced over data-parallel
+ranks).
 """
 
 from __future__ import annotations
@@ -12,7 +16,13 @@ import os
 import sys
 from typing import Any
 
+import torch
+
 from simpo_megatron.training.step import METRIC_NAMES as CONSOLE_KEYS
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite updates)."""
 
 
 class MetricsWriter:
@@ -81,7 +91,7 @@ class LogWindow:
         self._sums, self._iters = {}, 0
 
 
-# The spec's "Debugging" section, as (name, metric keys, condition on their values, advice).
+# The training-health checks, as (name, metric keys, condition on their values, advice).
 HEALTH_CHECKS = (
     ("low_margin", ("rewards/margins",), lambda m: m < 0.5,
      "reward margin {rewards/margins:.3g} < 0.5: preferences are not being learned; "
@@ -100,7 +110,7 @@ SUMMED_LOGP_CHECKS = ("positive_logps",)
 
 
 class HealthMonitor:
-    """Warns when a training-health check of the spec fails ``window`` log intervals in a row.
+    """Warns when a training-health check fails ``window`` log intervals in a row.
 
     ``update`` takes one log interval's averaged metrics and returns the warnings that start
     there: one per episode (a check that keeps failing does not warn again), re-armed once the
@@ -136,6 +146,112 @@ class HealthMonitor:
                     **{key: means[key] for key in keys},
                 })
         return warnings
+
+
+class MetricsProcessor:
+    """The run's reporting: every training step and evaluation goes through here.
+
+    Each step's metrics are written to the metrics file; every ``--log-interval`` iterations
+    the window's averages, the health warnings and the throughput (real tokens and token slots,
+    summed over data-parallel ranks once per interval) go to the console and the file. A
+    skipped update is announced, and ``--max-skipped-iters`` of them in a row raise
+    ``TrainingError``. Collective: every rank calls ``record_step`` at every step.
+    """
+
+    def __init__(self, cfg, writes: bool, data_parallel_group=None):
+        self.cfg = cfg
+        save = cfg.checkpoint.save
+        self.metrics_file = cfg.logging.metrics_file or (os.path.join(save, "metrics.jsonl") if save else None)
+        self.writer = MetricsWriter(self.metrics_file, cfg.logging.tensorboard_dir) if writes else None
+        self.group = data_parallel_group
+        self.window = LogWindow()
+        self.health = HealthMonitor(cfg.logging.health_check_window, cfg.loss.average_log_prob)
+        self.consecutive_skips = 0
+        self.last_train: dict[str, Any] | None = None
+        self._reset_throughput()
+
+    def _reset_throughput(self) -> None:
+        # This rank's real tokens and token slots: summed over data-parallel ranks when logged.
+        self._time, self._tokens, self._slots, self._pairs, self._iters = 0.0, 0, 0, 0, 0
+
+    def record_step(self, iteration: int, consumed_samples: int, result, batches, elapsed: float) -> None:
+        """One training step: ``result`` is ``train_step``'s, ``batches`` this rank's micro-batches."""
+        self._time += elapsed
+        self._tokens += sum(b.num_tokens for b in batches)
+        self._slots += sum(b.tokens.numel() for b in batches)
+        self._pairs += self.cfg.data.global_batch_size
+        self._iters += 1
+        self._count_skip(iteration, result["skipped"])
+        if result["metrics"] is not None:
+            self.last_train = {
+                **result["metrics"],
+                "lr": result["lr"],
+                "grad_norm": result["grad_norm"],
+                "skipped": result["skipped"],
+                "consumed_samples": consumed_samples,
+            }
+            self.window.add(result["metrics"], skipped=result["skipped"])
+            self._write("train", iteration, self.last_train)
+        if iteration % self.cfg.logging.log_interval == 0:
+            tokens, slots = self._global_tokens()
+            if self.last_train is not None:
+                self._log(iteration, tokens, slots)
+            self._reset_throughput()
+
+    def record_eval(self, iteration: int, metrics: dict[str, float] | None) -> None:
+        """An evaluation's metrics (None off the last pipeline stage)."""
+        if self.writer is not None and metrics is not None:
+            self.writer.write("valid", iteration, metrics)
+            print_rank_last(format_eval_line(iteration, metrics))
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+    def _count_skip(self, iteration: int, skipped: bool) -> None:
+        limit = self.cfg.optimizer.max_skipped_iters
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        if skipped:
+            fp16 = self.cfg.model.fp16
+            reason = "loss-scale overflow or non-finite gradient" if fp16 else "non-finite loss or gradient"
+            print_rank_last(
+                f" iteration {iteration}: {reason}, update skipped "
+                f"({self.consecutive_skips} in a row, limit --max-skipped-iters {limit})"
+            )
+        if self.consecutive_skips >= limit:
+            raise TrainingError(
+                f"{self.consecutive_skips} consecutive iterations had a non-finite loss or gradient "
+                f"(--max-skipped-iters {limit}); stopping at iteration {iteration}"
+            )
+
+    def _global_tokens(self) -> tuple[int, int]:
+        """The window's real tokens and token slots, summed over data-parallel ranks."""
+        count = torch.tensor([self._tokens, self._slots], dtype=torch.float64)
+        if torch.cuda.is_available():
+            count = count.cuda()
+        torch.distributed.all_reduce(count, group=self.group)
+        return int(count[0].item()), int(count[1].item())
+
+    def _log(self, iteration: int, tokens: int, slots: int) -> None:
+        averaged = self.window.means()
+        self.window.reset()
+        for warning in self.health.update(averaged):
+            print_rank_last(f" WARNING at iteration {iteration}: {warning['message']}")
+            self._write("warning", iteration, warning)
+        throughput = {
+            "tokens_per_s": tokens / self._time,  # real tokens, no padding
+            "packing_efficiency": tokens / slots,
+            "pairs_per_s": self._pairs / self._time,
+            "ms_per_iter": 1000 * self._time / self._iters,
+            "skipped_iters": self.consecutive_skips,
+        }
+        self._write("throughput", iteration, throughput)
+        line = {**self.last_train, **averaged, **throughput}
+        print_rank_last(format_train_line(iteration, self.cfg.optimizer.train_iters, line))
+
+    def _write(self, split: str, iteration: int, values: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.write(split, iteration, values)
 
 
 def format_train_line(iteration: int, train_iters: int, values: dict[str, Any]) -> str:

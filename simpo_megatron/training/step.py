@@ -7,7 +7,8 @@ members of every pair. The loss function returns megatron-core's 3-tuple
 megatron-core divides the summed gradients by the global number of pairs, so the optimized
 loss is the exact mean over the pairs of the global batch. The token-level SFT term enters
 each micro-batch's sum scaled by global pairs / global chosen tokens (``sft_token_scale``,
-set by the trainer), which makes it the exact mean over the global batch's chosen tokens.
+which the trainer computes per step and binds into ``forward_step``), which makes it the
+exact mean over the global batch's chosen tokens.
 
 With context parallelism (``--context-parallel-size N``) ``forward_step`` gives the model this
 CP rank's two chunks of every sequence (tokens, labels, loss mask and positions alike; for a
@@ -26,10 +27,10 @@ from typing import Callable, Iterator
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.utils import get_attr_wrapped_model
 
 from simpo_megatron.config import LossConfig
+from simpo_megatron.data.batch import MicroBatch
 from simpo_megatron.logprobs import (
     chunked_vocab_parallel_token_logps,
     segment_logps,
@@ -70,12 +71,11 @@ def chosen_response_mask(
     return loss_mask * keep[:, None]
 
 
-def chosen_token_count(batch: dict) -> torch.Tensor:
+def chosen_token_count(batch: MicroBatch) -> torch.Tensor:
     """Chosen-response tokens of a micro-batch, padding pairs left out."""
-    mask = batch["loss_mask"]
-    if "segment_ids" in batch:
-        return chosen_response_mask(mask, batch["num_pairs"], segment_ids=batch["segment_ids"]).sum()
-    return chosen_response_mask(mask, mask.shape[0] // 2, pair_weights=batch.get("pair_weights")).sum()
+    if batch.packed is not None:
+        return chosen_response_mask(batch.loss_mask, batch.num_pairs, segment_ids=batch.packed.segment_ids).sum()
+    return chosen_response_mask(batch.loss_mask, batch.rows // 2, pair_weights=batch.pair_weights).sum()
 
 
 def loss_func(
@@ -173,48 +173,45 @@ def _context_parallel_group():
     return group if group is not None and group.size() > 1 else None
 
 
-def forward_step(settings: LossConfig, vocab_size: int, data_iterator: Iterator[dict], model):
+def forward_step(
+    settings: LossConfig,
+    vocab_size: int,
+    data_iterator: Iterator[MicroBatch],
+    model,
+    *,
+    sft_token_scale: float | None = None,
+):
     """One micro-batch through this stage's model chunk; megatron-core's ``forward_step_func``.
 
-    Bind the loss settings and the true (unpadded) vocabulary size first:
-    ``partial(forward_step, settings, vocab_size)``.
+    Bind the loss settings, the true (unpadded) vocabulary size and the step's SFT token scale
+    (see ``loss_func``) first: ``partial(forward_step, settings, vocab_size, sft_token_scale=s)``.
     """
-    batch = next(data_iterator)
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    tokens = batch["tokens"].to(device, non_blocking=True)
-    position_ids = batch["position_ids"].to(device, non_blocking=True)
-    labels = batch["labels"].to(device, non_blocking=True)
-    loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    packed, segment_ids, padded = None, None, None
-    if "cu_seqlens" in batch:  # a packed micro-batch: one THD row, attention per sequence
-        cu_seqlens = batch["cu_seqlens"].to(device, non_blocking=True)
-        if "cu_seqlens_padded" in batch:  # sequences padded to multiples of 2 x CP
-            padded = batch["cu_seqlens_padded"].to(device, non_blocking=True)
-        packed = PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
-            cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
-            max_seqlen_q=batch["max_seqlen"], max_seqlen_kv=batch["max_seqlen"],
-        )
-        segment_ids = batch["segment_ids"].to(device, non_blocking=True)
+    host = next(data_iterator)
+    batch = host.to(torch.cuda.current_device() if torch.cuda.is_available() else "cpu", non_blocking=True)
+    tokens, position_ids, labels, loss_mask = batch.tokens, batch.position_ids, batch.labels, batch.loss_mask
+    packed = batch.packed  # a packed micro-batch: one THD row, attention per sequence
+    segment_ids = None if packed is None else packed.segment_ids
     cp_group = _context_parallel_group()
     if cp_group is not None:
         if packed is None:
             split = partial(split_for_context_parallel, cp_size=cp_group.size(), cp_rank=cp_group.rank())
-        elif padded is None:
+        elif packed.cu_seqlens_padded is None:
             raise ValueError(
                 "a packed micro-batch with context parallelism needs cu_seqlens_padded (see data/packing.py)"
             )
         else:  # each padded sequence cut into 2 x CP chunks (Transformer Engine's THD layout)
-            split = partial(split_packed_for_context_parallel, cu_seqlens_padded=batch["cu_seqlens_padded"],
+            # The host copy of the offsets: the split reads them as Python ints.
+            split = partial(split_packed_for_context_parallel, cu_seqlens_padded=host.packed.cu_seqlens_padded,
                             cp_size=cp_group.size(), cp_rank=cp_group.rank())
         tokens, position_ids, labels, loss_mask = (split(t) for t in (tokens, position_ids, labels, loss_mask))
         if segment_ids is not None:
             segment_ids = split(segment_ids)
-    segments = None if segment_ids is None else (segment_ids, batch["num_pairs"])
-    output = model(tokens, position_ids, attention_mask=None, labels=None, packed_seq_params=packed)
+    segments = None if segment_ids is None else (segment_ids, batch.num_pairs)
+    output = model(tokens, position_ids, attention_mask=None, labels=None,
+                   packed_seq_params=None if packed is None else packed.seq_params())
     return output, partial(
         loss_func, settings, vocab_size, labels, loss_mask,
-        pair_weights=batch.get("pair_weights"), sft_token_scale=batch.get("sft_token_scale"),
+        pair_weights=batch.pair_weights, sft_token_scale=sft_token_scale,
         head=_chunked_head(model, vocab_size), segments=segments,
     )
 

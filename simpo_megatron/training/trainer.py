@@ -7,10 +7,11 @@ when asked), ``get_megatron_optimizer`` (Adam or SGD, grad clipping, loss scalin
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import partial
+from typing import TypedDict
 
 import torch
 from megatron.core import parallel_state
@@ -20,7 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from simpo_megatron.config import SimPOConfig
-from simpo_megatron.data.pair_dataset import pad_micro_batch
+from simpo_megatron.data.batch import MicroBatch
 from simpo_megatron.model import build_model
 from simpo_megatron.model.gpt import params_dtype
 from simpo_megatron.training.step import chosen_token_count, forward_step, reduce_metrics
@@ -123,47 +124,47 @@ def build_scheduler(cfg: SimPOConfig, optimizer) -> OptimizerParamScheduler:
     )
 
 
-def _run_schedule(cfg: SimPOConfig, model, batches: list[dict], forward_only: bool):
+def _run_schedule(
+    cfg: SimPOConfig, model, batches: list[MicroBatch], forward_only: bool, sft_token_scale: float | None
+):
     """Run megatron-core's schedule over one global batch's micro-batches on this rank."""
-    seq_length = max(b["tokens"].shape[1] for b in batches)
+    seq_length = max(b.width for b in batches)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1 and not model[0].config.variable_seq_lengths:
         # Stages that do not exchange shapes (the interleaved schedule on gloo, see
         # model/gpt.py) need every micro-batch of the step in the shape passed below.
-        batches = [pad_micro_batch(b, seq_length) for b in batches]
+        batches = [b.padded_to(seq_length) for b in batches]
     # Every model chunk (virtual stage) walks the same micro-batches with its own iterator.
     iterators = [iter(batches) for _ in model]
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, cfg.loss, cfg.model.vocab_size),
+        forward_step_func=partial(forward_step, cfg.loss, cfg.model.vocab_size, sft_token_scale=sft_token_scale),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(batches),
         seq_length=seq_length,
         # Rows of the first micro-batch (packed micro-batches are one row); with PP>1 the
         # stages exchange each micro-batch's shape (variable_seq_lengths).
-        micro_batch_size=batches[0]["tokens"].shape[0],
+        micro_batch_size=batches[0].rows,
         forward_only=forward_only,
     )
 
 
-def _set_sft_token_scale(cfg: SimPOConfig, batches: list[dict]) -> None:
-    """Give every micro-batch the global pairs / chosen-response tokens ratio of its global batch.
+def global_sft_token_scale(cfg: SimPOConfig, batches: list[MicroBatch]) -> float | None:
+    """Global pairs / chosen-response tokens of the global batch (None without the token-level SFT term).
 
     The token-level SFT term is a mean over all chosen tokens of the global batch; the count is
     all-reduced over the data-parallel group before the schedule runs (see ``sft_token_nll_sum``).
     """
     if not cfg.loss.token_sft:
-        return
+        return None
     counts = torch.zeros(2, dtype=torch.float64)
     for b in batches:
-        weights = b.get("pair_weights")
-        counts[0] += b["num_pairs"] if weights is None else float(weights.sum())
+        counts[0] += b.num_pairs if b.pair_weights is None else float(b.pair_weights.sum())
         counts[1] += float(chosen_token_count(b))
     if torch.cuda.is_available():
         counts = counts.cuda()
     torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())
     pairs, tokens = counts.tolist()
-    for b in batches:
-        b["sft_token_scale"] = pairs / max(tokens, 1.0)
+    return pairs / max(tokens, 1.0)
 
 
 def _last_stage_metrics(outputs: list[dict]) -> dict[str, float] | None:
@@ -187,42 +188,53 @@ def _grads_are_finite(model: list[DistributedDataParallel]) -> bool:
     return bad.item() == 0
 
 
-def train_step(cfg: SimPOConfig, state: TrainState, batches: list[dict]) -> dict:
+class StepResult(TypedDict):
+    """What ``train_step`` reports: the global-batch metrics (last pipeline stage; None
+    elsewhere), the gradient norm (None when the optimizer did not run), the learning rate,
+    and whether the update was skipped."""
+
+    metrics: dict[str, float] | None
+    grad_norm: float | None
+    lr: float
+    skipped: bool
+
+
+def train_step(cfg: SimPOConfig, state: TrainState, batches: list[MicroBatch]) -> StepResult:
     """Forward and backward over one global batch, then one optimizer step.
 
-    A step whose gradients are not finite (or whose fp16 loss scale overflowed) updates
-    nothing; the result says so with ``skipped=True``.
+    As in Megatron-LM, a step is skipped exactly when the optimizer did not update the weights:
+    a non-finite gradient (checked here for fp32 and bf16) or an fp16 loss-scale overflow. Only
+    an applied update advances the learning-rate schedule. An applied update may still report
+    a non-finite gradient norm (the norm overflowed while every gradient was finite).
     """
     for m in state.model:
         m.train()
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
-    _set_sft_token_scale(cfg, batches)
-    outputs = _run_schedule(cfg, state.model, batches, forward_only=False)
-    grad_norm = None
+    scale = global_sft_token_scale(cfg, batches)
+    outputs = _run_schedule(cfg, state.model, batches, forward_only=False, sft_token_scale=scale)
+    update_successful, grad_norm = False, None
     # With --fp16 the dynamic loss scaler detects inf/NaN itself, and it must see every
     # overflow to lower the scale; the explicit check is for fp32 and bf16.
-    finite = cfg.model.fp16 or _grads_are_finite(state.model)
-    if finite:
+    if cfg.model.fp16 or _grads_are_finite(state.model):
         update_successful, grad_norm, _ = state.optimizer.step()
-        finite = update_successful and (grad_norm is None or math.isfinite(grad_norm))
-    if finite:
+    if update_successful:
         state.scheduler.step(increment=cfg.data.global_batch_size)
     state.iteration += 1
     state.consumed_samples += cfg.data.global_batch_size
-    return {
-        "metrics": _last_stage_metrics(outputs),
-        "grad_norm": grad_norm,
-        "lr": state.optimizer.param_groups[0]["lr"],
-        "skipped": not finite,
-    }
+    return StepResult(
+        metrics=_last_stage_metrics(outputs),
+        grad_norm=grad_norm,
+        lr=state.optimizer.param_groups[0]["lr"],
+        skipped=not update_successful,
+    )
 
 
 @torch.no_grad()
-def eval_step(cfg: SimPOConfig, state: TrainState, batches: list[dict]) -> dict[str, float] | None:
+def eval_step(cfg: SimPOConfig, state: TrainState, batches: list[MicroBatch]) -> dict[str, float] | None:
     """The global-batch metrics of ``batches`` without updating anything."""
     for m in state.model:
         m.eval()
-    _set_sft_token_scale(cfg, batches)
-    outputs = _run_schedule(cfg, state.model, batches, forward_only=True)
+    scale = global_sft_token_scale(cfg, batches)
+    outputs = _run_schedule(cfg, state.model, batches, forward_only=True, sft_token_scale=scale)
     return _last_stage_metrics(outputs)

@@ -172,14 +172,14 @@ def _one_chunk_pairs():
     """Three pairs at seq 16, that is 4 chunks of 4 at CP=2: rank 0 holds positions 0-3 and
     12-15, rank 1 positions 4-11. Pair 0's responses (their loss-mask positions) lie on rank 1
     only, pair 1's on rank 0 only, pair 2's on both."""
-    from simpo_megatron.data.pair_dataset import collate_pairs
+    from simpo_megatron.data.batch import BatchLayout, collate
 
     samples = [
         {"prompt": _ids(5, 3), "chosen": _ids(4, 40), "rejected": _ids(3, 60)},  # positions 4-7, 4-6
         {"prompt": _ids(13, 3), "chosen": _ids(3, 80), "rejected": _ids(1, 90)},  # 12-14, 12
         {"prompt": _ids(2, 3), "chosen": _ids(12, 100), "rejected": _ids(5, 150)},  # 1-12, 1-5
     ]
-    return collate_pairs(samples, 16, pad_id=0)
+    return collate(samples, BatchLayout(0, seq_length=16))
 
 
 def _packed_pairs():
@@ -197,13 +197,12 @@ def _packed_pairs():
 
 def _packed_batches(samples):
     """The same pairs unpacked (width 16), packed for CP=1, and packed for CP=2 (with a tail)."""
-    from simpo_megatron.data.packing import collate_packed
-    from simpo_megatron.data.pair_dataset import collate_pairs
+    from simpo_megatron.data.batch import BatchLayout, collate
 
     return {
-        "unpacked": collate_pairs(samples, 16, pad_id=0),
-        "packed_cp1": collate_packed(samples, pad_id=0),
-        "packed_cp2": collate_packed(samples, pad_id=0, pad_to_multiple_of=32, sequence_multiple_of=4),
+        "unpacked": collate(samples, BatchLayout(0, seq_length=16)),
+        "packed_cp1": collate(samples, BatchLayout(0, packed=True)),
+        "packed_cp2": collate(samples, BatchLayout(0, pad_to_multiple_of=32, packed=True, sequence_multiple_of=4)),
     }
 
 
@@ -215,11 +214,11 @@ def _direct(cp: int, batch: dict, seed: int):
     from simpo_megatron.runtime import initialize_distributed
     from simpo_megatron.training.step import forward_step
 
-    cfg = tiny_config(context_parallel_size=cp, seq_length=16, micro_batch_size=batch["num_pairs"],
-                      global_batch_size=batch["num_pairs"], sft_weight=0.5, num_layers=2)
+    cfg = tiny_config(context_parallel_size=cp, seq_length=16, micro_batch_size=batch.num_pairs,
+                      global_batch_size=batch.num_pairs, sft_weight=0.5, num_layers=2)
     initialize_distributed(cfg.parallel_layout(), seed=seed)
     (model,) = build_model(cfg.model, cfg.parallel_layout(), cfg.padded_vocab_size())
-    output, loss_fn = forward_step(cfg.loss, cfg.model.vocab_size, iter([dict(batch)]), model)
+    output, loss_fn = forward_step(cfg.loss, cfg.model.vocab_size, iter([batch]), model)
     loss_sum, count, metrics = loss_fn(output)
     loss_sum.backward()
     grads = {}
@@ -268,7 +267,7 @@ def test_response_in_one_chunk(direct):
 
     batch = _one_chunk_pairs()
     on_rank = [set(local_positions(16, 2, r).tolist()) for r in (0, 1)]
-    where = [set(torch.nonzero(row).flatten().tolist()) for row in batch["loss_mask"]]  # chosen 0-2, rejected 3-5
+    where = [set(torch.nonzero(row).flatten().tolist()) for row in batch.loss_mask]  # chosen 0-2, rejected 3-5
     assert where[0] <= on_rank[1] and where[3] <= on_rank[1]
     assert where[1] <= on_rank[0] and where[4] <= on_rank[0]
     assert where[2] & on_rank[0] and where[2] & on_rank[1]
@@ -283,14 +282,14 @@ def test_packed_cp2_equals_packed_cp1_and_unpacked(direct):
     from simpo_megatron.model.context_parallel import thd_partition_indices
 
     batch = _packed_batches(_packed_pairs())["packed_cp2"]
-    mask, seq = batch["loss_mask"][0], batch["segment_ids"][0]
+    mask, seq = batch.loss_mask[0], batch.packed.segment_ids[0]
     ranks_of = {}  # sequence -> the CP ranks holding its response tokens
     for rank in (0, 1):
-        local = thd_partition_indices(batch["cu_seqlens_padded"], 2, rank)
+        local = thd_partition_indices(batch.packed.cu_seqlens_padded, 2, rank)
         for k in seq[local][mask[local] > 0].unique().tolist():
             ranks_of.setdefault(k, set()).add(rank)
     assert ranks_of == {0: {1}, 4: {1}, 1: {0, 1}, 5: {0}, 2: {0}, 6: {0}, 3: {0, 1}, 7: {0, 1}}
-    assert (batch["cu_seqlens_padded"].diff() % 4 == 0).all() and batch["segment_ids"][0, -1] == 8  # the tail
+    assert (batch.packed.cu_seqlens_padded.diff() % 4 == 0).all() and batch.packed.segment_ids[0, -1] == 8  # the tail
     reference = direct[0]["packed_unpacked"]
     _assert_same(direct[0]["packed_cp1"], reference, pairs=4)
     for rank in direct:

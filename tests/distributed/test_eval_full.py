@@ -34,7 +34,7 @@ def _per_pair(cfg, state) -> dict[str, list[float]]:
     """Every validation pair's loss, rewards, accuracy and log-probs, straight from the logits."""
     import torch.nn.functional as F
 
-    from simpo_megatron.data.pair_dataset import collate_pairs
+    from simpo_megatron.data.batch import BatchLayout, collate
     from simpo_megatron.data.provider import build_datasets
 
     data = build_datasets(cfg)
@@ -42,11 +42,11 @@ def _per_pair(cfg, state) -> dict[str, list[float]]:
     values = {key: [] for key in METRICS}
     for start in range(0, len(data.valid), 32):
         samples = [data.valid[i] for i in range(start, min(start + 32, len(data.valid)))]
-        batch = collate_pairs(samples, cfg.data.seq_length, data.pad_id)
-        logits = module(batch["tokens"], batch["position_ids"], attention_mask=None, labels=None)
+        batch = collate(samples, BatchLayout(data.pad_id, seq_length=cfg.data.seq_length))
+        logits = module(batch.tokens, batch.position_ids, attention_mask=None, labels=None)
         logps = torch.log_softmax(logits[..., : cfg.model.vocab_size].float(), -1)
-        logps = logps.gather(-1, batch["labels"][..., None]).squeeze(-1)
-        mask = batch["loss_mask"]
+        logps = logps.gather(-1, batch.labels[..., None]).squeeze(-1)
+        mask = batch.loss_mask
         seq = (logps * mask).sum(-1) / mask.sum(-1)
         m = len(samples)
         chosen, rejected = seq[:m], seq[m:]

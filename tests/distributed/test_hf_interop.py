@@ -43,6 +43,7 @@ import torch.nn.functional as F
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from simpo_megatron.data.batch import MicroBatch  # noqa: E402
 from simpo_megatron.hf import HFConversionError  # noqa: E402
 from simpo_megatron.hf.config_mapping import (  # noqa: E402
     hf_config_to_overrides,
@@ -125,7 +126,7 @@ def make_hf_model(kind: str, path: Path) -> str:
     return str(path)
 
 
-def make_batches(seed: int) -> list[dict]:
+def make_batches(seed: int) -> list[MicroBatch]:
     """Micro-batches of MBS pairs: chosen rows then rejected rows sharing each pair's prompt."""
     g = torch.Generator().manual_seed(seed)
     batches = []
@@ -136,29 +137,31 @@ def make_batches(seed: int) -> list[dict]:
         for i in range(MBS):
             seqs[MBS + i, : prompt[i]] = seqs[i, : prompt[i]]
             mask[i, prompt[i] - 1:] = mask[MBS + i, prompt[i] - 1:] = 1  # labels are next tokens
-        batches.append({
-            "tokens": seqs[:, :-1].contiguous(),
-            "labels": seqs[:, 1:].contiguous(),
-            "loss_mask": mask,
-            "position_ids": torch.arange(SEQ).expand(2 * MBS, SEQ).contiguous(),
-        })
+        batches.append(MicroBatch(
+            tokens=seqs[:, :-1].contiguous(),
+            labels=seqs[:, 1:].contiguous(),
+            loss_mask=mask,
+            position_ids=torch.arange(SEQ).expand(2 * MBS, SEQ).contiguous(),
+            num_pairs=MBS,
+            num_tokens=2 * MBS * SEQ,
+        ))
     return batches
 
 
-def logits_of(model, batches: list[dict]) -> torch.Tensor:
+def logits_of(model, batches: list[MicroBatch]) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return torch.cat([model(b["tokens"]).logits for b in batches])
+        return torch.cat([model(b.tokens).logits for b in batches])
 
 
-def hf_logits(hf_dir: str, batches: list[dict]) -> torch.Tensor:
+def hf_logits(hf_dir: str, batches: list[MicroBatch]) -> torch.Tensor:
     return logits_of(transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32), batches)
 
 
-def reference(logits: torch.Tensor, batches: list[dict]) -> dict:
+def reference(logits: torch.Tensor, batches: list[MicroBatch]) -> dict:
     """Sequence log-probs and SimPO metrics from full logits, by the spec's formulas."""
-    labels = torch.cat([b["labels"] for b in batches])
-    mask = torch.cat([b["loss_mask"] for b in batches])
+    labels = torch.cat([b.labels for b in batches])
+    mask = torch.cat([b.loss_mask for b in batches])
     token_logps = torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     logps = (token_logps * mask).sum(-1) / mask.sum(-1)
     chosen = torch.cat([p[:MBS] for p in logps.split(2 * MBS)])
@@ -217,7 +220,7 @@ def _config(hf_dir: str, tp: int, pp: int, save: str | None = None, **extra):
     )
 
 
-def _forward(cfg, model, batches: list[dict]) -> dict | None:
+def _forward(cfg, model, batches: list[MicroBatch]) -> dict | None:
     """Gathered logits, per-token and per-sequence log-probs through megatron's schedule
     (on the last stage's TP rank 0; None elsewhere)."""
     from megatron.core import parallel_state
@@ -234,8 +237,8 @@ def _forward(cfg, model, batches: list[dict]) -> dict | None:
 
     def step(data_iterator, chunk):
         b = next(data_iterator)
-        output = chunk(b["tokens"], b["position_ids"], attention_mask=None)
-        return output, partial(loss_func, b["labels"], b["loss_mask"])
+        output = chunk(b.tokens, b.position_ids, attention_mask=None)
+        return output, partial(loss_func, b.labels, b.loss_mask)
 
     for m in model:
         m.eval()
@@ -250,7 +253,7 @@ def _forward(cfg, model, batches: list[dict]) -> dict | None:
     return {key: torch.cat([o[key] for o in outputs]) for key in ("logits", "token_logps", "logps")}
 
 
-def _check(cfg, load: str, batches: list[dict]):
+def _check(cfg, load: str, batches: list[MicroBatch]):
     """A fresh model of ``cfg`` with the weights of ``load`` (an HF directory or a Megatron
     checkpoint); its outputs on ``batches`` (None off the last stage)."""
     from simpo_megatron.hf import is_hf_checkpoint, load_hf_weights
@@ -270,7 +273,7 @@ def _check(cfg, load: str, batches: list[dict]):
     return state, result
 
 
-def _gemma2_step(cfg, state, batches: list[dict], save: str) -> float | None:
+def _gemma2_step(cfg, state, batches: list[MicroBatch], save: str) -> float | None:
     """One optimizer step; the checkpoint of its result under ``save``; the step's loss."""
     from simpo_megatron.training.checkpointing import config_to_dict, save_checkpoint
     from simpo_megatron.training.trainer import train_step
@@ -281,7 +284,7 @@ def _gemma2_step(cfg, state, batches: list[dict], save: str) -> float | None:
     return None if step["metrics"] is None else step["metrics"]["loss"]
 
 
-def _world1_worker(hf_dirs: dict, out: str, batches: list[dict]) -> dict:
+def _world1_worker(hf_dirs: dict, out: str, batches: list[MicroBatch]) -> dict:
     from megatron.core.utils import unwrap_model
 
     from simpo_megatron.runtime import ParallelLayout, initialize_distributed
@@ -302,7 +305,7 @@ def _world1_worker(hf_dirs: dict, out: str, batches: list[dict]) -> dict:
     return _by_value(results)
 
 
-def _layout_worker(tp: int, pp: int, vpp: int | None, sources: dict, batches: list[dict], save: str) -> dict:
+def _layout_worker(tp: int, pp: int, vpp: int | None, sources: dict, batches: list[MicroBatch], save: str) -> dict:
     """Check every model of ``sources`` (name -> (hf_dir, what to load)) on a TP x PP (x VPP) world
     and save it under ``save/name``: untouched, the Gemma-2 one step on, the llama trained
     three steps (TP=2 only)."""
@@ -362,7 +365,7 @@ def hf_dirs(tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def batches() -> list[dict]:
+def batches() -> list[MicroBatch]:
     return make_batches(0)
 
 
@@ -503,7 +506,7 @@ def test_vpp_gemma2_matches_transformers_and_exports_exactly(hf_dirs, references
     assert_same_tensors(exported, hf_dirs["gemma2"])
 
 
-def _resume_worker(hf_dir: str, save: str) -> list[dict]:
+def _resume_worker(hf_dir: str, save: str) -> list[MicroBatch]:
     """Two runs with ``--load HF_DIR --save SAVE``: 2 iterations, then up to 3."""
     from simpo_megatron.runtime import destroy_distributed
     from simpo_megatron.training.loop import pretrain

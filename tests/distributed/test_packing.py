@@ -29,7 +29,7 @@ def _worker(root: str):
 
     packed = _config(micro_batch_size=1, packing=True)
     data = build_datasets(packed)
-    plan = [b["num_pairs"] for b in next(global_batches(data.train, packed, data.pad_id, 0, int(os.environ["RANK"]), 2))]
+    plan = [b.num_pairs for b in next(global_batches(data.train, packed, data.pad_id, 0, int(os.environ["RANK"]), 2))]
     out = {"plan": plan}
     for name, cfg in (("packed", packed), ("unpacked", _config(micro_batch_size=2))):
         out[name] = pretrain(cfg)

@@ -46,9 +46,9 @@ def _independent(cfg, state) -> dict:
     module = state.model[0].module
     for m in state.model:
         m.zero_grad_buffer()
-    logits = module(batch["tokens"], batch["position_ids"], attention_mask=None, labels=None)
+    logits = module(batch.tokens, batch.position_ids, attention_mask=None, labels=None)
     logits = logits[..., : cfg.model.vocab_size].float()  # drop the vocabulary padding
-    labels, mask = batch["labels"], batch["loss_mask"]
+    labels, mask = batch.labels, batch.loss_mask
     logps = torch.log_softmax(logits, -1).gather(-1, labels[..., None]).squeeze(-1)
     seq = (logps * mask).sum(-1) / mask.sum(-1)
     simpo = -F.logsigmoid(BETA * ((seq[:4] - seq[4:]) - RATIO)).mean()

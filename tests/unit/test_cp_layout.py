@@ -8,7 +8,7 @@ positions or attend to the wrong keys; these tests pin them to each other.
 Packed (THD) micro-batches: ``thd_partition_indices`` against a transcription of Transformer
 Engine's ``thd_partition_indices_kernel`` (what megatron-core's ``get_thd_batch_on_this_cp_rank``
 calls), megatron-core's THD rotary embedding on the split row against rotating the whole row,
-the padding of ``collate_packed`` for CP, and the arguments ``forward_step`` gives the model
+the padding of the packed ``collate`` for CP, and the arguments ``forward_step`` gives the model
 against ``get_thd_batch_on_this_cp_rank``'s.
 """
 
@@ -197,29 +197,31 @@ def _samples():
 
 
 def test_collate_pads_every_sequence_for_context_parallelism():
-    from simpo_megatron.data.packing import collate_packed, pair_tokens
+    from simpo_megatron.data.batch import BatchLayout, collate
+    from simpo_megatron.data.packing import pair_tokens
 
     samples = _samples()
-    plain = collate_packed(samples, pad_id=0)
-    batch = collate_packed(samples, pad_id=0, pad_to_multiple_of=24, sequence_multiple_of=4)
-    assert batch["cu_seqlens_padded"].tolist() == [0, 8, 12, 28, 36, 40, 56, 72]  # + a tail of 16
-    assert batch["cu_seqlens"].tolist() == [0, 7, 10, 26, 32, 34, 48, 64]  # real lengths (TE's convention)
-    assert batch["tokens"].shape == (1, 72) and batch["max_seqlen"] == 16
+    plain = collate(samples, BatchLayout(0, packed=True))
+    batch = collate(samples, BatchLayout(0, pad_to_multiple_of=24, packed=True, sequence_multiple_of=4))
+    layout = batch.packed
+    assert layout.cu_seqlens_padded.tolist() == [0, 8, 12, 28, 36, 40, 56, 72]  # + a tail of 16
+    assert layout.cu_seqlens.tolist() == [0, 7, 10, 26, 32, 34, 48, 64]  # real lengths (TE's convention)
+    assert batch.tokens.shape == (1, 72) and layout.max_seqlen == 16
     assert [pair_tokens(s, 4) for s in samples] == [16, 8, 32]
-    assert batch["num_tokens"] == plain["num_tokens"] == 48
-    starts, ends = batch["cu_seqlens_padded"][:-1].tolist(), batch["cu_seqlens"][1:] - batch["cu_seqlens"][:-1]
+    assert batch.num_tokens == plain.num_tokens == 48
+    starts, ends = layout.cu_seqlens_padded[:-1].tolist(), layout.cu_seqlens[1:] - layout.cu_seqlens[:-1]
     real = [torch.arange(a, a + int(n)) for a, n in zip(starts, ends)][:6]
     for key in ("tokens", "labels", "loss_mask", "position_ids"):  # the real tokens, unchanged
-        torch.testing.assert_close(batch[key][0, torch.cat(real)], plain[key][0, :48], msg=key)
+        torch.testing.assert_close(getattr(batch, key)[0, torch.cat(real)], getattr(plain, key)[0, :48], msg=key)
     padding = torch.ones(72, dtype=torch.bool)
     padding[torch.cat(real)] = False
-    assert batch["loss_mask"][0, padding].sum() == 0
-    seq = batch["segment_ids"][0]
+    assert batch.loss_mask[0, padding].sum() == 0
+    seq = layout.segment_ids[0]
     assert seq[:8].tolist() == [0] * 8 and seq[56:].tolist() == [6] * 16  # padding in its sequence; the tail
-    assert batch["position_ids"][0, :8].tolist() == list(range(8))
+    assert batch.position_ids[0, :8].tolist() == list(range(8))
     with pytest.raises(ValueError, match=r"pad_to_multiple_of \(6\) must be a multiple of sequence_multiple_of \(4\)"):
-        collate_packed(samples, pad_id=0, pad_to_multiple_of=6, sequence_multiple_of=4)
-    assert "cu_seqlens_padded" not in plain
+        collate(samples, BatchLayout(0, pad_to_multiple_of=6, packed=True, sequence_multiple_of=4))
+    assert plain.packed.cu_seqlens_padded is None
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -230,10 +232,10 @@ def test_forward_step_feeds_the_model_megatrons_thd_split(monkeypatch, rank):
 
     import megatron.core.utils as mcore_utils
 
-    from simpo_megatron.data.packing import collate_packed
+    from simpo_megatron.data.batch import BatchLayout, collate
     from simpo_megatron.training import step
 
-    batch = collate_packed(_samples(), pad_id=0, pad_to_multiple_of=8, sequence_multiple_of=4)
+    batch = collate(_samples(), BatchLayout(0, pad_to_multiple_of=8, packed=True, sequence_multiple_of=4))
     monkeypatch.setattr(step, "_context_parallel_group", lambda: _Group(2, rank))
     seen = {}
 
@@ -245,14 +247,14 @@ def test_forward_step_feeds_the_model_megatrons_thd_split(monkeypatch, rank):
             return None
 
     settings = tiny_config(context_parallel_size=2, packing=True).loss
-    _, loss_fn = step.forward_step(settings, 200, iter([dict(batch)]), Model())
+    _, loss_fn = step.forward_step(settings, 200, iter([batch]), Model())
     fake_tex = SimpleNamespace(thd_get_partitioned_indices=_te_partitioned_indices)
     monkeypatch.setattr(mcore_utils, "tex", fake_tex)
     monkeypatch.setattr(mcore_utils, "is_te_min_version", lambda version: True)
-    keys = ("tokens", "position_ids", "labels", "loss_mask", "segment_ids")
+    fields = {k: getattr(batch, k).clone() for k in ("tokens", "position_ids", "labels", "loss_mask")}
     theirs, params = mcore_utils.get_thd_batch_on_this_cp_rank(
-        {k: batch[k].clone() for k in keys}, batch["cu_seqlens"], batch["cu_seqlens_padded"],
-        torch.tensor([batch["max_seqlen"]]), cp_size=2, cp_rank=rank,
+        {**fields, "segment_ids": batch.packed.segment_ids.clone()}, batch.packed.cu_seqlens,
+        batch.packed.cu_seqlens_padded, torch.tensor([batch.packed.max_seqlen]), cp_size=2, cp_rank=rank,
     )
     torch.testing.assert_close(seen["tokens"], theirs["tokens"])
     torch.testing.assert_close(seen["position_ids"], theirs["position_ids"])

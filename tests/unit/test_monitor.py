@@ -93,3 +93,46 @@ def test_summed_log_probs_keep_only_the_positivity_check():
     summed = HealthMonitor(window=1, average_log_prob=False)
     assert summed.update({"rewards/margins": 40.0, "logps/chosen": -120.0, "logps/rejected": -150.0}) == []
     assert [w["check"] for w in summed.update(_healthy(**{"logps/rejected": 0.5}))] == ["positive_logps"]
+
+
+def test_metrics_processor_sums_tokens_over_ranks_once_per_log_interval(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import torch
+
+    from simpo_megatron.testing import tiny_config
+    from simpo_megatron.training.monitor import MetricsProcessor, TrainingError
+
+    reduces = []
+
+    def all_reduce(tensor, group=None):  # two data-parallel ranks with the same counts
+        reduces.append(tensor.tolist())
+        tensor.mul_(2)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    cfg = tiny_config(log_interval=2, global_batch_size=4, max_skipped_iters=2,
+                      metrics_file=str(tmp_path / "metrics.jsonl"))
+    processor = MetricsProcessor(cfg, writes=True)
+    batches = [SimpleNamespace(num_tokens=n, tokens=torch.zeros(2, 8)) for n in (10, 6)]
+    metrics = {"loss": 0.5, "rewards/margins": 1.0, "num_pairs": 4}
+    step = {"metrics": metrics, "lr": 0.1, "grad_norm": 2.0, "skipped": False}
+    processor.record_step(1, 4, step, batches, elapsed=0.25)
+    assert reduces == []  # not a log step
+    processor.record_step(2, 8, step, batches, elapsed=0.75)
+    assert reduces == [[32.0, 64.0]]  # this rank's two steps, reduced once
+    skipped = dict(step, skipped=True, grad_norm=None)
+    processor.record_step(3, 12, skipped, batches, elapsed=0.5)
+    with pytest.raises(TrainingError, match="--max-skipped-iters 2"):
+        processor.record_step(4, 16, skipped, batches, elapsed=0.5)
+    processor.close()
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    throughput = [r for r in records if r["split"] == "throughput"]
+    assert throughput == [{"split": "throughput", "iteration": 2, "tokens_per_s": 64.0, "packing_efficiency": 0.5,
+                           "pairs_per_s": 8.0, "ms_per_iter": 500.0, "skipped_iters": 0}]
+    train = [r for r in records if r["split"] == "train"]
+    assert [(r["iteration"], r["skipped"], r["consumed_samples"]) for r in train] == [
+        (1, False, 4), (2, False, 8), (3, True, 12)]
+    out = capsys.readouterr().out
+    assert "iteration 3: non-finite loss or gradient, update skipped (1 in a row" in out
+    assert " iteration  2/10 | lr: 0.1 | grad_norm: 2 | loss: 0.5" in out

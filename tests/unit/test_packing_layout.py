@@ -4,14 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from simpo_megatron.data.packing import (
-    balance_over_ranks,
-    collate_packed,
-    pack_first_fit,
-    packed_micro_batches,
-    pair_tokens,
-)
-from simpo_megatron.data.pair_dataset import collate_pairs
+from simpo_megatron.data.batch import BatchLayout, collate
+from simpo_megatron.data.packing import balance_over_ranks, pack_first_fit, packed_micro_batches, pair_tokens
 from simpo_megatron.logprobs import segment_logps, sequence_logps
 
 PAD = 0
@@ -38,32 +32,33 @@ def test_balance_and_first_fit():
 
 
 def test_packed_layout_matches_unpacked_rows():
-    packed = collate_packed(PAIRS, PAD, pad_to_multiple_of=8)
-    rows = collate_pairs(PAIRS, seq_length=16, pad_id=PAD)
+    packed = collate(PAIRS, BatchLayout(PAD, pad_to_multiple_of=8, packed=True))
+    rows = collate(PAIRS, BatchLayout(PAD, seq_length=16))
     lengths = [len(s["prompt"]) + len(s[k]) for k in ("chosen", "rejected") for s in PAIRS]
     real = sum(lengths)
-    assert packed["num_tokens"] == real == rows["num_tokens"]
-    assert packed["tokens"].shape == (1, 40)  # 37 tokens rounded up to 8
-    assert packed["cu_seqlens"].tolist() == np.cumsum([0, *lengths, 40 - real]).tolist()
-    assert packed["cu_seqlens"].dtype == torch.int32 and packed["max_seqlen"] == max(lengths)
-    for seq, (start, n) in enumerate(zip(packed["cu_seqlens"].tolist(), lengths)):
+    layout = packed.packed
+    assert packed.num_tokens == real == rows.num_tokens
+    assert packed.tokens.shape == (1, 40)  # 37 tokens rounded up to 8
+    assert layout.cu_seqlens.tolist() == np.cumsum([0, *lengths, 40 - real]).tolist()
+    assert layout.cu_seqlens.dtype == torch.int32 and layout.max_seqlen == max(lengths)
+    for seq, (start, n) in enumerate(zip(layout.cu_seqlens.tolist(), lengths)):
         sl = slice(start, start + n)
         for key in ("tokens", "labels", "loss_mask"):
-            assert torch.equal(packed[key][0, sl], rows[key][seq, :n]), key
-        assert packed["position_ids"][0, sl].tolist() == list(range(n))  # positions restart
-        assert torch.all(packed["segment_ids"][0, sl] == seq)
-    assert torch.all(packed["segment_ids"][0, real:] == 2 * len(PAIRS))
-    assert packed["loss_mask"][0, real:].sum() == 0
+            assert torch.equal(getattr(packed, key)[0, sl], getattr(rows, key)[seq, :n]), key
+        assert packed.position_ids[0, sl].tolist() == list(range(n))  # positions restart
+        assert torch.all(layout.segment_ids[0, sl] == seq)
+    assert torch.all(layout.segment_ids[0, real:] == 2 * len(PAIRS))
+    assert packed.loss_mask[0, real:].sum() == 0
 
     # Per-sequence log-probs from segment sums equal the row-wise ones.
     gen = torch.Generator().manual_seed(0)
-    row_logps = -torch.rand(rows["tokens"].shape, generator=gen)
+    row_logps = -torch.rand(rows.tokens.shape, generator=gen)
     packed_logps = torch.zeros(1, 40)
-    for seq, (start, n) in enumerate(zip(packed["cu_seqlens"].tolist(), lengths)):
+    for seq, (start, n) in enumerate(zip(layout.cu_seqlens.tolist(), lengths)):
         packed_logps[0, start : start + n] = row_logps[seq, :n]
     for average in (True, False):
-        expected = sequence_logps(row_logps, rows["loss_mask"], average)
-        got = segment_logps(packed_logps, packed["loss_mask"], packed["segment_ids"], 2 * len(PAIRS), average)
+        expected = sequence_logps(row_logps, rows.loss_mask, average)
+        got = segment_logps(packed_logps, packed.loss_mask, layout.segment_ids, 2 * len(PAIRS), average)
         torch.testing.assert_close(got, expected)
 
 
@@ -74,16 +69,16 @@ def test_every_rank_gets_the_same_number_of_micro_batches():
     per_rank = [packed_micro_batches(pairs, 64, r, 2, PAD, 8) for r in range(2)]
     # Rank 0 takes two big pairs (two micro-batches), rank 1 one big and the small one, which
     # share one micro-batch: rank 1 is padded with an empty one.
-    assert [[b["num_pairs"] for b in mbs] for mbs in per_rank] == [[1, 1], [2, 0]]
+    assert [[b.num_pairs for b in mbs] for mbs in per_rank] == [[1, 1], [2, 0]]
     per_rank = [packed_micro_batches(pairs, 128, r, 2, PAD, 8) for r in range(2)]
-    assert [[b["num_pairs"] for b in mbs] for mbs in per_rank] == [[2], [2]]
+    assert [[b.num_pairs for b in mbs] for mbs in per_rank] == [[2], [2]]
     # A rank with less to do is padded with empty micro-batches (one padding segment).
     per_rank = [packed_micro_batches(pairs[:3], 64, r, 2, PAD, 8, count_multiple_of=1) for r in range(2)]
-    counts = [[b["num_pairs"] for b in mbs] for mbs in per_rank]
+    counts = [[b.num_pairs for b in mbs] for mbs in per_rank]
     assert counts == [[1, 1], [1, 0]]
     empty = per_rank[1][1]
-    assert empty["tokens"].shape == (1, 8) and empty["loss_mask"].sum() == 0
-    assert empty["cu_seqlens"].tolist() == [0, 8] and empty["num_tokens"] == 0
+    assert empty.tokens.shape == (1, 8) and empty.loss_mask.sum() == 0
+    assert empty.packed.cu_seqlens.tolist() == [0, 8] and empty.num_tokens == 0
     assert [len(packed_micro_batches(pairs, 128, r, 1, PAD, 8, count_multiple_of=2)) for r in range(1)] == [2]
 
 

@@ -1,4 +1,4 @@
-"""PreferencePairDataset (truncation) and collate_pairs (micro-batch layout, labels, masks)."""
+"""PreferencePairDataset (truncation) and collate (micro-batch layout, labels, masks)."""
 
 from functools import partial
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from simpo_megatron.data import PairBatchSampler, PreferencePairDataset, collate_pairs
+from simpo_megatron.data import BatchLayout, PairBatchSampler, PreferencePairDataset, collate
 from simpo_megatron.data.pair_dataset import truncation_lengths
 
 BOS, EOS, PAD = 1, 2, 0
@@ -183,13 +183,13 @@ def sample(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict[st
 
 def test_collate_layout_labels_and_masks():
     samples = [sample(*make_pair(3, 2, 4)), sample(*make_pair(2, 5, 1, tag=1))]
-    batch = collate_pairs(samples, seq_length=8, pad_id=PAD)
-    tokens, labels, mask = batch["tokens"], batch["labels"], batch["loss_mask"]
-    assert batch["num_pairs"] == 2
-    assert tokens.shape == labels.shape == mask.shape == batch["position_ids"].shape == (4, 8)
-    assert tokens.dtype == labels.dtype == batch["position_ids"].dtype == torch.int64
+    batch = collate(samples, BatchLayout(PAD, seq_length=8))
+    tokens, labels, mask = batch.tokens, batch.labels, batch.loss_mask
+    assert batch.num_pairs == 2
+    assert tokens.shape == labels.shape == mask.shape == batch.position_ids.shape == (4, 8)
+    assert tokens.dtype == labels.dtype == batch.position_ids.dtype == torch.int64
     assert mask.dtype == torch.float32
-    assert torch.equal(batch["position_ids"], torch.arange(8).expand(4, 8))
+    assert torch.equal(batch.position_ids, torch.arange(8).expand(4, 8))
 
     # Rows: chosen of pair 0, chosen of pair 1, rejected of pair 0, rejected of pair 1.
     rows = [(s["prompt"], s[k]) for k in ("chosen", "rejected") for s in samples]
@@ -205,20 +205,20 @@ def test_collate_layout_labels_and_masks():
 
 def test_collate_full_length_row_and_padding_choices():
     full = sample(*make_pair(3, 5, 2))  # prompt + chosen = seq_length exactly
-    batch = collate_pairs([full], seq_length=8, pad_id=PAD)
-    assert batch["tokens"][0].tolist() == full["prompt"].tolist() + full["chosen"].tolist()
-    assert batch["labels"][0, -1] == PAD and batch["loss_mask"][0].sum() == 5
-    assert batch["loss_mask"][0, -1] == 0
+    batch = collate([full], BatchLayout(PAD, seq_length=8))
+    assert batch.tokens[0].tolist() == full["prompt"].tolist() + full["chosen"].tolist()
+    assert batch.labels[0, -1] == PAD and batch.loss_mask[0].sum() == 5
+    assert batch.loss_mask[0, -1] == 0
 
     short = [sample(*make_pair(2, 3, 1)), sample(*make_pair(3, 1, 2))]  # longest row: 5
-    assert collate_pairs(short, 64, PAD, pad_to_multiple_of=4)["tokens"].shape == (4, 8)
-    assert collate_pairs(short, 64, PAD, pad_to_multiple_of=5)["tokens"].shape == (4, 5)
-    assert collate_pairs(short, 64, PAD)["tokens"].shape == (4, 64)
+    assert collate(short, BatchLayout(PAD, 64, pad_to_multiple_of=4)).tokens.shape == (4, 8)
+    assert collate(short, BatchLayout(PAD, 64, pad_to_multiple_of=5)).tokens.shape == (4, 5)
+    assert collate(short, BatchLayout(PAD, 64)).tokens.shape == (4, 64)
     # Rounding up never goes past seq_length.
-    assert collate_pairs([full], 8, PAD, pad_to_multiple_of=16)["tokens"].shape == (2, 8)
+    assert collate([full], BatchLayout(PAD, 8, pad_to_multiple_of=16)).tokens.shape == (2, 8)
 
     with pytest.raises(ValueError, match="seq_length"):
-        collate_pairs([full], seq_length=7, pad_id=PAD)
+        collate([full], BatchLayout(PAD, seq_length=7))
 
 
 def test_dataloader_pipeline(tmp_path):
@@ -227,13 +227,13 @@ def test_dataloader_pipeline(tmp_path):
     ds = PreferencePairDataset(write_pairs(str(tmp_path / "d"), pairs), seq_length=12)
     sampler = PairBatchSampler(len(ds), 0, 2, 4, 0, 1, seed=3)
     loader = torch.utils.data.DataLoader(
-        ds, batch_sampler=sampler, collate_fn=partial(collate_pairs, seq_length=12, pad_id=PAD)
+        ds, batch_sampler=sampler, collate_fn=partial(collate, layout=BatchLayout(PAD, seq_length=12))
     )
     indices, batches = iter(sampler), iter(loader)
     for _ in range(6):
         pair_ids, batch = next(indices), next(batches)
-        assert batch["tokens"].shape == (4, 12)
+        assert batch.tokens.shape == (4, 12)
         # The second prompt token encodes the pair (tag * 1000 + 100); chosen rows come first.
-        assert (batch["tokens"][:2, 1] // 1000).tolist() == pair_ids
-        assert (batch["tokens"][2:, 1] // 1000).tolist() == pair_ids
-        assert (batch["tokens"][:2, 3:] // 100 % 10 == 3).sum() == 0  # no rejected in chosen rows
+        assert (batch.tokens[:2, 1] // 1000).tolist() == pair_ids
+        assert (batch.tokens[2:, 1] // 1000).tolist() == pair_ids
+        assert (batch.tokens[:2, 3:] // 100 % 10 == 3).sum() == 0  # no rejected in chosen rows

@@ -92,10 +92,10 @@ def _measure(steps: int, warmup: int, gbs: int, mbs: int, chunk: int, peak_overr
         torch.cuda.synchronize()
         if step >= warmup:
             seconds += time.perf_counter() - start
-            lengths = [int(n) for b in batches for n in (b["cu_seqlens"][1:] - b["cu_seqlens"][:-1]).tolist()]
+            lengths = [int(n) for b in batches for n in (b.packed.cu_seqlens[1:] - b.packed.cu_seqlens[:-1]).tolist()]
             flops += model_flops(cfg, lengths)  # padding segments are counted: the GPU ran them
-            tokens += sum(b["num_tokens"] for b in batches)
-            slots += sum(b["tokens"].numel() for b in batches)
+            tokens += sum(b.num_tokens for b in batches)
+            slots += sum(b.tokens.numel() for b in batches)
     peak = _peak_tflops(peak_override)
     achieved = flops / seconds / 1e12
     return {

@@ -136,8 +136,8 @@ def _measure_workload(case: str, steps: int, warmup: int, threads: int) -> dict:
         if step >= warmup:
             times.append(time.perf_counter() - start)
             cpu += time.process_time() - cpu_start
-            tokens += sum(b["num_tokens"] for b in batches)
-            slots += sum(b["tokens"].numel() for b in batches)
+            tokens += sum(b.num_tokens for b in batches)
+            slots += sum(b.tokens.numel() for b in batches)
             micro += len(batches)
     total = sum(times)
     return {
