@@ -69,18 +69,15 @@ def sum_over_group(values: torch.Tensor, group=None) -> torch.Tensor:
     return reduce_from_tensor_model_parallel_region(values.clone(), group=group)
 
 
-def sequence_logps(
-    per_token_logps: torch.Tensor, loss_mask: torch.Tensor, average: bool = True, group=None
-) -> torch.Tensor:
-    """Reduce ``[b, s]`` token log-probs to one value per sequence over the masked tokens.
+def sequence_sums(
+    per_token_logps: torch.Tensor, loss_mask: torch.Tensor, group=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence ``(sum of the masked token log-probs, number of masked tokens)`` of ``[b, s]`` rows.
 
-    ``average=True`` is SimPO's length-normalized reward (sum / number of response tokens);
-    ``average=False`` is the plain sum. A sequence with no response token raises ValueError
-    in both modes (its average would be NaN, its sum a silent zero).
-
-    ``group`` (the context-parallel group, where each rank holds part of every sequence's
-    tokens): the sums and counts are all-reduced over it first, which makes the call
-    collective; the result is the whole sequences' value on every rank (see ``sum_over_group``).
+    A sequence with no response token raises ValueError (its average would be NaN, its sum a
+    silent zero). ``group`` (the context-parallel group, where each rank holds part of every
+    sequence's tokens): the sums and counts are all-reduced over it, which makes the call
+    collective; the result is the whole sequences' on every rank (see ``sum_over_group``).
     """
     if per_token_logps.shape != loss_mask.shape:
         raise ValueError(
@@ -90,10 +87,24 @@ def sequence_logps(
     mask = loss_mask.to(per_token_logps.dtype)
     count = sum_over_group(mask.sum(-1), group).detach()
     total = sum_over_group((per_token_logps * mask).sum(-1), group)
+    _check_nonempty(count)
+    return total, count
+
+
+def sequence_logps(
+    per_token_logps: torch.Tensor, loss_mask: torch.Tensor, average: bool = True, group=None
+) -> torch.Tensor:
+    """One value per sequence over the masked tokens of ``[b, s]`` rows: SimPO's length-normalized
+    log-prob (``average=True``: sum / number of response tokens) or the plain sum (see
+    :func:`sequence_sums` for the errors and ``group``)."""
+    total, count = sequence_sums(per_token_logps, loss_mask, group)
+    return total / count if average else total
+
+
+def _check_nonempty(count: torch.Tensor) -> None:
     if (count == 0).any():
         empty = torch.nonzero(count == 0).flatten().tolist()
         raise ValueError(f"sequences {empty} have no response token in loss_mask")
-    return total / count if average else total
 
 
 class _ChunkedTokenLogps(torch.autograd.Function):
@@ -230,21 +241,18 @@ def chunked_vocab_parallel_token_logps(
     return logps.view(labels.shape)
 
 
-def segment_logps(
+def segment_sums(
     per_token_logps: torch.Tensor,
     loss_mask: torch.Tensor,
     segment_ids: torch.Tensor,
     num_segments: int,
-    average: bool = True,
     group=None,
-) -> torch.Tensor:
-    """Per-sequence log-probs of packed rows: :func:`sequence_logps` over segments.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence ``(sums, counts)`` of packed rows: :func:`sequence_sums` over segments.
 
     ``segment_ids`` (same shape as the log-probs) names each token's sequence in
     ``[0, num_segments)``; tokens with ids >= ``num_segments`` (padding) are left out. Raises
-    ValueError for a sequence without a response token. ``group`` (the context-parallel
-    group, each rank holding part of every sequence): per-segment sums and counts are
-    all-reduced over it before the average, as in :func:`sequence_logps`.
+    ValueError for a sequence without a response token. ``group``: as in :func:`sequence_sums`.
     """
     if not per_token_logps.shape == loss_mask.shape == segment_ids.shape:
         raise ValueError(
@@ -257,7 +265,18 @@ def segment_logps(
     count = mask.new_zeros(num_segments + 1).index_add(0, ids, mask)
     total = sum_over_group(total[:num_segments], group)
     count = sum_over_group(count[:num_segments], group).detach()
-    if (count == 0).any():
-        empty = torch.nonzero(count == 0).flatten().tolist()
-        raise ValueError(f"sequences {empty} have no response token in loss_mask")
+    _check_nonempty(count)
+    return total, count
+
+
+def segment_logps(
+    per_token_logps: torch.Tensor,
+    loss_mask: torch.Tensor,
+    segment_ids: torch.Tensor,
+    num_segments: int,
+    average: bool = True,
+    group=None,
+) -> torch.Tensor:
+    """Per-sequence log-probs of packed rows, averaged or summed (see :func:`segment_sums`)."""
+    total, count = segment_sums(per_token_logps, loss_mask, segment_ids, num_segments, group)
     return total / count if average else total

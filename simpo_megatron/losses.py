@@ -107,6 +107,15 @@ class PreferenceLoss:
     description: str  # one line for --help
     knobs: tuple[str, ...]  # the LossConfig fields ``fn`` reads
     needs_reference: bool
+    # The policy log-probs logged as logps/chosen and logps/rejected, as TRL's trainers log them:
+    # "sum" (DPOTrainer, whatever its loss type), "mean" (ORPOTrainer), or "flag" (SimPO's,
+    # averaged or summed as --average-log-prob says).
+    logged_logps: str = "flag"
+
+    def logged(self, policy: PairScores, average_log_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(chosen, rejected)`` policy log-probs in the form this loss logs them."""
+        average = average_log_prob if self.logged_logps == "flag" else self.logged_logps == "mean"
+        return policy.logps(average)
 
     def compute(self, policy: PairScores, reference: PairScores | None = None, **knobs) -> LossOutput:
         """The loss of each pair. ``knobs`` may name any of ``KNOBS``; those this loss does
@@ -326,13 +335,16 @@ LOSSES: dict[str, PreferenceLoss] = {
                        _SIMPO_KNOBS, needs_reference=False),
         PreferenceLoss("dpo", dpo_loss, "DPO on summed log-ratios (cDPO with --label-smoothing, R-DPO with "
                        "--rdpo-alpha); needs a reference model.",
-                       ("beta", "label_smoothing", "rdpo_alpha", "sft_weight"), needs_reference=True),
+                       ("beta", "label_smoothing", "rdpo_alpha", "sft_weight"), needs_reference=True,
+                       logged_logps="sum"),
         PreferenceLoss("ipo", ipo_loss, "IPO on length-averaged log-ratios, beta as tau; needs a reference model.",
-                       ("beta", "sft_weight"), needs_reference=True),
+                       ("beta", "sft_weight"), needs_reference=True, logged_logps="sum"),
         PreferenceLoss("dpo-norm", dpo_norm_loss, "DPO on length-averaged log-ratios (TRL's sigmoid_norm); "
-                       "needs a reference model.", ("beta", "sft_weight"), needs_reference=True),
+                       "needs a reference model.", ("beta", "sft_weight"), needs_reference=True,
+                       logged_logps="sum"),
         PreferenceLoss("orpo", orpo_loss, "ORPO's odds ratio on averaged log-probs, reference-free; "
-                       "ORPO is this plus --sft-weight 1.", ("beta", "sft_weight"), needs_reference=False),
+                       "ORPO is this plus --sft-weight 1.", ("beta", "sft_weight"), needs_reference=False,
+                       logged_logps="mean"),
     )
 }
 LOSS_TYPES = tuple(LOSSES)

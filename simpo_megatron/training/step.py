@@ -30,16 +30,16 @@ from megatron.core import parallel_state
 from megatron.core.utils import get_attr_wrapped_model
 
 from simpo_megatron.config import LossConfig
-from simpo_megatron.data.batch import MicroBatch
+from simpo_megatron.data.batch import MicroBatch, ReferenceScores
 from simpo_megatron.logprobs import (
     chunked_vocab_parallel_token_logps,
-    segment_logps,
-    sequence_logps,
+    segment_sums,
+    sequence_sums,
     sum_over_group,
     vocab_parallel_token_logps,
 )
 from simpo_megatron.model.context_parallel import split_for_context_parallel, split_packed_for_context_parallel
-from simpo_megatron.losses import get_loss, sft_token_nll_sum
+from simpo_megatron.losses import KNOBS, PairScores, get_loss, sft_token_nll_sum
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
 METRIC_SUMS = (
@@ -88,20 +88,22 @@ def loss_func(
     sft_token_scale: float | None = None,
     head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     segments: tuple[torch.Tensor, int] | None = None,
+    reference: ReferenceScores | None = None,
 ):
-    """SimPO loss of one micro-batch from the last stage's vocab-parallel logits ``[2m, s, V/tp]``.
+    """The preference loss of one micro-batch from the last stage's vocab-parallel logits ``[2m, s, V/tp]``.
 
     Returns ``(loss_sum, num_pairs, metrics)``: ``metrics["simpo"]`` holds the summed
-    statistics of ``METRIC_SUMS`` followed by the number of pairs, and ``metrics["sft_loss"]``
-    the SFT term's sum when ``--sft-weight > 0``. ``pair_weights`` (``[m]``, 1 or 0) leaves
-    padding pairs out of every sum and count. ``sft_token_scale`` is global pairs / global
-    chosen-response tokens (the token-level SFT form); without it this micro-batch's own
-    ratio is used, which is exact for a global batch of one micro-batch.
-    ``head(output_tensor, labels)`` returns the token log-probs when the last stage returns
-    something else than the logits (the hidden states of the chunked head).
-    ``segments = (segment_ids, m)`` for a packed micro-batch of ``m`` pairs: each token's
-    sequence, ``k`` for pair k's chosen response, ``m + k`` for its rejected one, ``2m`` for
-    padding.
+    statistics of ``METRIC_SUMS`` followed by the number of pairs; ``metrics["sft_loss"]``
+    the SFT term's sum when ``--sft-weight > 0``, and any other key a loss's own per-pair
+    metric summed (ORPO's log-odds). ``pair_weights`` (``[m]``, 1 or 0) leaves padding pairs
+    out of every sum and count. ``sft_token_scale`` is global pairs / global chosen-response
+    tokens (the token-level SFT form); without it this micro-batch's own ratio is used, which
+    is exact for a global batch of one micro-batch. ``head(output_tensor, labels)`` returns the
+    token log-probs when the last stage returns something else than the logits (the hidden
+    states of the chunked head). ``segments = (segment_ids, m)`` for a packed micro-batch of
+    ``m`` pairs: each token's sequence, ``k`` for pair k's chosen response, ``m + k`` for its
+    rejected one, ``2m`` for padding. ``reference``: the reference model's scores of the pairs,
+    for a reference-based ``--loss-type``.
     """
     cp_group = _context_parallel_group()
     if head is None:
@@ -109,35 +111,28 @@ def loss_func(
     else:
         token_logps = head(output_tensor, labels)
     if segments is None:
-        seq_logps = sequence_logps(token_logps, loss_mask, average=settings.average_log_prob, group=cp_group)
+        sums, counts = sequence_sums(token_logps, loss_mask, group=cp_group)
     else:
         segment_ids, packed_pairs = segments
-        seq_logps = segment_logps(
-            token_logps, loss_mask, segment_ids, 2 * packed_pairs, settings.average_log_prob, group=cp_group
-        )
-    num_pairs = seq_logps.shape[0] // 2
-    chosen, rejected = seq_logps[:num_pairs], seq_logps[num_pairs:]
+        sums, counts = segment_sums(token_logps, loss_mask, segment_ids, 2 * packed_pairs, group=cp_group)
+    num_pairs = sums.shape[0] // 2
+    policy = PairScores(sums[:num_pairs], sums[num_pairs:], counts[:num_pairs], counts[num_pairs:])
     if pair_weights is None:
-        weights = torch.ones(num_pairs, device=seq_logps.device)
+        weights = torch.ones(num_pairs, device=sums.device)
     else:
-        weights = pair_weights.to(seq_logps.device, torch.float32)
+        weights = pair_weights.to(sums.device, torch.float32)
     real = weights > 0
 
     def pair_sum(values: torch.Tensor) -> torch.Tensor:
         # where(), not a product: a padding pair's value may be anything, NaN included.
         return torch.where(real, values.float() * weights, 0.0).sum()
 
-    losses, chosen_rewards, rejected_rewards = get_loss(settings.loss)(
-        chosen,
-        rejected,
-        beta=settings.beta,
-        gamma_beta_ratio=settings.gamma_beta_ratio,
-        loss_type=settings.loss_type,
-        label_smoothing=settings.label_smoothing,
-        sft_weight=0.0 if settings.token_sft else settings.sft_weight,
-    )
+    loss = get_loss(settings.loss_type)
+    knobs = {k: getattr(settings, k) for k in KNOBS} | {"sft_weight": 0.0 if settings.token_sft else settings.sft_weight}
+    out = loss.compute(policy, reference_pair_scores(reference, sums) if loss.needs_reference else None, **knobs)
+    chosen, rejected = loss.logged(policy, settings.average_log_prob)
     # An empty (packed) micro-batch still needs a loss connected to the graph for backward.
-    loss_sum = pair_sum(losses) if num_pairs else 0.0 * token_logps.sum()
+    loss_sum = pair_sum(out.losses) if num_pairs else 0.0 * token_logps.sum()
     metrics = {}
     if settings.token_sft:
         chosen_mask = chosen_response_mask(
@@ -150,14 +145,18 @@ def loss_func(
         loss_sum = loss_sum + settings.sft_weight * sft_sum
         metrics[SFT_KEY] = sft_sum.detach()
     elif settings.sft_weight > 0:
-        metrics[SFT_KEY] = pair_sum(-chosen.detach())
+        # The per-pair form: SimPO's on its own log-prob form, the other losses' on the averaged one.
+        sft_chosen = chosen if loss.logged_logps == "flag" else policy.chosen_mean_logps
+        metrics[SFT_KEY] = pair_sum(-sft_chosen.detach())
+    for name, values in out.metrics.items():
+        metrics[name] = pair_sum(values)
     count = weights.sum()
     metrics[METRICS_KEY] = torch.stack(
         [
             loss_sum.detach(),
-            pair_sum(chosen_rewards),
-            pair_sum(rejected_rewards),
-            pair_sum((chosen_rewards > rejected_rewards).float()),
+            pair_sum(out.chosen_rewards),
+            pair_sum(out.rejected_rewards),
+            pair_sum((out.chosen_rewards > out.rejected_rewards).float()),
             pair_sum(chosen.detach()),
             pair_sum(rejected.detach()),
             count,
@@ -165,6 +164,16 @@ def loss_func(
     )
     reported = count if cp_group is None or cp_group.rank() == 0 else torch.zeros_like(count)
     return loss_sum, reported.round().to(torch.int), metrics
+
+
+def reference_pair_scores(reference: ReferenceScores | None, like: torch.Tensor) -> PairScores:
+    """The micro-batch's reference scores as constant ``PairScores`` in ``like``'s dtype and device."""
+    if reference is None:
+        raise ValueError(
+            "this --loss-type needs the reference model's scores of every pair, and the micro-batch has none"
+        )
+    return PairScores(*(t.to(like.device, like.dtype) for t in (
+        reference.chosen_logps, reference.rejected_logps, reference.chosen_tokens, reference.rejected_tokens)))
 
 
 def _context_parallel_group():
@@ -212,7 +221,7 @@ def forward_step(
     return output, partial(
         loss_func, settings, vocab_size, labels, loss_mask,
         pair_weights=batch.pair_weights, sft_token_scale=sft_token_scale,
-        head=_chunked_head(model, vocab_size), segments=segments,
+        head=_chunked_head(model, vocab_size), segments=segments, reference=batch.reference,
     )
 
 
@@ -236,16 +245,16 @@ def _chunked_head(model, vocab_size: int):
 def reduce_metrics(step_outputs: list[dict], group=None) -> dict[str, float]:
     """Sum the micro-batch statistics of one step, all-reduce them over ``group`` (the
     data-parallel group), and return the global-batch means, with ``rewards/margins`` (and
-    ``sft_loss`` when the SFT term is on).
+    ``sft_loss`` and a loss's own metrics where the micro-batches report them).
 
     Call on the last pipeline stage only: that is where the schedule returns loss outputs.
     """
-    with_sft = SFT_KEY in step_outputs[0]
-    names = METRIC_SUMS + ((SFT_KEY,) if with_sft else ())
+    extra = tuple(k for k in step_outputs[0] if k != METRICS_KEY)
+    names = METRIC_SUMS + extra
 
     def vector(out: dict) -> torch.Tensor:
         stats, count = out[METRICS_KEY][:-1], out[METRICS_KEY][-1:]
-        return torch.cat([stats, out[SFT_KEY].reshape(1), count] if with_sft else [stats, count])
+        return torch.cat([stats, *(out[k].reshape(1).to(stats.dtype) for k in extra), count])
 
     sums = torch.stack([vector(out) for out in step_outputs]).sum(0)
     if group is not None and torch.distributed.get_world_size(group) > 1:
