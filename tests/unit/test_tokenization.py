@@ -19,10 +19,15 @@ import pytest
 import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
-from test_preprocess import expected_pair, preprocess, read_pairs, run, write_jsonl
+from test_preprocess import SP_MODEL, expected_pair, preprocess, read_pairs, run, write_jsonl
 
 from simpo_megatron.data.builder import read_sidecar
-from simpo_megatron.data.tokenizers import build_tokenizer, same_tokenizer
+from simpo_megatron.data.tokenizers import (
+    SentencePieceSpec,
+    build_tokenizer,
+    read_sentencepiece_spec,
+    same_tokenizer,
+)
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -366,3 +371,54 @@ def test_last_words_path_gives_the_ids_of_the_whole_text_rule(tmp_path, bpe_file
         at_response = sum(start >= len(prompt) for start, (prompt, _, _) in zip(starts, pairs))
         # The response's first word is a start unless the tokenizer joins a space to the word before.
         assert at_response > len(pairs) // 10 if splits and "with-previous" not in name else at_response == 0, name
+
+
+def _spec_by_protobuf(serialized: bytes) -> SentencePieceSpec:
+    """The reference: protobuf's own parser of sentencepiece_model.proto."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(serialized)
+    whole = (proto.SentencePiece.CONTROL, proto.SentencePiece.USER_DEFINED)
+    return SentencePieceSpec(proto.trainer_spec.split_by_whitespace, proto.trainer_spec.treat_whitespace_as_suffix,
+                             tuple(p.piece for p in proto.pieces if p.type in whole))
+
+
+def test_sentencepiece_spec_reads_as_protobuf_does(tmp_path, sp_model):
+    """The model's word-split flags and whole-matched pieces, read without protobuf, are protobuf's."""
+    pytest.importorskip("google.protobuf")
+    from sentencepiece import sentencepiece_model_pb2
+
+    models = {"example": SP_MODEL, "sp": sp_model,
+              "no-word-split": sp_variant(tmp_path, "nosplit", split_by_whitespace=False),
+              "suffix": sp_variant(tmp_path, "suffix", treat_whitespace_as_suffix=True),
+              "keeps-whitespace": sp_variant(tmp_path, "ws", remove_extra_whitespaces=False),
+              "controls": sp_variant(tmp_path, "controls", control_symbols=["<ctl>", "<|im_end|>"])}
+    seen = set()
+    for name, path in models.items():
+        serialized = sentencepiece.SentencePieceProcessor(model_file=path).serialized_model_proto()
+        spec = read_sentencepiece_spec(serialized)
+        assert spec == _spec_by_protobuf(serialized), name
+        tokenizer = build_tokenizer("SentencePieceTokenizer", path)
+        assert tokenizer.added_texts == spec.added_pieces, name
+        assert tokenizer.splits_at_spaces == (spec.split_by_whitespace and not spec.treat_whitespace_as_suffix)
+        seen.add((spec.split_by_whitespace, spec.treat_whitespace_as_suffix))
+    assert seen == {(True, False), (False, False), (True, True)}  # every flag value met
+    assert "<ctl>" in read_sentencepiece_spec(
+        sentencepiece.SentencePieceProcessor(model_file=models["controls"]).serialized_model_proto()).added_pieces
+
+    # Layouts a trainer does not write but the format allows: a long piece (two-byte length), a type
+    # without a score, an unknown field, the type before the text, a trainer spec given twice (merged).
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sentencepiece.SentencePieceProcessor(model_file=sp_model).serialized_model_proto())
+    proto.pieces.add(piece="<" + "x" * 200 + ">", type=proto.SentencePiece.USER_DEFINED, score=0.5)
+    proto.pieces.add(piece="<no-score>", type=proto.SentencePiece.CONTROL)
+    proto.pieces.add(piece="plain")
+    serialized = proto.SerializeToString()
+    odd_piece = b"\x18\x04" + b"\x0a\x05<odd>" + b"\x20\x07"  # type, text, an unknown varint field 4
+    serialized += b"\x0a" + bytes([len(odd_piece)]) + odd_piece
+    spec = sentencepiece_model_pb2.TrainerSpec(split_by_whitespace=False).SerializeToString()
+    serialized += b"\x12" + bytes([len(spec)]) + spec
+    assert read_sentencepiece_spec(serialized) == _spec_by_protobuf(serialized)
+    assert read_sentencepiece_spec(serialized).added_pieces[-3:] == ("<" + "x" * 200 + ">", "<no-score>", "<odd>")
+    assert not read_sentencepiece_spec(serialized).split_by_whitespace
