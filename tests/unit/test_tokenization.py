@@ -19,9 +19,11 @@ import pytest
 import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
-from test_preprocess import SP_MODEL, expected_pair, preprocess, read_pairs, run, write_jsonl
+from test_preprocess import SP_MODEL, expected_pair, read_pairs, run, write_jsonl
 
 from simpo_megatron.data.builder import read_sidecar
+from simpo_megatron.data.pair_encoding import PairEncoder, Prepared, Tokenized, split_pair
+from simpo_megatron.data.readers import Chunk
 from simpo_megatron.data.tokenizers import (
     SentencePieceSpec,
     build_tokenizer,
@@ -262,7 +264,7 @@ def test_training_checks_the_sidecar_with_the_same_rule(tmp_path, bpe_file):
 ])
 def test_split_pair(chosen_full, rejected_full, expected):
     """Prompt + response is always the full tokenization; the prompt ends at TRL's boundary or earlier."""
-    assert preprocess.split_pair([1, 2, 3, 4], chosen_full, rejected_full) == expected
+    assert split_pair([1, 2, 3, 4], chosen_full, rejected_full) == expected
 
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -353,14 +355,14 @@ def test_last_words_path_gives_the_ids_of_the_whole_text_rule(tmp_path, bpe_file
     for name, (kind, model, splits) in kinds.items():
         tokenizer = build_tokenizer(kind, model)
         assert tokenizer.splits_at_spaces == splits, name
-        encoder = preprocess.PairEncoder(tokenizer, ("prompt", "chosen", "rejected"), append_eod=True)
-        chunk = preprocess.Chunk(list(range(len(pairs))), [None] * len(pairs))
-        prepared = preprocess.Prepared(chunk, chunk.locations, *map(list, zip(*pairs)), [])
+        encoder = PairEncoder(tokenizer, ("prompt", "chosen", "rejected"), append_eod=True)
+        chunk = Chunk(list(range(len(pairs))), [None] * len(pairs))
+        prepared = Prepared(chunk, chunk.locations, *map(list, zip(*pairs)), [])
         tokenized = encoder.tokenize(prepared)
         n = len(pairs)
         prompts = [p for p, _, _ in pairs]
         ids = tokenizer.tokenize_batch(prompts + [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs])
-        whole = [preprocess.Tokenized(ids[i], 0, ids[n + i], ids[2 * n + i]) for i in range(n)]
+        whole = [Tokenized(ids[i], 0, ids[n + i], ids[2 * n + i]) for i in range(n)]
         new, old = encoder.finish(prepared, tokenized), encoder.finish(prepared, whole)
         assert new.tokens.tolist() == old.tokens.tolist() and new.offsets.tolist() == old.offsets.tolist(), name
         assert new.merges == old.merges and new.failures == old.failures, name
