@@ -57,7 +57,7 @@ import sys
 
 # Guarded: process pools (spawn) re-import this file as their main module.
 if __name__ == "__main__":
-    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the example's data lives here
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds the example data
     try:
         import simpo_megatron  # noqa: F401  the installed package
     except ImportError:  # not installed: run from this checkout
