@@ -57,8 +57,12 @@ import sys
 
 # Guarded: process pools (spawn) re-import this file as their main module.
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # holds the example data
+    try:
+        import simpo_megatron  # noqa: F401  the installed package
+    except ImportError:  # not installed: run from this checkout
+        sys.path.insert(0, checkout)
     from simpo_megatron.cli import main
 
-    sys.exit(main(sys.argv[1:], example_defaults=True))
+    sys.exit(main(sys.argv[1:], example_root=checkout))
 # bash -n reads on to here: the quote that ends this line closes the string bash opened above '

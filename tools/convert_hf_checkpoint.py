@@ -10,8 +10,9 @@
 Import keeps the HF config.json and tokenizer files in OUTPUT/hf_config/, which export uses
 by default (a run started with --load HF_DIR keeps them in SAVE/hf_config/). Import builds
 the model at TP=1/PP=1 in this process; export reads the checkpoint's global tensors and
-builds no model. Each writes OUTPUT only when it succeeds. The code is
-simpo_megatron.training.hf_checkpoint (import, export, CLI) on simpo_megatron.hf (the mappings).
+builds no model. Each writes OUTPUT only when it succeeds. The same command as `simpo-convert`,
+which an installed package puts on PATH. The code is simpo_megatron.training.hf_checkpoint
+(import, export, CLI) on simpo_megatron.hf (the mappings).
 """
 
 from __future__ import annotations
@@ -20,9 +21,12 @@ import os
 import sys
 
 if __name__ == "__main__":
-    # Like Megatron-LM's tools: run from a checkout without installing the package. The import
-    # stays under the guard: dist_checkpointing's save re-imports this file in a helper process.
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # The import stays under the guard: dist_checkpointing's save re-imports this file in a
+    # helper process.
+    try:
+        import simpo_megatron  # noqa: F401  the installed package
+    except ImportError:  # not installed: run from this checkout, as Megatron-LM's tools do
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from simpo_megatron.cli import convert
 
     sys.exit(convert())

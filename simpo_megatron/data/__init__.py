@@ -1,7 +1,8 @@
 """Preference-pair data: the indexed dataset read path, sampling and collation.
 
-The names below load on first use, so that the preprocessing tool, which imports only
-`data.tokenizers` and `data.builder`, does not pay for megatron-core (the read path needs it).
+The names below load on first use, so that the preprocessing tool (`data.preprocess`, which
+imports only the write path: readers, pair_encoding, tokenizers, builder) does not pay for
+megatron-core (the read path needs it).
 """
 
 from importlib import import_module

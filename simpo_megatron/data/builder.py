@@ -1,7 +1,7 @@
 """Writes preference-pair datasets: PREFIX.bin/.idx in megatron-core's format, plus PREFIX.meta.json.
 
 One document per pair, three sequences in order prompt, chosen, rejected, so megatron-core's
-`IndexedDataset(PREFIX)` reads the result unchanged (design.md). The tokens go through the C++
+`IndexedDataset(PREFIX)` reads the result unchanged. The tokens go through the C++
 extension `simpo_megatron._pair_builder` in batches. The sidecar PREFIX.meta.json records the
 tokenizer, the layout, the dtype and the counts, so the trainer can check that its tokenizer
 is the one that wrote the data.
@@ -35,8 +35,8 @@ try:
     from simpo_megatron import _pair_builder
 except ImportError as e:  # the C++ extension is built at install
     raise ImportError(
-        "simpo_megatron._pair_builder is not built: run `pip install -e . --no-build-isolation` "
-        "or `python setup.py build_ext --inplace`"
+        "simpo_megatron._pair_builder is not built: install the package (`pip install .`, or "
+        "`pip install -e .` for a checkout you edit), or build it in place: `python setup.py build_ext --inplace`"
     ) from e
 
 FORMAT_VERSION = 1
@@ -73,7 +73,7 @@ def read_sidecar(prefix: str) -> dict[str, Any]:
             meta = json.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"{path} is missing: PREFIX.bin/.idx written by tools/preprocess_preference_data.py "
+            f"{path} is missing: PREFIX.bin/.idx written by simpo-preprocess (tools/preprocess_preference_data.py) "
             f"come with it"
         ) from None
     version = meta.get("format_version") if isinstance(meta, dict) else None

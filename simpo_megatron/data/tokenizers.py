@@ -25,7 +25,8 @@ import hashlib
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -256,23 +257,115 @@ class SentencePieceTokenizer(BaseTokenizer):
         return self._sp.serialized_model_proto()
 
     @cached_property
-    def _proto(self) -> Any:
-        from sentencepiece import sentencepiece_model_pb2
-
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(self._sp.serialized_model_proto())
-        return proto
+    def _spec(self) -> SentencePieceSpec:
+        return read_sentencepiece_spec(self._sp.serialized_model_proto())
 
     @cached_property
     def splits_at_spaces(self) -> bool:
-        spec = self._proto.trainer_spec
         # Words start with "▁" and no piece spans one (unless whitespace is a suffix).
-        return spec.split_by_whitespace and not spec.treat_whitespace_as_suffix
+        return self._spec.split_by_whitespace and not self._spec.treat_whitespace_as_suffix
 
-    @cached_property
+    @property
     def added_texts(self) -> tuple[str, ...]:
-        whole = (self._proto.SentencePiece.CONTROL, self._proto.SentencePiece.USER_DEFINED)
-        return tuple(piece.piece for piece in self._proto.pieces if piece.type in whole)
+        return self._spec.added_pieces
+
+
+@dataclass(frozen=True)
+class SentencePieceSpec:
+    """What tokenization here reads from a SentencePiece model beyond its processor's API: the
+    trainer's word-split flags and the pieces matched whole (control and user-defined)."""
+
+    split_by_whitespace: bool
+    treat_whitespace_as_suffix: bool
+    added_pieces: tuple[str, ...]
+
+
+# Field numbers in sentencepiece_model.proto: ModelProto.pieces and .trainer_spec, the piece's
+# text, score and type, TrainerSpec's two flags (proto2 defaults true and false); the piece
+# types CONTROL and USER_DEFINED.
+_MODEL_PIECES, _MODEL_TRAINER_SPEC = 1, 2
+_PIECE_TEXT, _PIECE_SCORE, _PIECE_TYPE = 1, 2, 3
+_SPLIT_BY_WHITESPACE, _TREAT_WHITESPACE_AS_SUFFIX = 22, 24
+_WHOLE_PIECE_TYPES = (3, 4)
+
+
+def read_sentencepiece_spec(model_proto: bytes) -> SentencePieceSpec:
+    """The SentencePieceSpec of a serialized ModelProto (`serialized_model_proto()`), read from the
+    protobuf wire format directly, so that protobuf is not needed. A field given twice takes its
+    last value, and a message given twice merges, as protobuf parses them."""
+    split, suffix, added = True, False, []
+    for number, value in _protobuf_fields(model_proto):
+        if number == _MODEL_TRAINER_SPEC:
+            for field, flag in _protobuf_fields(value):
+                if field == _SPLIT_BY_WHITESPACE:
+                    split = bool(flag)
+                elif field == _TREAT_WHITESPACE_AS_SUFFIX:
+                    suffix = bool(flag)
+        elif number == _MODEL_PIECES:
+            text, kind = _piece(value)
+            if kind in _WHOLE_PIECE_TYPES:
+                added.append(bytes(text).decode("utf-8"))
+    return SentencePieceSpec(split, suffix, tuple(added))
+
+
+def _piece(piece: memoryview) -> tuple[memoryview, int]:
+    """A serialized SentencePiece's text and type (1, NORMAL, when not given).
+
+    Pieces are nearly always laid out as the text (under 128 bytes), the score (a fixed32) and
+    perhaps a one-byte type, in field order: that layout is read directly (a large vocabulary
+    reads three times faster); any other goes through the generic reader.
+    """
+    n = len(piece)
+    if n >= 2 and piece[0] == (_PIECE_TEXT << 3 | 2) and piece[1] < 0x80:
+        pos = 2 + piece[1]
+        if pos + 5 <= n and piece[pos] == (_PIECE_SCORE << 3 | 5):
+            pos += 5
+        if pos == n:
+            return piece[2 : 2 + piece[1]], 1
+        if pos + 2 == n and piece[pos] == (_PIECE_TYPE << 3) and piece[pos + 1] < 0x80:
+            return piece[2 : 2 + piece[1]], piece[pos + 1]
+    text, kind = memoryview(b""), 1
+    for field, value in _protobuf_fields(piece):
+        if field == _PIECE_TEXT:
+            text = value
+        elif field == _PIECE_TYPE:
+            kind = value
+    return text, kind
+
+
+def _protobuf_fields(message: bytes | memoryview) -> Iterator[tuple[int, Any]]:
+    """(field number, value) of each field of a serialized protobuf message, in order: varints as
+    ints, length-delimited fields (strings, messages) as memoryviews, fixed-size ones as ints."""
+    data = memoryview(message)
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = _varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            value, pos = _varint(data, pos)
+        elif wire_type == 2:
+            size, pos = _varint(data, pos)
+            value, pos = data[pos : pos + size], pos + size
+        elif wire_type in (1, 5):
+            size = 8 if wire_type == 1 else 4
+            value, pos = int.from_bytes(data[pos : pos + size], "little"), pos + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type} (field {number})")
+        if pos > end:
+            raise ValueError("truncated protobuf message")
+        yield number, value
+
+
+def _varint(data: memoryview, pos: int) -> tuple[int, int]:
+    """The varint at `pos` and the position after it."""
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
 
 
 class HuggingFaceTokenizer(BaseTokenizer):

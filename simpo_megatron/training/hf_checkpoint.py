@@ -172,7 +172,7 @@ def export_checkpoint(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="convert_hf_checkpoint.py",
+        prog="simpo-convert",
         description="Convert Llama / Mistral / Qwen2 / Gemma-2 checkpoints between Hugging Face and Megatron.",
     )
     commands = parser.add_subparsers(dest="command", required=True)

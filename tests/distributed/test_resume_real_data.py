@@ -29,7 +29,6 @@ import json
 import os
 import shutil
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -65,8 +64,7 @@ LAYOUTS = {
 
 # ---------------------------------------------------------------------------- data
 def _preprocess(tmp: Path, records: list[dict], prefix: Path, tokenizer: str) -> str:
-    sys.path.insert(0, str(ROOT / "tools"))
-    import preprocess_preference_data as preprocess
+    from simpo_megatron.data import preprocess
 
     source = tmp / f"{prefix.name}.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in records))

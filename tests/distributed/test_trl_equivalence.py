@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -118,11 +117,8 @@ def make_pairs() -> list[dict]:
 
 
 def preprocess(pairs: list[dict], hf_dir: str, root: Path) -> str:
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        import preprocess_preference_data as tool
-    finally:
-        sys.path.pop(0)
+    from simpo_megatron.data import preprocess as tool
+
     path = root / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     prefix = str(root / "pairs")

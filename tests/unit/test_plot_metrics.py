@@ -1,9 +1,11 @@
 """tools/plot_metrics.py: a metrics JSONL (as the training loop writes it) becomes a PNG."""
 
+import importlib.util
 import json
 import struct
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -11,8 +13,17 @@ import pytest
 pytest.importorskip("matplotlib")
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-import plot_metrics  # noqa: E402
+
+
+def _load_tool(path: Path) -> types.ModuleType:
+    """The standalone tool as a module, without putting tools/ on sys.path for the whole session."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+plot_metrics = _load_tool(REPO / "tools" / "plot_metrics.py")
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

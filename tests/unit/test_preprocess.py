@@ -1,4 +1,5 @@
-"""tools/preprocess_preference_data.py: tokenization, chat templates, bad input, workers, interruption."""
+"""The data tool (simpo_megatron.data.preprocess, tools/preprocess_preference_data.py): tokenization,
+chat templates, bad input, workers, interruption."""
 
 import json
 import os
@@ -15,12 +16,12 @@ import tokenizers
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from simpo_megatron.data.builder import read_sidecar
+from simpo_megatron.data import preprocess
+from simpo_megatron.data.builder import PreferencePairWriter, read_sidecar
+from simpo_megatron.data.readers import CHUNK_PAIRS
 from simpo_megatron.data.tokenizers import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-import preprocess_preference_data as preprocess  # noqa: E402
 
 SP_MODEL = str(REPO / "examples" / "data" / "tokenizer.model")
 ZEPHYR_TEMPLATE = (
@@ -104,10 +105,12 @@ def outputs(tmp_path: Path) -> list[str]:
 
 
 def test_tool_imports_only_what_it_uses():
-    """No megatron-core, torch or transformers for a SentencePiece run: --help is quick and silent."""
-    code = ("import sys; sys.path.insert(0, 'tools'); import preprocess_preference_data as p; "
-            "p.build_tokenizer('SentencePieceTokenizer', 'examples/data/tokenizer.model'); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'megatron', 'torch', 'transformers'}))")
+    """No megatron-core, torch, transformers or protobuf (which the package does not require) for a
+    SentencePiece run: --help is quick and silent."""
+    code = ("import sys; import simpo_megatron.data.preprocess as p; "
+            "p.PairEncoder(p.build_tokenizer('SentencePieceTokenizer', 'examples/data/tokenizer.model'), "
+            "('prompt', 'chosen', 'rejected'), True); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'megatron', 'torch', 'transformers', 'google'}))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]" and out.stderr == ""
     helped = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_preference_data.py"), "--help"],
@@ -287,7 +290,7 @@ def test_json_array_parquet_and_renamed_keys_match_jsonl(tmp_path):
 
 def test_two_workers_preserve_order(tmp_path):
     records = [{"prompt": f"Sort ascending: {i} {i + 7}\nAnswer:", "chosen": f" {i} {i + 7}",
-                "rejected": f" {i + 7} {i}"} for i in range(5 * preprocess.CHUNK_PAIRS + 17)]
+                "rejected": f" {i + 7} {i}"} for i in range(5 * CHUNK_PAIRS + 17)]
     records[1500] = b"{broken\n"
     path = write_jsonl(tmp_path / "in.jsonl", records)
     assert run(tmp_path, path, "--skip-invalid", prefix="one") == 0
@@ -338,8 +341,8 @@ def test_interrupted_run_removes_its_files(tmp_path, monkeypatch, capsys):
             raise KeyboardInterrupt  # what Ctrl-C (or SIGTERM, via SystemExit) does mid-run
         self._builder.add_batch(tokens, offsets)
 
-    monkeypatch.setattr(preprocess.PreferencePairWriter, "add_batch", add_batch)
-    path = write_jsonl(tmp_path / "in.jsonl", PAIRS * preprocess.CHUNK_PAIRS)
+    monkeypatch.setattr(PreferencePairWriter, "add_batch", add_batch)
+    path = write_jsonl(tmp_path / "in.jsonl", PAIRS * CHUNK_PAIRS)
     assert run(tmp_path, path) == 130
     assert "interrupted; nothing written" in capsys.readouterr().err
     assert len(calls) == 2 and outputs(tmp_path) == []

@@ -19,10 +19,17 @@ import pytest
 import sentencepiece
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
-from test_preprocess import expected_pair, preprocess, read_pairs, run, write_jsonl
+from test_preprocess import SP_MODEL, expected_pair, read_pairs, run, write_jsonl
 
 from simpo_megatron.data.builder import read_sidecar
-from simpo_megatron.data.tokenizers import build_tokenizer, same_tokenizer
+from simpo_megatron.data.pair_encoding import PairEncoder, Prepared, Tokenized, split_pair
+from simpo_megatron.data.readers import Chunk
+from simpo_megatron.data.tokenizers import (
+    SentencePieceSpec,
+    build_tokenizer,
+    read_sentencepiece_spec,
+    same_tokenizer,
+)
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -257,7 +264,7 @@ def test_training_checks_the_sidecar_with_the_same_rule(tmp_path, bpe_file):
 ])
 def test_split_pair(chosen_full, rejected_full, expected):
     """Prompt + response is always the full tokenization; the prompt ends at TRL's boundary or earlier."""
-    assert preprocess.split_pair([1, 2, 3, 4], chosen_full, rejected_full) == expected
+    assert split_pair([1, 2, 3, 4], chosen_full, rejected_full) == expected
 
 
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -348,14 +355,14 @@ def test_last_words_path_gives_the_ids_of_the_whole_text_rule(tmp_path, bpe_file
     for name, (kind, model, splits) in kinds.items():
         tokenizer = build_tokenizer(kind, model)
         assert tokenizer.splits_at_spaces == splits, name
-        encoder = preprocess.PairEncoder(tokenizer, ("prompt", "chosen", "rejected"), append_eod=True)
-        chunk = preprocess.Chunk(list(range(len(pairs))), [None] * len(pairs))
-        prepared = preprocess.Prepared(chunk, chunk.locations, *map(list, zip(*pairs)), [])
+        encoder = PairEncoder(tokenizer, ("prompt", "chosen", "rejected"), append_eod=True)
+        chunk = Chunk(list(range(len(pairs))), [None] * len(pairs))
+        prepared = Prepared(chunk, chunk.locations, *map(list, zip(*pairs)), [])
         tokenized = encoder.tokenize(prepared)
         n = len(pairs)
         prompts = [p for p, _, _ in pairs]
         ids = tokenizer.tokenize_batch(prompts + [p + c for p, c, _ in pairs] + [p + r for p, _, r in pairs])
-        whole = [preprocess.Tokenized(ids[i], 0, ids[n + i], ids[2 * n + i]) for i in range(n)]
+        whole = [Tokenized(ids[i], 0, ids[n + i], ids[2 * n + i]) for i in range(n)]
         new, old = encoder.finish(prepared, tokenized), encoder.finish(prepared, whole)
         assert new.tokens.tolist() == old.tokens.tolist() and new.offsets.tolist() == old.offsets.tolist(), name
         assert new.merges == old.merges and new.failures == old.failures, name
@@ -366,3 +373,54 @@ def test_last_words_path_gives_the_ids_of_the_whole_text_rule(tmp_path, bpe_file
         at_response = sum(start >= len(prompt) for start, (prompt, _, _) in zip(starts, pairs))
         # The response's first word is a start unless the tokenizer joins a space to the word before.
         assert at_response > len(pairs) // 10 if splits and "with-previous" not in name else at_response == 0, name
+
+
+def _spec_by_protobuf(serialized: bytes) -> SentencePieceSpec:
+    """The reference: protobuf's own parser of sentencepiece_model.proto."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(serialized)
+    whole = (proto.SentencePiece.CONTROL, proto.SentencePiece.USER_DEFINED)
+    return SentencePieceSpec(proto.trainer_spec.split_by_whitespace, proto.trainer_spec.treat_whitespace_as_suffix,
+                             tuple(p.piece for p in proto.pieces if p.type in whole))
+
+
+def test_sentencepiece_spec_reads_as_protobuf_does(tmp_path, sp_model):
+    """The model's word-split flags and whole-matched pieces, read without protobuf, are protobuf's."""
+    pytest.importorskip("google.protobuf")
+    from sentencepiece import sentencepiece_model_pb2
+
+    models = {"example": SP_MODEL, "sp": sp_model,
+              "no-word-split": sp_variant(tmp_path, "nosplit", split_by_whitespace=False),
+              "suffix": sp_variant(tmp_path, "suffix", treat_whitespace_as_suffix=True),
+              "keeps-whitespace": sp_variant(tmp_path, "ws", remove_extra_whitespaces=False),
+              "controls": sp_variant(tmp_path, "controls", control_symbols=["<ctl>", "<|im_end|>"])}
+    seen = set()
+    for name, path in models.items():
+        serialized = sentencepiece.SentencePieceProcessor(model_file=path).serialized_model_proto()
+        spec = read_sentencepiece_spec(serialized)
+        assert spec == _spec_by_protobuf(serialized), name
+        tokenizer = build_tokenizer("SentencePieceTokenizer", path)
+        assert tokenizer.added_texts == spec.added_pieces, name
+        assert tokenizer.splits_at_spaces == (spec.split_by_whitespace and not spec.treat_whitespace_as_suffix)
+        seen.add((spec.split_by_whitespace, spec.treat_whitespace_as_suffix))
+    assert seen == {(True, False), (False, False), (True, True)}  # every flag value met
+    assert "<ctl>" in read_sentencepiece_spec(
+        sentencepiece.SentencePieceProcessor(model_file=models["controls"]).serialized_model_proto()).added_pieces
+
+    # Layouts a trainer does not write but the format allows: a long piece (two-byte length), a type
+    # without a score, an unknown field, the type before the text, a trainer spec given twice (merged).
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(sentencepiece.SentencePieceProcessor(model_file=sp_model).serialized_model_proto())
+    proto.pieces.add(piece="<" + "x" * 200 + ">", type=proto.SentencePiece.USER_DEFINED, score=0.5)
+    proto.pieces.add(piece="<no-score>", type=proto.SentencePiece.CONTROL)
+    proto.pieces.add(piece="plain")
+    serialized = proto.SerializeToString()
+    odd_piece = b"\x18\x04" + b"\x0a\x05<odd>" + b"\x20\x07"  # type, text, an unknown varint field 4
+    serialized += b"\x0a" + bytes([len(odd_piece)]) + odd_piece
+    spec = sentencepiece_model_pb2.TrainerSpec(split_by_whitespace=False).SerializeToString()
+    serialized += b"\x12" + bytes([len(spec)]) + spec
+    assert read_sentencepiece_spec(serialized) == _spec_by_protobuf(serialized)
+    assert read_sentencepiece_spec(serialized).added_pieces[-3:] == ("<" + "x" * 200 + ">", "<no-score>", "<odd>")
+    assert not read_sentencepiece_spec(serialized).split_by_whitespace

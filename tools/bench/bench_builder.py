@@ -27,7 +27,10 @@ from typing import Any
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+try:
+    import simpo_megatron  # noqa: F401  the installed package
+except ImportError:  # not installed: run from this checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from simpo_megatron.data.builder import PreferencePairWriter  # noqa: E402
 
 BATCH = 512

@@ -25,7 +25,10 @@ import resource
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+try:
+    import simpo_megatron  # noqa: F401  the installed package
+except ImportError:  # not installed: run from this checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from simpo_megatron.testing import run_distributed, tiny_config  # noqa: E402
 
