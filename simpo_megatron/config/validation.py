@@ -33,7 +33,7 @@ def validate(cfg: SimPOConfig, world_size: int) -> SimPOConfig:
     _check_choices(cfg)
     _check_model(cfg.model)
     _check_parallel(cfg.parallel)
-    _check_data(cfg.data)
+    validate_data(cfg.data)
     _check_loss(cfg.loss)
     _check_optimizer(cfg.optimizer)
     _check_checkpoint(cfg.checkpoint)
@@ -112,7 +112,8 @@ def _check_parallel(par: ParallelConfig) -> None:
         raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
 
 
-def _check_data(data: DataConfig) -> None:
+def validate_data(data: DataConfig) -> None:
+    """The data section alone: what must hold before the tokenizer and datasets are read."""
     _require_positive(data, "micro_batch_size", "global_batch_size", "seq_length")
     if data.pad_to_multiple_of < 0:
         raise ConfigError(f"--pad-to-multiple-of must be >= 0, got {data.pad_to_multiple_of}")
@@ -216,8 +217,20 @@ def _check_layout(cfg: SimPOConfig, world_size: int) -> None:
 
 
 def _check_features(cfg: SimPOConfig) -> None:
-    """What the layer implementations and the optimizer support in combination."""
+    """What the layer implementations, the optimizer and the losses support in combination."""
+    from simpo_megatron.losses import get_loss
+
     model, par, data = cfg.model, cfg.parallel, cfg.data
+    if get_loss(cfg.loss.loss_type).needs_reference:
+        if data.mock_data:
+            raise ConfigError(
+                f"--loss-type {cfg.loss.loss_type} scores preprocessed data with a reference model: use --data-path"
+            )
+        if not (cfg.checkpoint.load or cfg.checkpoint.ref_load):
+            raise ConfigError(
+                f"--loss-type {cfg.loss.loss_type} needs a reference model: --load (an HF directory or a "
+                "checkpoint, whose weights are the reference) or --ref-load"
+            )
     tp, cp = par.tensor_model_parallel_size, par.context_parallel_size
     if cp > 1 and model.transformer_impl == "local" and (model.attn_logit_softcapping or model.sliding_window):
         raise ConfigError(

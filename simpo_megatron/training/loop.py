@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from simpo_megatron.config import ConfigError, SimPOConfig, load_config
+from simpo_megatron.config.validation import validate_data
 from simpo_megatron.data.provider import (
     DataMismatchError,
     DataSetup,
@@ -132,7 +133,7 @@ def resolve_config(cfg: SimPOConfig) -> tuple[SimPOConfig, TokenizerFacts]:
     """
     if cfg.checkpoint.load and is_hf_checkpoint(cfg.checkpoint.load):
         cfg = cfg.replace(**hf_model_overrides(cfg.checkpoint.load, seq_length=cfg.data.seq_length))
-    cfg.data.validate()  # the data flags name a tokenizer and datasets before they are read
+    validate_data(cfg.data)  # the data flags name a tokenizer and datasets before they are read
     tokenizer = _as_config_error(read_tokenizer, cfg)
     if cfg.model.vocab_size is None:
         cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
