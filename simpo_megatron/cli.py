@@ -4,6 +4,8 @@
   same entry and ``examples/pretrain_simpo.sh`` the torchrun launcher around it;
 - ``simpo-preprocess`` (``preprocess``): preference pairs to an indexed dataset,
   ``tools/preprocess_preference_data.py``;
+- ``simpo-score-reference`` (``score_reference``): the reference model's scores for a
+  reference-based loss (DPO, IPO, ...), computed ahead of training;
 - ``simpo-convert`` (``convert``): checkpoint conversion between Hugging Face and Megatron,
   ``tools/convert_hf_checkpoint.py``.
 
@@ -36,6 +38,15 @@ def convert(argv: Sequence[str] | None = None) -> int:
     from simpo_megatron.training.hf_checkpoint import main as convert_main
 
     return convert_main(argv)
+
+
+def score_reference(argv: Sequence[str] | None = None) -> int:
+    """``simpo-score-reference``: the reference model's scores of a run's datasets, ahead of
+    training (run on every rank, like training, with the training run's flags)."""
+    quiet_import_notices()
+    from simpo_megatron.training.reference import main as score
+
+    return score(argv)
 
 
 def main(argv: Sequence[str] | None = None, example_root: str | None = None) -> int:

@@ -9,6 +9,7 @@ last two steps, for writers that stage elsewhere (several ranks writing one chec
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import socket
@@ -40,6 +41,26 @@ def fsync_tree(path: str) -> None:
 def temporary_path(path: str) -> str:
     """A name beside ``path`` that no other process uses: ``PATH.tmp-HOST-PID``."""
     return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_dead_temporaries(path: str) -> None:
+    """Remove this host's ``temporary_path`` names of ``path`` whose writer process is gone
+    (a writer killed with SIGKILL leaves its temporary behind)."""
+    host = socket.gethostname()
+    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+        owner, _, pid = tmp[len(path) + len(".tmp-") :].rpartition("-")
+        if owner == host and pid.isdigit() and not _process_alive(int(pid)):
+            remove(tmp)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        pass
+    return True
 
 
 def publish(tmp: str, path: str, durable: bool = True) -> None:

@@ -26,12 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from simpo_megatron.mathutil import round_up
+
 PairSample = dict[str, np.ndarray]
 REFERENCE_KEY = "reference"
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -276,7 +274,7 @@ def _padded(rows, layout: BatchLayout):
         raise ValueError(f"a sample has {longest} tokens > seq_length {layout.seq_length}: truncate it first")
     width = layout.seq_length
     if layout.pad_to_multiple_of is not None:
-        width = min(_round_up(longest, layout.pad_to_multiple_of), layout.seq_length)
+        width = min(round_up(longest, layout.pad_to_multiple_of), layout.seq_length)
     tokens = torch.full((len(rows), width), layout.pad_id, dtype=torch.int64)
     labels = torch.full((len(rows), width), layout.pad_id, dtype=torch.int64)
     loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
@@ -291,10 +289,10 @@ def _padded(rows, layout: BatchLayout):
 def _packed(rows, layout: BatchLayout):
     """Rows back to back in one row, each padded to ``sequence_multiple_of``, with a padding tail."""
     real_lengths = [len(x) for x, _, _ in rows]
-    lengths = [_round_up(n, layout.sequence_multiple_of) for n in real_lengths]
+    lengths = [round_up(n, layout.sequence_multiple_of) for n in real_lengths]
     used = sum(lengths)
     multiple = layout.pad_to_multiple_of or layout.sequence_multiple_of
-    total = max(_round_up(used, multiple), multiple)
+    total = max(round_up(used, multiple), multiple)
     if total > used:
         lengths.append(total - used)
         real_lengths.append(total - used)

@@ -19,6 +19,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.utils import get_blend_from_list, normalize
 
 from simpo_megatron.data.pair_dataset import PairSample, PreferencePairDataset, check_prefix_exists
+from simpo_megatron.mathutil import ceil_div
 
 _PROPORTION = re.compile(r"\s*([0-9]+\.?[0-9]*|\.[0-9]+)\s*")
 
@@ -118,7 +119,7 @@ class BlendedPairDataset(torch.utils.data.Dataset):
             drawn = dataset_index == d
             draws = dataset_sample_index[drawn]
             if len(draws):
-                epochs = range(-(-len(draws) // n))
+                epochs = range(ceil_div(len(draws), n))
                 order = [np.random.default_rng((seed, d, e)).permutation(n) for e in epochs]
                 sample_index[drawn] = np.concatenate(order)[draws]
 

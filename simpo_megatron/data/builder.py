@@ -18,18 +18,16 @@ next writer of the same prefix on the same host.
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import socket
 from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
 import numpy as np
 
-from simpo_megatron.data.tokenizers import same_tokenizer
 from simpo_megatron import fsutil
+from simpo_megatron.data.tokenizers import same_tokenizer
 
 try:
     from simpo_megatron import _pair_builder
@@ -110,12 +108,13 @@ class PreferencePairWriter:
         self.metadata: dict[str, Any] = dict(metadata or {})
         vocab_size = int(self.tokenizer_info["vocab_size"])
         self.dtype: type[np.number] = optimal_dtype(vocab_size)
-        _remove_stale_temporaries(output_prefix)
         self._final = {
             "bin": get_bin_path(output_prefix),
             "meta": sidecar_path(output_prefix),
             "idx": get_idx_path(output_prefix),
         }
+        for path in self._final.values():
+            fsutil.remove_dead_temporaries(path)
         self._temp = {key: fsutil.temporary_path(path) for key, path in self._final.items()}
         self._builder = _pair_builder.PairBuilder(
             self._temp["bin"], DTYPE_CODES[self.dtype], vocab_size
@@ -236,24 +235,5 @@ def merge_pair_datasets(inputs: Sequence[str], output_prefix: str) -> dict[str, 
     return read_sidecar(output_prefix)
 
 
-def _remove_stale_temporaries(prefix: str) -> None:
-    """Remove this host's temporary files of PREFIX (`fsutil.temporary_path` names) left by
-    writers that no longer run."""
-    host = socket.gethostname()
-    for final in (get_bin_path(prefix), sidecar_path(prefix), get_idx_path(prefix)):
-        for path in glob.glob(glob.escape(final) + ".tmp-*"):
-            owner_host, _, pid = path[len(final) + len(".tmp-") :].rpartition("-")
-            if owner_host == host and pid.isdigit() and not _process_alive(int(pid)):
-                os.remove(path)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 

@@ -29,17 +29,14 @@ import dataclasses
 from collections.abc import Sequence
 
 from simpo_megatron.data.batch import REFERENCE_KEY, BatchLayout, MicroBatch, PairSample, ReferenceScores, collate
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+from simpo_megatron.mathutil import round_up
 
 
 def pair_tokens(sample: PairSample, sequence_multiple_of: int = 1) -> int:
     """Tokens a pair takes when packed: prompt + chosen and prompt + rejected, each rounded up
     to ``sequence_multiple_of``."""
     prompt = len(sample["prompt"])
-    return sum(_round_up(prompt + len(sample[key]), sequence_multiple_of) for key in ("chosen", "rejected"))
+    return sum(round_up(prompt + len(sample[key]), sequence_multiple_of) for key in ("chosen", "rejected"))
 
 
 def balance_over_ranks(sizes: Sequence[int], num_ranks: int) -> list[list[int]]:
@@ -94,7 +91,7 @@ def packed_micro_batches(
     shares = balance_over_ranks(sizes, data_parallel_size)
     plans = [[[share[i] for i in b] for b in pack_first_fit([sizes[i] for i in share], budget)] for share in shares]
     count = max(len(p) for p in plans)
-    count = -(-max(count, 1) // count_multiple_of) * count_multiple_of
+    count = round_up(max(count, 1), count_multiple_of)
     mine = plans[data_parallel_rank]
     mine = mine + [[] for _ in range(count - len(mine))]
     layout = BatchLayout(

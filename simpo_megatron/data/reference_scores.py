@@ -36,7 +36,6 @@ import hashlib
 import json
 import os
 import re
-import socket
 import struct
 from collections.abc import Mapping
 from typing import Any, BinaryIO
@@ -389,7 +388,7 @@ def write_reference_scores(
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    _remove_dead_temporaries(path)
+    fsutil.remove_dead_temporaries(path)
     digest = hashlib.sha256()
     with fsutil.staged(path) as tmp, open(tmp, "wb") as fh:
         for chunk in (_PREAMBLE.pack(_MAGIC, len(raw)), raw, *(c.tobytes() for c in columns)):
@@ -398,23 +397,6 @@ def write_reference_scores(
         fh.write(digest.digest())
 
 
-def _remove_dead_temporaries(path: str) -> None:
-    """Remove this host's temporaries of `path` whose writer is gone (SIGKILL leaves them)."""
-    host = socket.gethostname()
-    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
-        owner, _, pid = tmp[len(path) + len(".tmp-"):].rpartition("-")
-        if owner == host and pid.isdigit() and not _alive(int(pid)):
-            fsutil.remove(tmp)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
 
 
 def _read_header(path: str) -> tuple[dict[str, Any], int]:

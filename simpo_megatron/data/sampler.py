@@ -4,6 +4,8 @@ from collections.abc import Iterator
 
 import torch
 
+from simpo_megatron.mathutil import ceil_div
+
 
 class PairBatchSampler:
     """Yields this rank's micro-batches (lists of pair indices), epoch after epoch, forever.
@@ -129,7 +131,7 @@ class OnePassBatchSampler:
         self.global_batch_size = global_batch_size
         self.data_parallel_rank = data_parallel_rank
         self.data_parallel_size = data_parallel_size
-        self.num_global_batches = -(-total_pairs // global_batch_size)
+        self.num_global_batches = ceil_div(total_pairs, global_batch_size)
 
     def __len__(self) -> int:
         return self.num_global_batches * self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)

@@ -32,6 +32,7 @@ from simpo_megatron.training.checkpointing import CheckpointError, Checkpointer
 # TrainingError is raised by the monitor; callers catch it as loop.TrainingError.
 from simpo_megatron.training.monitor import TrainingError  # noqa: F401
 from simpo_megatron.training.monitor import MetricsProcessor, print_rank_last
+from simpo_megatron.training.reference import with_reference_scores
 from simpo_megatron.training.trainer import TrainState, eval_step, setup_model_and_optimizer, train_step
 
 
@@ -166,6 +167,7 @@ def pretrain(cfg: SimPOConfig) -> dict:
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
     checkpointer = Checkpointer(cfg)
     start = checkpointer.start(state)
+    data = with_reference_scores(cfg, state, data, start)
     monitor = MetricsProcessor(cfg, writes=dist.get_rank() == world_size - 1,
                                data_parallel_group=parallel_state.get_data_parallel_group())
     try:

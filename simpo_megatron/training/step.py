@@ -106,21 +106,10 @@ def loss_func(
     for a reference-based ``--loss-type``.
     """
     cp_group = _context_parallel_group()
-    if head is None:
-        token_logps = vocab_parallel_token_logps(output_tensor, labels, vocab_size)
-    else:
-        token_logps = head(output_tensor, labels)
-    if segments is None:
-        sums, counts = sequence_sums(token_logps, loss_mask, group=cp_group)
-    else:
-        segment_ids, packed_pairs = segments
-        sums, counts = segment_sums(token_logps, loss_mask, segment_ids, 2 * packed_pairs, group=cp_group)
-    num_pairs = sums.shape[0] // 2
-    policy = PairScores(sums[:num_pairs], sums[num_pairs:], counts[:num_pairs], counts[num_pairs:])
-    if pair_weights is None:
-        weights = torch.ones(num_pairs, device=sums.device)
-    else:
-        weights = pair_weights.to(sums.device, torch.float32)
+    token_logps, policy = policy_scores(vocab_size, labels, loss_mask, output_tensor, head, segments, cp_group)
+    num_pairs = policy.chosen_logps.shape[0]
+    device = policy.chosen_logps.device
+    weights = torch.ones(num_pairs, device=device) if pair_weights is None else pair_weights.to(device, torch.float32)
     real = weights > 0
 
     def pair_sum(values: torch.Tensor) -> torch.Tensor:
@@ -129,7 +118,7 @@ def loss_func(
 
     loss = get_loss(settings.loss_type)
     knobs = {k: getattr(settings, k) for k in KNOBS} | {"sft_weight": 0.0 if settings.token_sft else settings.sft_weight}
-    out = loss.compute(policy, reference_pair_scores(reference, sums) if loss.needs_reference else None, **knobs)
+    out = loss.compute(policy, reference_pair_scores(reference, policy.chosen_logps) if loss.needs_reference else None, **knobs)
     chosen, rejected = loss.logged(policy, settings.average_log_prob)
     # An empty (packed) micro-batch still needs a loss connected to the graph for backward.
     loss_sum = pair_sum(out.losses) if num_pairs else 0.0 * token_logps.sum()
@@ -166,6 +155,32 @@ def loss_func(
     return loss_sum, reported.round().to(torch.int), metrics
 
 
+def policy_scores(vocab_size, labels, loss_mask, output_tensor, head=None, segments=None, cp_group=None):
+    """``(token log-probs, PairScores)`` of one micro-batch's sequences on the last stage:
+    summed response log-probs and token counts, whole sequences' under context parallelism."""
+    if head is None:
+        token_logps = vocab_parallel_token_logps(output_tensor, labels, vocab_size)
+    else:
+        token_logps = head(output_tensor, labels)
+    if segments is None:
+        sums, counts = sequence_sums(token_logps, loss_mask, group=cp_group)
+    else:
+        segment_ids, packed_pairs = segments
+        sums, counts = segment_sums(token_logps, loss_mask, segment_ids, 2 * packed_pairs, group=cp_group)
+    m = sums.shape[0] // 2
+    return token_logps, PairScores(sums[:m], sums[m:], counts[:m], counts[m:])
+
+
+def score_func(vocab_size, labels, loss_mask, output_tensor, head=None, segments=None, pair_weights=None):
+    """The reference pass's ``loss_func``: no loss, the micro-batch's per-pair scores as
+    ``metrics["scores"]`` (``[m, 4]``: chosen and rejected summed log-probs, their token counts)."""
+    cp_group = _context_parallel_group()
+    token_logps, scores = policy_scores(vocab_size, labels, loss_mask, output_tensor, head, segments, cp_group)
+    table = torch.stack([scores.chosen_logps, scores.rejected_logps, scores.chosen_tokens, scores.rejected_tokens], 1)
+    count = torch.tensor(table.shape[0], dtype=torch.int, device=table.device)
+    return 0.0 * token_logps.sum(), count, {"scores": table.detach().double()}
+
+
 def reference_pair_scores(reference: ReferenceScores | None, like: torch.Tensor) -> PairScores:
     """The micro-batch's reference scores as constant ``PairScores`` in ``like``'s dtype and device."""
     if reference is None:
@@ -189,6 +204,7 @@ def forward_step(
     model,
     *,
     sft_token_scale: float | None = None,
+    scoring: bool = False,
 ):
     """One micro-batch through this stage's model chunk; megatron-core's ``forward_step_func``.
 
@@ -218,6 +234,9 @@ def forward_step(
     segments = None if segment_ids is None else (segment_ids, batch.num_pairs)
     output = model(tokens, position_ids, attention_mask=None, labels=None,
                    packed_seq_params=None if packed is None else packed.seq_params())
+    if scoring:  # the reference pass: per-pair scores, no loss
+        return output, partial(score_func, vocab_size, labels, loss_mask, head=_chunked_head(model, vocab_size),
+                               segments=segments)
     return output, partial(
         loss_func, settings, vocab_size, labels, loss_mask,
         pair_weights=batch.pair_weights, sft_token_scale=sft_token_scale,

@@ -124,10 +124,12 @@ def build_scheduler(cfg: SimPOConfig, optimizer) -> OptimizerParamScheduler:
     )
 
 
-def _run_schedule(
-    cfg: SimPOConfig, model, batches: list[MicroBatch], forward_only: bool, sft_token_scale: float | None
+def run_schedule(
+    cfg: SimPOConfig, model, batches: list[MicroBatch], forward_only: bool, sft_token_scale: float | None = None,
+    scoring: bool = False,
 ):
-    """Run megatron-core's schedule over one global batch's micro-batches on this rank."""
+    """Run megatron-core's schedule over one global batch's micro-batches on this rank (with
+    ``scoring``, forward-only, the reference pass's per-pair scores instead of the loss)."""
     seq_length = max(b.width for b in batches)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1 and not model[0].config.variable_seq_lengths:
         # Stages that do not exchange shapes (the interleaved schedule on gloo, see
@@ -136,7 +138,8 @@ def _run_schedule(
     # Every model chunk (virtual stage) walks the same micro-batches with its own iterator.
     iterators = [iter(batches) for _ in model]
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, cfg.loss, cfg.model.vocab_size, sft_token_scale=sft_token_scale),
+        forward_step_func=partial(forward_step, cfg.loss, cfg.model.vocab_size, sft_token_scale=sft_token_scale,
+                                  scoring=scoring),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(batches),
@@ -212,7 +215,7 @@ def train_step(cfg: SimPOConfig, state: TrainState, batches: list[MicroBatch]) -
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
     scale = global_sft_token_scale(cfg, batches)
-    outputs = _run_schedule(cfg, state.model, batches, forward_only=False, sft_token_scale=scale)
+    outputs = run_schedule(cfg, state.model, batches, forward_only=False, sft_token_scale=scale)
     update_successful, grad_norm = False, None
     # With --fp16 the dynamic loss scaler detects inf/NaN itself, and it must see every
     # overflow to lower the scale; the explicit check is for fp32 and bf16.
@@ -236,5 +239,5 @@ def eval_step(cfg: SimPOConfig, state: TrainState, batches: list[MicroBatch]) ->
     for m in state.model:
         m.eval()
     scale = global_sft_token_scale(cfg, batches)
-    outputs = _run_schedule(cfg, state.model, batches, forward_only=True, sft_token_scale=scale)
+    outputs = run_schedule(cfg, state.model, batches, forward_only=True, sft_token_scale=scale)
     return _last_stage_metrics(outputs)

@@ -33,12 +33,13 @@ def _config(tp, pp, mbs, **kw):
 def _per_pair(cfg, state) -> dict[str, list[float]]:
     """Every validation pair's loss, rewards, accuracy and log-probs, straight from the logits."""
     import torch.nn.functional as F
+    from megatron.core.utils import unwrap_model
 
     from simpo_megatron.data.batch import BatchLayout, collate
     from simpo_megatron.data.provider import build_datasets
 
     data = build_datasets(cfg)
-    module = state.model[0].module.eval()
+    module = unwrap_model(state.model[0]).eval()
     values = {key: [] for key in METRICS}
     for start in range(0, len(data.valid), 32):
         samples = [data.valid[i] for i in range(start, min(start + 32, len(data.valid)))]

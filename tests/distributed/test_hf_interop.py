@@ -159,7 +159,8 @@ def hf_logits(hf_dir: str, batches: list[MicroBatch]) -> torch.Tensor:
 
 
 def reference(logits: torch.Tensor, batches: list[MicroBatch]) -> dict:
-    """Sequence log-probs and SimPO metrics from full logits, by the spec's formulas."""
+    """Sequence log-probs (averaged over response tokens) and SimPO's metrics from full logits,
+    computed directly in float64."""
     labels = torch.cat([b.labels for b in batches])
     mask = torch.cat([b.loss_mask for b in batches])
     token_logps = torch.log_softmax(logits.double(), -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)

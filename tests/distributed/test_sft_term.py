@@ -38,12 +38,13 @@ def _config(tp, pp, mbs, **kw):
 def _independent(cfg, state) -> dict:
     """Loss, CE and gradients of the first global batch, computed directly with torch."""
     import torch.nn.functional as F
+    from megatron.core.utils import unwrap_model
 
     from simpo_megatron.data.provider import build_datasets, micro_batches
 
     data = build_datasets(cfg)
     batch = next(micro_batches(data.train, cfg, data.pad_id, 0, 0, 1))  # all 4 pairs at once
-    module = state.model[0].module
+    module = unwrap_model(state.model[0])
     for m in state.model:
         m.zero_grad_buffer()
     logits = module(batch.tokens, batch.position_ids, attention_mask=None, labels=None)

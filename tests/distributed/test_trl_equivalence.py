@@ -132,7 +132,7 @@ def preprocess(pairs: list[dict], hf_dir: str, root: Path) -> str:
 
 
 def _config(hf_dir: str, prefix: str, save: str, tp: int, pp: int, mbs: int, distopt: bool, extra=None):
-    return tiny_config(**(extra or {}),
+    return tiny_config(**{**dict(
         load=hf_dir, save=save, data_path=[prefix], split="100,0,0", mock_data=False,
         tokenizer_type="HuggingFaceTokenizer", tokenizer_model=hf_dir, seq_length=SEQ,
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, use_distributed_optimizer=distopt,
@@ -142,7 +142,7 @@ def _config(hf_dir: str, prefix: str, save: str, tp: int, pp: int, mbs: int, dis
         beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, label_smoothing=LABEL_SMOOTHING,
         sft_weight=SFT_WEIGHT, sft_loss_form="token", average_log_prob=True,
         hidden_dropout=0.0, attention_dropout=0.0,
-    )
+    ), **(extra or {})})
 
 
 def _stream(cfg) -> list[list[dict]]:

@@ -94,6 +94,8 @@ def _is_te_module(module: torch.nn.Module) -> bool:
 
 def train(impl: str, fp8: bool) -> dict:
     """Train 6 steps on one repeated global batch of mock pairs; report what the test checks."""
+    from megatron.core.utils import unwrap_model
+
     from simpo_megatron.data.provider import build_datasets, micro_batches
     from simpo_megatron.runtime import ParallelLayout, destroy_distributed, initialize_distributed
     from simpo_megatron.training.trainer import eval_step, setup_model_and_optimizer, train_step
@@ -105,7 +107,7 @@ def train(impl: str, fp8: bool) -> dict:
         spies = _DtypeSpies()
         state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
         model = state.model[0]
-        config = model.module.config if hasattr(model, "module") else model.config
+        config = unwrap_model(model).config
         te_modules = [m for m in model.modules() if _is_te_module(m)]
         data = build_datasets(cfg)
         stream = micro_batches(data.train, cfg, data.pad_id, 0, 0, 1)

@@ -1,6 +1,6 @@
 """The preference losses' values and gradients.
 
-SimPO against the spec's worked examples and an independent float64 computation; DPO, cDPO,
+SimPO against two hand-computed examples and an independent float64 computation; DPO, cDPO,
 R-DPO, IPO, length-normalized DPO and ORPO against TRL 1.16's own code (its DPOTrainer loss
 step and ORPOTrainer's odds-ratio function, run on stand-in objects, no model); the token-level
 SFT term through ``loss_func``. The registry's contract and argument checks are in
@@ -23,7 +23,8 @@ def _log_sigmoid(x: float) -> float:
 
 
 def _reference(c, r, beta, ratio, loss_type, eps, sft):
-    """The spec's formulas, written out in float64 Python scalars."""
+    """SimPO's loss (sigmoid or hinge, label smoothing, per-pair SFT term), written out in
+    float64 Python scalars."""
     logits = (c - r) - ratio
     if loss_type == "sigmoid":
         loss = -_log_sigmoid(beta * logits) * (1 - eps) - _log_sigmoid(-beta * logits) * eps
@@ -32,7 +33,7 @@ def _reference(c, r, beta, ratio, loss_type, eps, sft):
     return loss + sft * -c
 
 
-def test_spec_example_1_basic_sigmoid():
+def test_example_1_basic_sigmoid():
     losses, chosen, rejected = simpo_loss(torch.tensor([-1.2]), torch.tensor([-2.5]), beta=2.0, gamma_beta_ratio=0.5)
     # pi_logratios = 1.3, logits = 0.8, -log(sigmoid(1.6)) = 0.184
     assert losses.item() == pytest.approx(0.184, abs=5e-4)
@@ -40,10 +41,10 @@ def test_spec_example_1_basic_sigmoid():
     assert chosen.item() == pytest.approx(-2.4) and rejected.item() == pytest.approx(-5.0)
 
 
-def test_spec_example_2_with_sft():
-    """The spec adds 0.1 * 1.2 to its SimPO part. It reuses 0.184 (the beta=2.0 value) for
-    that part although example 2 has beta=2.5, for which the part is -log(sigmoid(2.0)) =
-    0.1269, so the formula gives 0.2469, not the spec's 0.304. We pin the formula."""
+def test_example_2_with_sft():
+    """Example 1's pair at beta=2.5 with sft_weight=0.1: the SimPO part is -log(sigmoid(2.0)) =
+    0.1269 and the SFT part 0.1 * 1.2, 0.2469 in all. Reusing example 1's SimPO part (0.184, its
+    beta=2.0 value) would give 0.304, which is the total at beta=2.0, not here."""
     losses, _, _ = simpo_loss(
         torch.tensor([-1.2]), torch.tensor([-2.5]), beta=2.5, gamma_beta_ratio=0.5, sft_weight=0.1
     )
@@ -51,11 +52,11 @@ def test_spec_example_2_with_sft():
     assert simpo_part == pytest.approx(0.1269, abs=5e-5)
     assert losses.item() == pytest.approx(simpo_part + 0.12, rel=1e-6)
     assert losses.item() == pytest.approx(0.2469, abs=5e-5)
-    # The spec's 0.304 is what the formula gives with example 1's beta of 2.0.
-    spec_total, _, _ = simpo_loss(
+    # 0.304 is the total with example 1's beta of 2.0.
+    beta_2_total, _, _ = simpo_loss(
         torch.tensor([-1.2]), torch.tensor([-2.5]), beta=2.0, gamma_beta_ratio=0.5, sft_weight=0.1
     )
-    assert spec_total.item() == pytest.approx(0.304, abs=5e-4)
+    assert beta_2_total.item() == pytest.approx(0.304, abs=5e-4)
 
 
 @pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("sigmoid", 0.5), ("hinge", 0.0)])
@@ -463,8 +464,8 @@ def test_pair_sft_form_is_the_spec_per_pair_term_and_differs_with_lengths(single
     assert abs(sft_pair - ce.item()) > 1e-3  # chosen lengths differ: the two forms differ
 
 
-def test_one_pair_both_sft_forms_agree_spec_example_2_shape(single_rank_logps):
-    """One pair, averaged log-probs: the token mean is -logp_chosen, the spec's per-pair term."""
+def test_one_pair_both_sft_forms_agree(single_rank_logps):
+    """One pair, averaged log-probs: the token mean is -logp_chosen, the per-pair term."""
     from simpo_megatron.config import LossConfig
 
     logits, labels, loss_mask = _micro_batch_case(seed=2, pairs=1)

@@ -74,13 +74,13 @@ def test_health_warns_once_per_episode_after_the_window(bad, check):
     assert warning["check"] == check and "over the last 1 log intervals" in warning["message"]
 
 
-def test_health_window_is_consecutive_and_checks_are_as_the_spec_says():
+def test_health_window_needs_consecutive_intervals_and_very_negative_needs_both_logps():
     from simpo_megatron.training.monitor import HealthMonitor
 
     monitor = HealthMonitor(window=2)
     low = _healthy(**{"rewards/margins": 0.1})
     assert [monitor.update(m) for m in (low, _healthy(), low)] == [[], [], []]  # never 2 in a row
-    # Only one of the two log-probs below -10 is not the spec's "both very negative".
+    # Only one of the two mean log-probs below -10: the check wants both.
     one = _healthy(**{"logps/chosen": -11.0})
     assert HealthMonitor(window=1).update(one) == []
     assert HealthMonitor(window=0).update(low) == []  # disabled

@@ -17,6 +17,7 @@ import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from safetensors.torch import save_file
 
+from simpo_megatron.data import preprocess
 from simpo_megatron.data.blended import build_pair_datasets
 from simpo_megatron.data.pair_dataset import PreferencePairDataset, truncation_lengths
 from simpo_megatron.data.reference_scores import (
@@ -37,8 +38,6 @@ from simpo_megatron.data.reference_scores import (
 from simpo_megatron.data.tokenizers import build_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))
-import preprocess_preference_data as preprocess  # noqa: E402
 
 SP_MODEL = str(REPO / "examples" / "data" / "tokenizer.model")
 KEY = ReferenceKey(

@@ -47,7 +47,7 @@ class _Scheduler:
 ])
 def test_skipped_means_no_update(monkeypatch, fp16, finite_grads, returns, applied):
     cfg = tiny_config(fp16=fp16, global_batch_size=4)
-    monkeypatch.setattr(trainer, "_run_schedule", lambda *args, **kwargs: [])
+    monkeypatch.setattr(trainer, "run_schedule", lambda *args, **kwargs: [])
     monkeypatch.setattr(trainer, "_last_stage_metrics", lambda outputs: None)
     checked = []
     monkeypatch.setattr(trainer, "_grads_are_finite", lambda model: checked.append(True) or finite_grads)
