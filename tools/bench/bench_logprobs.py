@@ -52,6 +52,20 @@ def _reset_peak() -> float:
     return _peak_mib()
 
 
+def _measure(prepare, compute, repeats: int) -> dict:
+    """``compute(*prepare())`` ``repeats`` times: the median time of ``compute`` (``prepare``'s
+    fresh inputs untimed) and the peak resident memory above the start."""
+    times = []
+    before = _reset_peak()
+    for _ in range(repeats):
+        inputs = prepare()
+        start = time.perf_counter()
+        compute(*inputs)
+        times.append(time.perf_counter() - start)
+        del inputs
+    return {"median_s": round(sorted(times)[len(times) // 2], 4), "peak_extra_mib": round(_peak_mib() - before, 1)}
+
+
 def _case(method: str, seq: int, batch: int, vocab: int, dtype_name: str, repeats: int) -> dict:
     import torch
 
@@ -63,25 +77,20 @@ def _case(method: str, seq: int, batch: int, vocab: int, dtype_name: str, repeat
     gen = torch.Generator().manual_seed(0)
     labels = torch.randint(0, vocab, (seq, batch), generator=gen)
     base = torch.randn(seq, batch, vocab, generator=gen).to(dtype)
-    times = []
-    before = _reset_peak()
-    for _ in range(repeats):
-        logits = base.clone().requires_grad_(True)
-        start = time.perf_counter()
+
+    def compute(logits):
         if method == "vocab_parallel":
             logps = vocab_parallel_token_logps(logits, labels, vocab_size=vocab)
         else:
             logps = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         logps.sum().backward()
-        times.append(time.perf_counter() - start)
-        del logits, logps
+
     return {
         "bench": "logprob_head",
         "case": method,
         "shape": [seq, batch, vocab],
         "dtype": dtype_name,
-        "median_s": round(sorted(times)[len(times) // 2], 4),
-        "peak_extra_mib": round(_peak_mib() - before, 1),
+        **_measure(lambda: (base.clone().requires_grad_(True),), compute, repeats),
         "logits_mib": round(base.numel() * base.element_size() / 2**20, 1),
     }
 
@@ -99,12 +108,12 @@ def _head_case(method: str, tokens: int, hidden: int, vocab: int, chunk: int, dt
     labels = torch.randint(0, vocab, (tokens, 1), generator=gen)
     h0 = torch.randn(tokens, 1, hidden, generator=gen).to(dtype)
     weight = (0.02 * torch.randn(vocab, hidden, generator=gen)).to(dtype).requires_grad_(True)
-    times = []
-    before = _reset_peak()
-    for _ in range(repeats):
-        h = h0.clone().requires_grad_(True)
+
+    def prepare():
         weight.grad = None
-        start = time.perf_counter()
+        return (h0.clone().requires_grad_(True),)
+
+    def compute(h):
         if method == "chunked_head":
             logps = chunked_vocab_parallel_token_logps(h, weight, labels, vocab, chunk_size=chunk)
         else:
@@ -112,16 +121,14 @@ def _head_case(method: str, tokens: int, hidden: int, vocab: int, chunk: int, dt
             logps = torch.log_softmax(logits, dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
             del logits
         logps.sum().backward()
-        times.append(time.perf_counter() - start)
-        del h, logps
+
     return {
         "bench": "logprob_head_from_hidden",
         "case": method,
         "tokens": tokens, "hidden": hidden, "vocab": vocab,
         "chunk": chunk if method == "chunked_head" else None,
         "dtype": dtype_name,
-        "median_s": round(sorted(times)[len(times) // 2], 4),
-        "peak_extra_mib": round(_peak_mib() - before, 1),
+        **_measure(prepare, compute, repeats),
         "fp32_logits_mib": round(tokens * vocab * 4 / 2**20, 1),
     }
 
