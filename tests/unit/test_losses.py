@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from simpo_megatron.losses import LOSSES, PairScores, get_loss, simpo_loss
+from simpo_megatron.losses import PairScores, get_loss, simpo_loss
 
 
 def _log_sigmoid(x: float) -> float:
