@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,8 @@ from megatron.core import parallel_state
 
 from simpo_megatron.config import ConfigError, SimPOConfig, load_config
 from simpo_megatron.config.validation import validate_data
+from simpo_megatron.data.reference_scores import ReferenceScoresError
+from simpo_megatron.mathutil import ceil_div
 from simpo_megatron.data.provider import (
     DataMismatchError,
     DataSetup,
@@ -76,7 +79,7 @@ def evaluate(cfg: SimPOConfig, state: TrainState, dataset, pad_id: int) -> dict 
     )
     totals: dict[str, float] = {}
     pairs = 0
-    for _ in range(-(-num_pairs // gbs)):
+    for _ in range(ceil_div(num_pairs, gbs)):
         batches = [next(stream) for _ in range(cfg.num_micro_batches(dist.get_world_size()))]
         metrics = eval_step(cfg, state, batches)
         if metrics is None:
@@ -230,16 +233,24 @@ def _evaluate_and_record(cfg: SimPOConfig, state: TrainState, data: DataSetup, m
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse flags (and --config), run, and tear down; exit code 2 for a configuration error."""
+# What a user can fix (a flag, a file, the machine): a message and exit code 2, not a traceback.
+USER_ERRORS = (ConfigError, TransformerEngineUnavailableError, FP8UnavailableError, DataMismatchError,
+               CheckpointError, HFConversionError, ReferenceScoresError)
+
+
+def run_entry(body: Callable[[SimPOConfig], object], argv: list[str] | None = None) -> int:
+    """Parse flags (and --config), run ``body(cfg)``, and tear down; exit code 2 for a user error."""
     try:
-        cfg = load_config(argv)
-        pretrain(cfg)
-    except (ConfigError, TransformerEngineUnavailableError, FP8UnavailableError, DataMismatchError, CheckpointError,
-            HFConversionError) as e:
+        body(load_config(argv))
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
         if dist.is_initialized():
             destroy_distributed()
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Train (``pretrain``) as the flags say; the process's exit code."""
+    return run_entry(pretrain, argv)

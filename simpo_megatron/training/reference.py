@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import sys
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -185,31 +184,29 @@ def score_prefix(cfg: SimPOConfig, state, prefix: str, pad_id: int, key, path: s
     dist.barrier()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``simpo-score-reference`` (see ``cli``): score the datasets of a run's flags ahead of training, on a
-    layout of its own; the training run (same data, reference, truncation and precision) reads
-    the scores instead of computing them."""
-    from simpo_megatron.config import ConfigError, load_config
+def score_ahead(cfg: SimPOConfig) -> None:
+    """Score the datasets of a run's configuration, on this layout, without training: the
+    training run (same data, reference, truncation and precision) then reads the scores."""
+    from simpo_megatron.config import ConfigError
     from simpo_megatron.data.provider import build_datasets
-    from simpo_megatron.runtime import destroy_distributed, initialize_distributed
+    from simpo_megatron.runtime import initialize_distributed
     from simpo_megatron.training.loop import resolve_config
     from simpo_megatron.training.trainer import setup_model_and_optimizer
 
-    try:
-        cfg, tokenizer = resolve_config(load_config(argv))
-        if not get_loss(cfg.loss.loss_type).needs_reference:
-            raise ConfigError(f"--loss-type {cfg.loss.loss_type} uses no reference model: nothing to score")
-        cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
-        initialize_distributed(cfg.parallel_layout(), seed=cfg.optimizer.seed)
-        data = build_datasets(cfg, tokenizer)
-        state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
-        weights = reference_weights(cfg)
-        load_reference(cfg, state, weights)
-        with_reference_scores(cfg, state, data, Start("reference", weights))
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            destroy_distributed()
-    return 0
+    cfg, tokenizer = resolve_config(cfg)
+    if not get_loss(cfg.loss.loss_type).needs_reference:
+        raise ConfigError(f"--loss-type {cfg.loss.loss_type} uses no reference model: nothing to score")
+    cfg.validate(int(os.environ.get("WORLD_SIZE", "1")))
+    initialize_distributed(cfg.parallel_layout(), seed=cfg.optimizer.seed)
+    data = build_datasets(cfg, tokenizer)
+    state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
+    weights = reference_weights(cfg)
+    load_reference(cfg, state, weights)
+    with_reference_scores(cfg, state, data, Start("reference", weights))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``simpo-score-reference`` (see ``cli``): the process's exit code."""
+    from simpo_megatron.training.loop import run_entry
+
+    return run_entry(score_ahead, argv)
