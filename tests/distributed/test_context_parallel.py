@@ -259,7 +259,12 @@ def _assert_same(mine, ref, pairs):
     assert mine["grads"].keys() == ref["grads"].keys()
     for key, value in ref["grads"].items():
         assert value.abs().max() > 0, key
-        torch.testing.assert_close(mine["grads"][key], value, rtol=1e-4, atol=1e-7, msg=key)
+        # Rounding differs with the summation order (packed rows, CP chunks): an element's
+        # difference is bounded relative to its tensor's scale, not its own (a near-zero element
+        # can differ by more than 1e-4 of itself, as seen on a gradient element of 1e-3 in a
+        # tensor of 1e-1).
+        atol = 1e-6 * value.abs().max().item()
+        torch.testing.assert_close(mine["grads"][key], value, rtol=1e-4, atol=atol, msg=lambda m: f"{key}\n{m}")
 
 
 def test_response_in_one_chunk(direct):
