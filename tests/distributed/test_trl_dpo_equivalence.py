@@ -173,12 +173,15 @@ def test_reference_scores_equal_trls_precomputed_ones(runs, loss, name):
 def test_per_step_metrics_equal_trl(runs, loss, name):
     trl, ours = runs["trl"][loss]["logs"], runs["metrics"][(loss, name)]
     assert len(trl) == len(ours) == STEPS
-    # At step 1 the policy is the reference: every reward is 0 up to rounding, and an accuracy
-    # (chosen reward > rejected reward) is a tie broken by rounding noise; it is compared after.
-    steps = {"rewards/accuracies": slice(1, None)}
+    # While the policy is still the reference (step 1, and step 2 after warmup's first rate of
+    # 0), every reward is 0 up to rounding and an accuracy (chosen reward > rejected reward) is a
+    # tie broken by rounding noise; accuracies are compared once the policy has moved.
+    moved = [i for i, r in enumerate(trl) if abs(r["rewards/chosen"]) + abs(r["rewards/rejected"]) > 1e-4]
+    assert len(moved) >= STEPS - 2, moved
+    steps = {"rewards/accuracies": moved}
     for key in METRICS:
-        mine = torch.tensor([r[key] for r in ours], dtype=torch.float64)[steps.get(key, slice(None))]
-        theirs = torch.tensor([r[key] for r in trl], dtype=torch.float64)[steps.get(key, slice(None))]
+        mine = torch.tensor([r[key] for r in ours], dtype=torch.float64)[steps.get(key, list(range(STEPS)))]
+        theirs = torch.tensor([r[key] for r in trl], dtype=torch.float64)[steps.get(key, list(range(STEPS)))]
         # Gradient norms reach ~100 for IPO: a few fp32 roundings there are 1e-5 relative.
         rtol = 1e-5 if key == "grad_norm" else 1e-6
         torch.testing.assert_close(mine, theirs, atol=METRIC_ATOL, rtol=rtol, msg=lambda m: f"{loss} {name}: {key}\n{m}")
