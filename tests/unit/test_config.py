@@ -422,7 +422,7 @@ def test_label_smoothing_with_hinge_names_loss_type_too():
 
 def test_simpo_knob_errors_from_yaml(tmp_path):
     # argparse rejects a bad --loss-type on the command line; from a YAML file it reaches validate().
-    path = write_yaml(tmp_path, "mock_data: true\nloss_type: ipo\n")
+    path = write_yaml(tmp_path, "mock_data: true\nloss_type: kto\n")
     with pytest.raises(ConfigError, match="^--loss-type must be one of"):
         load_config(["--config", path]).validate(1)
     path = write_yaml(tmp_path, "mock-data: true\nlabel-smoothing: 0.7\n", "ls.yaml")
