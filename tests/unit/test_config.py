@@ -420,6 +420,16 @@ def test_label_smoothing_with_hinge_names_loss_type_too():
     check_error(base(loss_type="hinge", label_smoothing=0.1), 1, "--label-smoothing", "--loss-type")
 
 
+@pytest.mark.parametrize("loss_type", ["dpo", "ipo", "dpo-norm"])
+def test_reference_based_losses_need_preprocessed_data_and_a_reference(loss_type):
+    check_error(base(loss_type=loss_type, load="ckpt"), 1, f"--loss-type {loss_type}", "--data-path")
+    data = dict(mock_data=False, data_path=["d"], tokenizer_type="SentencePieceTokenizer", tokenizer_model="t")
+    check_error(base(loss_type=loss_type, **data), 1, "--load", "--ref-load")
+    for reference in (dict(load="ckpt"), dict(ref_load="ref")):
+        base(loss_type=loss_type, **data, **reference).validate(1)
+    base(loss_type="orpo", **data).validate(1)  # reference-free
+
+
 def test_simpo_knob_errors_from_yaml(tmp_path):
     # argparse rejects a bad --loss-type on the command line; from a YAML file it reaches validate().
     path = write_yaml(tmp_path, "mock_data: true\nloss_type: kto\n")
