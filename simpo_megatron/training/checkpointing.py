@@ -273,19 +273,35 @@ def load_checkpoint(
     return iteration
 
 
+# The config entry that records the weights a run's first iteration started from (carried over
+# by every resume), so that a resumed reference-based run keeps its reference.
+START_WEIGHTS_KEY = "start_weights"
+
+
 def config_to_dict(cfg) -> dict:
     """The run's settings by flat name, to store beside the checkpoint."""
     return cfg.to_flat()
 
 
+def saved_config(root: str) -> dict:
+    """The settings stored with the newest checkpoint under ``root`` ({} when none)."""
+    iteration = read_tracker(root)
+    if iteration is None:
+        return {}
+    return dist_checkpointing.load_common_state_dict(checkpoint_dir(root, iteration)).get("config") or {}
+
+
 @dataclass(frozen=True)
 class Start:
     """How a run began: ``source`` is "checkpoint" (``path`` loaded at ``iteration``),
-    "hf" (the Hugging Face model at ``path``, iteration 0) or "fresh" (initialized weights)."""
+    "hf" (the Hugging Face model at ``path``, iteration 0) or "fresh" (initialized weights).
+    ``reference``: the weights the run's first iteration started from, as the checkpoint
+    records them (a reference-based loss's default reference; None when not recorded)."""
 
     source: str
     path: str | None = None
     iteration: int = 0
+    reference: str | None = None
 
 
 class Checkpointer:
@@ -307,6 +323,11 @@ class Checkpointer:
         the initialized weights (as Megatron-LM, also when ``--load`` holds no checkpoint yet,
         so that ``--save`` and ``--load`` can name the same directory from the first run on).
         """
+        start = self._start(state)
+        self.config_dict[START_WEIGHTS_KEY] = start.reference if start.iteration > 0 else start.path
+        return start
+
+    def _start(self, state) -> Start:
         load = self.cfg.checkpoint.load
         if load and is_hf_checkpoint(load):
             if self.save_dir and read_tracker(self.save_dir) is not None:
@@ -329,7 +350,8 @@ class Checkpointer:
             root, state, load_optim=not ckpt.no_load_optim, load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune
         )
         print_rank_last(f"loaded {root} at iteration {state.iteration}")
-        return Start("checkpoint", root, state.iteration)
+        recorded = saved_config(root).get(START_WEIGHTS_KEY) if state.iteration > 0 else None
+        return Start("checkpoint", root, state.iteration, reference=recorded)
 
     def save_if_due(self, state) -> str | None:
         """Save at every ``--save-interval`` iterations; the checkpoint directory, or None."""

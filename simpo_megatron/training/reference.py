@@ -53,9 +53,11 @@ def precision(cfg: SimPOConfig) -> str:
     return "bf16" if cfg.model.bf16 else "fp16" if cfg.model.fp16 else "fp32"
 
 
-def reference_weights(cfg: SimPOConfig) -> str:
-    """The reference model's weights: ``--ref-load``, else what ``--load`` names."""
-    return cfg.checkpoint.ref_load or cfg.checkpoint.load
+def reference_weights(cfg: SimPOConfig, start: Start | None = None) -> str:
+    """The reference model's weights: ``--ref-load``; else the weights the run's first iteration
+    started from (recorded in a resumed run's checkpoint); else what ``--load`` names."""
+    recorded = start.reference if start is not None and start.iteration > 0 else None
+    return cfg.checkpoint.ref_load or recorded or cfg.checkpoint.load
 
 
 def with_reference_scores(cfg: SimPOConfig, state, data: DataSetup, start: Start) -> DataSetup:
@@ -65,7 +67,7 @@ def with_reference_scores(cfg: SimPOConfig, state, data: DataSetup, start: Start
         return data
     datasets = pair_datasets(data.train) + (pair_datasets(data.valid) if data.valid is not None else [])
     prefixes = list(dict.fromkeys(os.path.abspath(d.prefix) for d in datasets))
-    weights = reference_weights(cfg)
+    weights = reference_weights(cfg, start)
     tables, missing = {}, []
     for prefix in prefixes:
         key = reference_key(prefix, weights, cfg.data.seq_length, cfg.data.max_prompt_length, precision(cfg))
