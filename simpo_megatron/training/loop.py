@@ -28,6 +28,7 @@ from simpo_megatron.data.provider import (
     global_batches,
     read_tokenizer,
 )
+from simpo_megatron.data.reference_scores import ReferenceScoresError
 from simpo_megatron.hf import HFConversionError, hf_model_overrides, is_hf_checkpoint
 from simpo_megatron.model.fp8 import FP8UnavailableError, TransformerEngineUnavailableError, check_transformer_engine
 from simpo_megatron.runtime import destroy_distributed, initialize_distributed

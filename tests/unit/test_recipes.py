@@ -1,8 +1,10 @@
-"""examples/configs/*.yaml: every recipe parses and validates; the paper recipes carry the
-hyperparameters the SimPO repository publishes and the model shapes of their architectures.
+"""examples/configs/*.yaml: every recipe parses and validates; the paper recipes (SimPO, and
+the DPO baselines) carry the hyperparameters the SimPO repository publishes and the model
+shapes of their architectures.
 
 validate() only checks the flags, so a fake --data-path (or --mock-data) is enough: nothing
-is read, no process group is started.
+is read, no process group is started. A reference-based recipe (DPO) also needs a reference
+model (a fake --load) and refuses --mock-data: its reference scores are stored per data prefix.
 """
 
 import functools
@@ -13,11 +15,13 @@ import pytest
 
 from simpo_megatron.config import ConfigError, SimPOConfig, load_config
 from simpo_megatron.hf.config_mapping import MODEL_FIELDS, hf_config_to_overrides
+from simpo_megatron.losses import get_loss
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs")
 ALL = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
 FAKE_DATA = ["--data-path", "/nonexistent/train_prefix", "--valid-data-path", "/nonexistent/valid_prefix",
              "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "/nonexistent/tokenizer"]
+FAKE_LOAD = ["--load", "/nonexistent/hf_model"]  # the reference of a reference-based loss
 
 # The SimPO repository's training_configs/*.yaml (princeton-nlp/SimPO), in this project's flags
 # (Llama-3.1 takes the Llama-3 v0.2 recipe: the repository has none of its own). Common to all:
@@ -33,7 +37,17 @@ PUBLISHED = {
     "gemma2-9b-it.yaml": dict(source="training_configs/gemma-2-9b-it-simpo.yaml",
                               beta=10.0, gamma_beta_ratio=0.5, lr=8e-7),
 }
+# The DPO baselines: the SimPO repository's README.md table "For DPO, the best hyperparameters
+# for each setting" (beta, learning rate; the row named here), on the setup of the SimPO recipe
+# of the same model and data (128 pairs per step, max_length 2048, cosine, warmup 0.1, one epoch).
+PUBLISHED_DPO = {
+    "llama3-8b-instruct-dpo.yaml": dict(row="Llama3-Instruct v0.2", simpo="llama3-8b-instruct.yaml",
+                                        beta=0.01, lr=3e-7),
+    "mistral-7b-instruct-dpo.yaml": dict(row="Mistral-Instruct", simpo="mistral-7b-instruct.yaml",
+                                         beta=0.01, lr=5e-7),
+}
 PAPER = sorted(PUBLISHED)
+DPO = sorted(PUBLISHED_DPO)
 
 # config.json of the Hugging Face models the recipes start from (the fields that matter).
 HF_CONFIGS = {
@@ -52,6 +66,8 @@ HF_CONFIGS = {
         "sliding_window": None, "tie_word_embeddings": False,
     },
 }
+HF_CONFIGS["llama3-8b-instruct-dpo.yaml"] = HF_CONFIGS["llama3-8b-instruct.yaml"]
+HF_CONFIGS["mistral-7b-instruct-dpo.yaml"] = HF_CONFIGS["mistral-7b-instruct.yaml"]
 HF_CONFIGS["llama3.1-8b-instruct.yaml"] = {
     **HF_CONFIGS["llama3-8b-instruct.yaml"], "max_position_embeddings": 131072,
     "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -77,22 +93,44 @@ def model_parallel(cfg: SimPOConfig) -> int:
     return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
 
 
+def needs_reference(name: str) -> bool:
+    return get_loss(recipe(name, "--mock-data").loss.loss_type).needs_reference
+
+
+def run_flags(name: str) -> tuple[str, ...]:
+    """What a run of the recipe adds on the command line (data; a reference for DPO)."""
+    return (*FAKE_DATA, *FAKE_LOAD) if needs_reference(name) else tuple(FAKE_DATA)
+
+
 def test_the_recipes_exist():
     names = {os.path.basename(p) for p in ALL}
-    assert {"tiny.yaml", *PUBLISHED} <= names
+    assert {"tiny.yaml", *PUBLISHED, *PUBLISHED_DPO} <= names
+    assert {n for n in names if needs_reference(n)} == set(PUBLISHED_DPO)
 
 
 @pytest.mark.parametrize("path", ALL, ids=os.path.basename)
 @pytest.mark.parametrize("data", [["--mock-data"], FAKE_DATA], ids=["mock", "data_path"])
 def test_every_recipe_parses_and_validates_on_its_model_parallel_size(path, data):
-    cfg = recipe(os.path.basename(path), *data)
+    name = os.path.basename(path)
+    if needs_reference(name):
+        if data == FAKE_DATA:
+            cfg = recipe(name, *data)
+            with pytest.raises(ConfigError, match="needs a reference model: --load"):
+                cfg.validate(model_parallel(cfg))
+        cfg = recipe(name, *data, *FAKE_LOAD)
+        if data != FAKE_DATA:
+            with pytest.raises(ConfigError, match="--loss-type dpo scores preprocessed data .* use --data-path"):
+                cfg.validate(model_parallel(cfg))
+            return
+    else:
+        cfg = recipe(name, *data)
     assert cfg.validate(model_parallel(cfg)) is cfg
 
 
-@pytest.mark.parametrize("name", PAPER)
+@pytest.mark.parametrize("name", PAPER + DPO)
 @pytest.mark.parametrize("dp", [1, 2, 4, 8, 16, 32])
 def test_paper_recipes_validate_on_multi_node_worlds(name, dp):
-    cfg = recipe(name, *FAKE_DATA)
+    cfg = recipe(name, *run_flags(name))
     world = dp * model_parallel(cfg)  # e.g. 8 x TP x PP GPUs
     cfg.validate(world)
     assert cfg.data_parallel_size(world) == dp
@@ -135,10 +173,40 @@ def test_paper_recipes_cite_their_source(name):
     assert PUBLISHED[name]["source"] in header
 
 
+@pytest.mark.parametrize("name", DPO)
+def test_dpo_recipes_carry_the_published_hyperparameters(name):
+    cfg = recipe(name, *run_flags(name))
+    published = PUBLISHED_DPO[name]
+    assert cfg.loss.loss_type == "dpo"
+    assert (cfg.loss.beta, cfg.optimizer.lr) == (published["beta"], published["lr"])
+    # Plain DPO: no cDPO label smoothing, no R-DPO length term, no SFT term.
+    assert (cfg.loss.label_smoothing, cfg.loss.rdpo_alpha, cfg.loss.sft_weight) == (0.0, 0.0, 0.0)
+    assert cfg.checkpoint.ref_load is None  # the reference is the model --load starts from
+    cfg.validate(8)  # the header's example: 8 GPUs, TP=2 x DP=4
+    assert cfg.data_parallel_size(8) == 4
+    assert cfg.num_micro_batches(8) * cfg.data.micro_batch_size * 4 == 128
+    # Everything else is the SimPO recipe of the same model and data: the model, the layout,
+    # the batches and truncation, the optimizer and schedule, precision, seed, evaluation.
+    simpo = recipe(published["simpo"], *FAKE_DATA, *FAKE_LOAD).to_flat()
+    loss_knobs = {"loss_type", "beta", "gamma_beta_ratio", "label_smoothing", "rdpo_alpha", "sft_weight",
+                  "average_log_prob", "lr"}
+    differs = {k for k, v in cfg.to_flat().items() if simpo[k] != v}
+    assert differs <= loss_knobs, differs - loss_knobs
+    assert simpo["global_batch_size"] == 128 and (simpo["seq_length"], simpo["max_prompt_length"]) == (2048, 1800)
+
+
+@pytest.mark.parametrize("name", DPO)
+def test_dpo_recipes_cite_their_source(name):
+    header = open(os.path.join(CONFIGS, name)).read().split("\n\n")[0]
+    assert "princeton-nlp/SimPO" in header and "README.md" in header
+    assert f'row "{PUBLISHED_DPO[name]["row"]}"' in header
+    assert "Not published for DPO" in header  # and what was chosen instead
+
+
 @pytest.mark.parametrize("name", sorted(HF_CONFIGS))
 def test_recipes_match_what_the_hf_importer_reads(name):
     """The model shape in the recipe is the one --load of the HF model directory sets."""
-    cfg = recipe(name, "--mock-data")
+    cfg = recipe(name, *run_flags(name))
     overrides = hf_config_to_overrides(HF_CONFIGS[name], seq_length=cfg.data.seq_length)
     assert {k: getattr(cfg.model, k) for k in MODEL_FIELDS} == {k: overrides[k] for k in MODEL_FIELDS}
     # Megatron pads the vocabulary to a multiple of 128 x TP; these need no padding.
