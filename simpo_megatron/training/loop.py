@@ -17,8 +17,6 @@ from megatron.core import parallel_state
 
 from simpo_megatron.config import ConfigError, SimPOConfig, load_config
 from simpo_megatron.config.validation import validate_data
-from simpo_megatron.data.reference_scores import ReferenceScoresError
-from simpo_megatron.mathutil import ceil_div
 from simpo_megatron.data.provider import (
     DataMismatchError,
     DataSetup,
@@ -30,6 +28,7 @@ from simpo_megatron.data.provider import (
 )
 from simpo_megatron.data.reference_scores import ReferenceScoresError
 from simpo_megatron.hf import HFConversionError, hf_model_overrides, is_hf_checkpoint
+from simpo_megatron.mathutil import ceil_div
 from simpo_megatron.model.fp8 import FP8UnavailableError, TransformerEngineUnavailableError, check_transformer_engine
 from simpo_megatron.runtime import destroy_distributed, initialize_distributed
 from simpo_megatron.training.checkpointing import CheckpointError, Checkpointer
