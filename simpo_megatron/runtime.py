@@ -110,6 +110,10 @@ class _CpuSupport:
     ``exit()`` puts every one of them back. ``initialize_distributed`` enters it on a machine
     without CUDA and ``destroy_distributed`` leaves it, so it is active only while a
     megatron-core world exists.
+
+    The CUDA generator is the CPU one here: megatron's RNG tracker seeds, forks and stores CPU
+    generator states (its model-parallel stream, per TP rank, is what attention dropout draws
+    from), and checkpoints save and restore them with torch's own state.
     """
 
     _CUDA_STAND_INS = {

@@ -163,11 +163,18 @@ def _sampled(dataset, cfg, consumed_samples, batch_size, data_parallel_rank, dat
 
 
 def _loaded(dataset, sampler, collate_fn, cfg, persistent: bool) -> Iterator:
-    """The batches of ``sampler``, collated, through a DataLoader with ``--num-workers`` workers."""
+    """The batches of ``sampler``, collated, through a DataLoader with ``--num-workers`` workers.
+
+    Its own generator: a DataLoader iterator draws its workers' base seed when it starts, and
+    from torch's default generator that draw would shift the dropout masks of the steps after
+    it (a resumed run starts its loader later than the uninterrupted one; an evaluation starts
+    one mid-run).
+    """
     workers = cfg.data.num_workers
     return iter(torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers,
         persistent_workers=persistent and workers > 0,
+        generator=torch.Generator().manual_seed(cfg.optimizer.seed),
     ))
 
 

@@ -7,7 +7,9 @@ tracker file is replaced last, also through a rename. A crash at any point leave
 good checkpoint and the tracker pointing to it untouched.
 
 Model and optimizer state are sharded tensors, so a checkpoint saved on one TP/PP layout
-loads on another. RNG states are per (PP, TP) rank and are restored only on the same layout.
+loads on another. RNG states are per (PP, TP, DP x CP) rank and are restored only on the same
+layout (and device kind): a resume with dropout then draws the same masks as the run that
+was never stopped.
 
 ``Checkpointer`` is what the training loop uses: it decides how a run starts (resume, a
 Hugging Face model, a Megatron checkpoint, or fresh weights) and saves at intervals and at
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
@@ -68,6 +71,14 @@ def _layout() -> dict[str, int]:
 
 
 def _rng_state() -> dict:
+    """This rank's RNG states, taken after a step (its last dropout draw is behind it).
+
+    Dropout draws from torch's default generator (hidden dropout) and from the tensor-parallel
+    tracker's streams (attention dropout: the model-parallel stream, which differs between TP
+    ranks); on a GPU both are CUDA generators. Without CUDA the CPU support maps the CUDA
+    generator to the CPU one, so there "torch" is the default stream and the tracker holds CPU
+    generator states.
+    """
     state = {
         "random": random.getstate(),
         "np": np.random.get_state(),
@@ -83,9 +94,48 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["np"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+
+
+def _rng_ranks() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(PP, TP, DP x CP) sizes and this rank's place in them: the sharding of the RNG states.
+
+    Every rank's dropout draws differ: TP ranks in the tracker's model-parallel stream, PP
+    stages by seed, and DP / CP ranks by the shapes of their micro-batches (each is padded to
+    its own longest sequence, and a draw consumes the generator by the tensor's size).
+    """
+    shape = (
+        parallel_state.get_pipeline_model_parallel_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_data_parallel_world_size(with_context_parallel=True),
+    )
+    rank = (
+        parallel_state.get_pipeline_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_data_parallel_rank(with_context_parallel=True),
+    )
+    return shape, rank
+
+
+def _rng_sharded_object(state: dict | None) -> ShardedObject:
+    """This rank's RNG states, one object per rank (see ``_rng_ranks``)."""
+    shape, rank = _rng_ranks()
+    return ShardedObject("rng_state", state, shape, rank, replica_id=0)
+
+
+def _saved_rng_shape(ckpt: str) -> tuple[int, ...] | None:
+    """The rank grid the checkpoint's RNG states were saved for (None: it holds none)."""
+    for obj in load_sharded_metadata(ckpt).values():
+        if isinstance(obj, ShardedObject) and obj.key == "rng_state":
+            return tuple(obj.global_shape)
+    return None
+
+
+def _note_fresh_rng(why: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"RNG states start fresh: {why}", flush=True)
 
 
 def _model_sharded_state_dict(model) -> dict:
@@ -99,19 +149,6 @@ def _padded_vocab_size(model) -> int:
     """The padded vocabulary size the model was built with (the same on every rank)."""
     chunk = model[0].module if hasattr(model[0], "module") else model[0]
     return chunk.vocab_size
-
-
-def _rng_sharded_object(state: dict | None) -> ShardedObject:
-    """Each (PP, TP) rank's RNG state; data-parallel replicas hold the same one."""
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    return ShardedObject(
-        "rng_state",
-        state,
-        (pp, tp),
-        (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()),
-        replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True),
-    )
 
 
 def _optimizer_metadata(fully_reshardable: bool) -> dict:
@@ -197,7 +234,9 @@ def load_checkpoint(
     """Load the newest checkpoint under ``root`` into ``state``; returns its iteration.
 
     ``finetune`` loads the weights only and starts at iteration 0. Optimizer and RNG states
-    are skipped when asked; the RNG state is also skipped (with a note) when the layout differs.
+    are skipped when asked; the RNG states are also skipped (with a note) when they were saved
+    for other (PP, TP, DP x CP) sizes or on another device kind (CUDA or CPU): the run then
+    keeps those it was seeded with.
     """
     iteration = read_tracker(root)
     if iteration is None:
@@ -218,13 +257,19 @@ def load_checkpoint(
     }
     finetune = finetune or common.get("weights_only", False)
     load_optim = load_optim and not finetune
-    load_rng = load_rng and not finetune and same_layout
+    load_rng = load_rng and not finetune
     if not same_layout and dist.get_rank() == 0 and not finetune:
         print(
             f"loading a checkpoint saved with {common['layout']} on {_layout()}: "
             "resharding model and optimizer; RNG states start fresh",
             flush=True,
         )
+    if load_rng:
+        saved_rng, rng_shape = _saved_rng_shape(ckpt), _rng_ranks()[0]
+        if saved_rng != rng_shape:
+            if same_layout:  # otherwise the note above says so
+                _note_fresh_rng(f"saved for (PP, TP, DP x CP) = {saved_rng}, this run is {rng_shape}")
+            load_rng = False
 
     metadata = common.get("optimizer_metadata", _optimizer_metadata(False))
     optimizers = getattr(state.optimizer, "chained_optimizers", [state.optimizer])
@@ -264,7 +309,12 @@ def load_checkpoint(
         # Mixed-precision optimizers keep fp32 main copies: refresh them from the new weights.
         state.optimizer.reload_model_params()
     if load_rng:
-        _set_rng_state(loaded["rng_state"].data if isinstance(loaded["rng_state"], ShardedObject) else loaded["rng_state"])
+        rng = loaded["rng_state"]
+        rng = rng.data if isinstance(rng, ShardedObject) else rng
+        if ("cuda" in rng) == torch.cuda.is_available():
+            _set_rng_state(rng)
+        else:  # a CUDA generator's state does not fit the CPU one, nor the reverse
+            _note_fresh_rng(f"they were saved {'with' if 'cuda' in rng else 'without'} CUDA")
     if finetune:
         state.iteration, state.consumed_samples = 0, 0
     else:
