@@ -20,6 +20,7 @@ test: setup
 
 bench: setup
 	$(PYTHON) tools/bench/bench_train.py
+	$(PYTHON) tools/bench/bench_reference.py
 	$(PYTHON) tools/bench/bench_logprobs.py
 	$(PYTHON) tools/bench/bench_builder.py
 	$(PYTHON) tools/bench/bench_preprocess.py

@@ -122,14 +122,27 @@ def load_reference(cfg: SimPOConfig, state, weights: str) -> None:
     state.iteration, state.consumed_samples = iteration, consumed
 
 
+def scoring_order(samples) -> list[int]:
+    """Indices of ``samples`` by their longer sequence (prompt + longer response), longest first;
+    ties in index order."""
+    longest = [len(s["prompt"]) + max(len(s["chosen"]), len(s["rejected"])) for s in samples]
+    return sorted(range(len(samples)), key=lambda i: (-longest[i], i))
+
+
 def _micro_batches(cfg: SimPOConfig, dataset, pairs: range, pad_id: int):
-    """This rank's pairs as ``(micro-batch, pair indices)``, in order, laid out as the run lays them out."""
+    """This rank's pairs as ``(micro-batch, pair indices)``, laid out as the run lays them out.
+
+    A pair's scores do not depend on its micro-batch's other pairs, so padded micro-batches take
+    the pairs longest first (``scoring_order``): each is padded to about its own pairs' length.
+    """
     samples = [dataset[i] for i in pairs]
     mbs = cfg.data.micro_batch_size
     if not cfg.data.packing:
         layout = BatchLayout(pad_id, cfg.data.seq_length, pad_multiple(cfg), pairs=mbs, filler=dataset[0])
-        for begin in range(0, len(samples), mbs):
-            yield collate(samples[begin:begin + mbs], layout), list(pairs[begin:begin + mbs])
+        order = scoring_order(samples)
+        for begin in range(0, len(order), mbs):
+            group = order[begin:begin + mbs]
+            yield collate([samples[i] for i in group], layout), [pairs[i] for i in group]
         return
     chunks = _cp_chunks(cfg)
     layout = BatchLayout(pad_id, pad_to_multiple_of=pad_multiple(cfg), packed=True, sequence_multiple_of=chunks)
