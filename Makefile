@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 # The CPU build of torch that the test machines carry; set TORCH_SPEC= to keep an existing torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup example test bench
+.PHONY: setup example lint test bench
 
 setup:
 	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)")
@@ -15,7 +15,12 @@ setup:
 example: setup
 	bash examples/pretrain_simpo.sh
 
-test: setup
+# ruff (pinned in the test extra): lint and format, as pyproject.toml configures them.
+lint: setup
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: lint
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 bench: setup

@@ -1,4 +1,5 @@
 """Builds the C++ preference-pair indexed-dataset writer; everything else is in pyproject.toml."""
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 

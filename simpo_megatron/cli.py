@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def quiet_import_notices() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from simpo_megatron.data.preprocess import preprocess_pairs
 
@@ -24,8 +24,12 @@ def is_own_run(argv: Sequence[str]) -> bool:
 
 def tokenizer_flags(root: str) -> list[str]:
     """The example's tokenizer, in the checkout ``root``."""
-    return ["--tokenizer-type", "SentencePieceTokenizer",
-            "--tokenizer-model", os.path.join(root, "examples", "data", "tokenizer.model")]
+    return [
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        os.path.join(root, "examples", "data", "tokenizer.model"),
+    ]
 
 
 def prepare_data(root: str) -> dict[str, str]:
@@ -36,8 +40,15 @@ def prepare_data(root: str) -> dict[str, str]:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the first rank preprocesses; the others wait, then reuse
         for split, prefix in prefixes.items():
             if not (os.path.exists(prefix + ".idx") and os.path.exists(prefix + ".meta.json")):
-                print(preprocess_pairs(os.path.join(data, f"{split}.jsonl"), prefix, "SentencePieceTokenizer",
-                                       os.path.join(data, "tokenizer.model")), flush=True)
+                print(
+                    preprocess_pairs(
+                        os.path.join(data, f"{split}.jsonl"),
+                        prefix,
+                        "SentencePieceTokenizer",
+                        os.path.join(data, "tokenizer.model"),
+                    ),
+                    flush=True,
+                )
     return prefixes
 
 
@@ -52,7 +63,16 @@ def with_example_defaults(argv: Sequence[str], root: str) -> list[str]:
     prefixes = prepare_data(root)
     output = os.environ.get("OUTPUT_DIR", os.path.join(root, "runs", "tiny"))
     return [
-        "--config", os.path.join(root, "examples", "configs", "tiny.yaml"),
-        "--data-path", prefixes["train"], "--valid-data-path", prefixes["valid"],
-        *tokenizer_flags(root), "--save", output, "--load", output, *argv,
+        "--config",
+        os.path.join(root, "examples", "configs", "tiny.yaml"),
+        "--data-path",
+        prefixes["train"],
+        "--valid-data-path",
+        prefixes["valid"],
+        *tokenizer_flags(root),
+        "--save",
+        output,
+        "--load",
+        output,
+        *argv,
     ]

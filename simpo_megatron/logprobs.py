@@ -235,8 +235,14 @@ def chunked_vocab_parallel_token_logps(
     group = parallel_state.get_tensor_model_parallel_group() if parallel_state.model_parallel_is_initialized() else None
     start = parallel_state.get_tensor_model_parallel_rank() * output_weight.shape[0]
     logps = _ChunkedTokenLogps.apply(
-        hidden.reshape(-1, hidden.shape[-1]), output_weight, labels.reshape(-1),
-        chunk_size, start, vocab_size, logits_transform, group,
+        hidden.reshape(-1, hidden.shape[-1]),
+        output_weight,
+        labels.reshape(-1),
+        chunk_size,
+        start,
+        vocab_size,
+        logits_transform,
+        group,
     )
     return logps.view(labels.shape)
 

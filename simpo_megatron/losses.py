@@ -32,9 +32,10 @@ regularizer is ``hinge`` the same way (``CPOTrainer(loss_type="hinge")``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Callable, Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -85,8 +86,9 @@ class PairScores:
         return self.chosen_logps, self.rejected_logps
 
     def detach(self) -> PairScores:
-        return PairScores(*(t.detach() for t in (self.chosen_logps, self.rejected_logps,
-                                                  self.chosen_tokens, self.rejected_tokens)))
+        return PairScores(
+            *(t.detach() for t in (self.chosen_logps, self.rejected_logps, self.chosen_tokens, self.rejected_tokens))
+        )
 
 
 class LossOutput(NamedTuple):
@@ -168,7 +170,9 @@ def check_loss_args(loss_type: str, *, name: Callable[[str], str] = str, **knobs
         if not (rdpo_alpha >= 0 and math.isfinite(rdpo_alpha)):
             raise ValueError(f"{name('rdpo_alpha')} must be >= 0 (0 disables), got {rdpo_alpha}")
         if rdpo_alpha != 0.0 and "rdpo_alpha" not in entry.knobs:
-            raise ValueError(f"{name('rdpo_alpha')} applies to {name('loss_type')} 'dpo' only; got it with {loss_type!r}")
+            raise ValueError(
+                f"{name('rdpo_alpha')} applies to {name('loss_type')} 'dpo' only; got it with {loss_type!r}"
+            )
     sft_weight = knobs.get("sft_weight")
     if sft_weight is not None and sft_weight < 0:
         raise ValueError(f"{name('sft_weight')} must be >= 0, got {sft_weight}")
@@ -238,11 +242,27 @@ def simpo_loss(
 def _simpo(loss_type: str) -> Callable[..., LossOutput]:
     """SimPO of ``loss_type`` on :class:`PairScores`, averaged or summed as ``average_log_prob`` says."""
 
-    def simpo(policy: PairScores, *, beta: float, gamma_beta_ratio: float = 0.5, label_smoothing: float = 0.0,
-              average_log_prob: bool = True, sft_weight: float = 0.0) -> LossOutput:
+    def simpo(
+        policy: PairScores,
+        *,
+        beta: float,
+        gamma_beta_ratio: float = 0.5,
+        label_smoothing: float = 0.0,
+        average_log_prob: bool = True,
+        sft_weight: float = 0.0,
+    ) -> LossOutput:
         chosen, rejected = policy.logps(average_log_prob)
-        return LossOutput(*simpo_loss(chosen, rejected, beta=beta, gamma_beta_ratio=gamma_beta_ratio,
-                                      loss_type=loss_type, label_smoothing=label_smoothing, sft_weight=sft_weight))
+        return LossOutput(
+            *simpo_loss(
+                chosen,
+                rejected,
+                beta=beta,
+                gamma_beta_ratio=gamma_beta_ratio,
+                loss_type=loss_type,
+                label_smoothing=label_smoothing,
+                sft_weight=sft_weight,
+            )
+        )
 
     simpo.__name__ = simpo.__qualname__ = f"simpo_{loss_type}"
     return simpo
@@ -271,8 +291,15 @@ def _averaged_logratios(policy: PairScores, reference: PairScores) -> torch.Tens
     return chosen - rejected
 
 
-def dpo_loss(policy: PairScores, reference: PairScores, *, beta: float, label_smoothing: float = 0.0,
-             rdpo_alpha: float = 0.0, sft_weight: float = 0.0) -> LossOutput:
+def dpo_loss(
+    policy: PairScores,
+    reference: PairScores,
+    *,
+    beta: float,
+    label_smoothing: float = 0.0,
+    rdpo_alpha: float = 0.0,
+    sft_weight: float = 0.0,
+) -> LossOutput:
     """DPO on summed log-probs; cDPO with ``label_smoothing``; R-DPO with ``rdpo_alpha``.
 
     ``logits = (pc - rc) - (pr - rr)``; ``z = beta*logits + rdpo_alpha*(|y_c| - |y_r|)``;
@@ -328,23 +355,53 @@ _SIMPO_KNOBS = ("beta", "gamma_beta_ratio", "average_log_prob", "sft_weight")
 LOSSES: dict[str, PreferenceLoss] = {
     e.name: e
     for e in (
-        PreferenceLoss("sigmoid", _simpo("sigmoid"), "SimPO, reference-free: -logsigmoid(beta * (logp_w - logp_l) "
-                       "- gamma), on averaged log-probs unless --no-average-log-prob.",
-                       _SIMPO_KNOBS + ("label_smoothing",), needs_reference=False),
-        PreferenceLoss("hinge", _simpo("hinge"), "SimPO's hinge form: relu(1 - beta * (logp_w - logp_l) + gamma).",
-                       _SIMPO_KNOBS, needs_reference=False),
-        PreferenceLoss("dpo", dpo_loss, "DPO on summed log-ratios (cDPO with --label-smoothing, R-DPO with "
-                       "--rdpo-alpha); needs a reference model.",
-                       ("beta", "label_smoothing", "rdpo_alpha", "sft_weight"), needs_reference=True,
-                       logged_logps="sum"),
-        PreferenceLoss("ipo", ipo_loss, "IPO on length-averaged log-ratios, beta as tau; needs a reference model.",
-                       ("beta", "sft_weight"), needs_reference=True, logged_logps="sum"),
-        PreferenceLoss("dpo-norm", dpo_norm_loss, "DPO on length-averaged log-ratios (TRL's sigmoid_norm); "
-                       "needs a reference model.", ("beta", "sft_weight"), needs_reference=True,
-                       logged_logps="sum"),
-        PreferenceLoss("orpo", orpo_loss, "ORPO's odds ratio on averaged log-probs, reference-free; "
-                       "ORPO is this plus --sft-weight 1.", ("beta", "sft_weight"), needs_reference=False,
-                       logged_logps="mean"),
+        PreferenceLoss(
+            "sigmoid",
+            _simpo("sigmoid"),
+            "SimPO, reference-free: -logsigmoid(beta * (logp_w - logp_l) "
+            "- gamma), on averaged log-probs unless --no-average-log-prob.",
+            _SIMPO_KNOBS + ("label_smoothing",),
+            needs_reference=False,
+        ),
+        PreferenceLoss(
+            "hinge",
+            _simpo("hinge"),
+            "SimPO's hinge form: relu(1 - beta * (logp_w - logp_l) + gamma).",
+            _SIMPO_KNOBS,
+            needs_reference=False,
+        ),
+        PreferenceLoss(
+            "dpo",
+            dpo_loss,
+            "DPO on summed log-ratios (cDPO with --label-smoothing, R-DPO with --rdpo-alpha); needs a reference model.",
+            ("beta", "label_smoothing", "rdpo_alpha", "sft_weight"),
+            needs_reference=True,
+            logged_logps="sum",
+        ),
+        PreferenceLoss(
+            "ipo",
+            ipo_loss,
+            "IPO on length-averaged log-ratios, beta as tau; needs a reference model.",
+            ("beta", "sft_weight"),
+            needs_reference=True,
+            logged_logps="sum",
+        ),
+        PreferenceLoss(
+            "dpo-norm",
+            dpo_norm_loss,
+            "DPO on length-averaged log-ratios (TRL's sigmoid_norm); needs a reference model.",
+            ("beta", "sft_weight"),
+            needs_reference=True,
+            logged_logps="sum",
+        ),
+        PreferenceLoss(
+            "orpo",
+            orpo_loss,
+            "ORPO's odds ratio on averaged log-probs, reference-free; ORPO is this plus --sft-weight 1.",
+            ("beta", "sft_weight"),
+            needs_reference=False,
+            logged_logps="mean",
+        ),
     )
 }
 LOSS_TYPES = tuple(LOSSES)

@@ -243,8 +243,13 @@ def initialize_distributed(
     if not dist.is_initialized():
         # A plain `python` run: a world of one. What is set here goes again on destroy, so
         # that a later torchrun or process group started from this process starts clean.
-        for name, default in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                              ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", None)):
+        for name, default in (
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", None),
+        ):
             if name not in os.environ:
                 os.environ[name] = default or str(_free_port())
                 _ENV_SET.append(name)

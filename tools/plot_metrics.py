@@ -18,7 +18,7 @@ import argparse
 import json
 import math
 import sys
-from typing import Iterable, Sequence
+from collections.abc import Sequence
 
 PANELS = (
     ("loss", "loss"),
@@ -105,8 +105,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: cannot read --metrics {args.metrics}: {e}", file=sys.stderr)
         return 2
     if not any(series(by_split.get(split, {}), key)[0] for split, _, _ in SPLITS for key, _ in PANELS):
-        print(f"error: {args.metrics} has no train or valid records with {', '.join(k for k, _ in PANELS)}",
-              file=sys.stderr)
+        print(
+            f"error: {args.metrics} has no train or valid records with {', '.join(k for k, _ in PANELS)}",
+            file=sys.stderr,
+        )
         return 2
     try:
         import matplotlib  # noqa: F401

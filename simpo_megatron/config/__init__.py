@@ -26,7 +26,19 @@ from simpo_megatron.config.sections import (
 from simpo_megatron.config.validation import validate
 
 __all__ = [
-    "SECTIONS", "CheckpointConfig", "ConfigError", "DataConfig", "LoggingConfig", "LossConfig", "ModelConfig",
-    "OptimizerConfig", "ParallelConfig", "SimPOConfig", "build_parser", "flag", "load_config", "read_yaml",
+    "SECTIONS",
+    "CheckpointConfig",
+    "ConfigError",
+    "DataConfig",
+    "LoggingConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimizerConfig",
+    "ParallelConfig",
+    "SimPOConfig",
+    "build_parser",
+    "flag",
+    "load_config",
+    "read_yaml",
     "validate",
 ]

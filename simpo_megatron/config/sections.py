@@ -104,7 +104,8 @@ class ModelConfig:
     hidden_dropout: float = _opt(0.0, "Dropout on hidden states.")
     attention_dropout: float = _opt(0.0, "Dropout on attention probabilities.")
     transformer_impl: str = _opt(
-        "local", "Layer implementation: megatron-core local layers or Transformer Engine.",
+        "local",
+        "Layer implementation: megatron-core local layers or Transformer Engine.",
         ("local", "transformer_engine"),
     )
     bf16: bool = _opt(False, "bf16 parameters and compute (GPU).")
@@ -116,16 +117,28 @@ class ModelConfig:
     fp8_amax_compute_algo: str = _opt("most_recent", "FP8 amax reduction over the history.", ("max", "most_recent"))
     fp8_param_gather: bool = _opt(False, "Keep parameters in FP8 and all-gather them in FP8.")
     logprob_chunk_size: int = _opt(
-        0, "The last stage returns its hidden states and the loss computes the log-prob head in "
+        0,
+        "The last stage returns its hidden states and the loss computes the log-prob head in "
         "chunks of this many tokens, so the full-vocabulary logits of a micro-batch never exist at "
-        "once (0: off)."
+        "once (0: off).",
     )
 
     # Settings of how the model is trained or run, not of the function it computes.
     NOT_ARCHITECTURE = (
-        "make_vocab_size_divisible_by", "init_method_std", "hidden_dropout", "attention_dropout",
-        "transformer_impl", "bf16", "fp16", "fp8_format", "fp8_recipe", "fp8_margin",
-        "fp8_amax_history_len", "fp8_amax_compute_algo", "fp8_param_gather", "logprob_chunk_size",
+        "make_vocab_size_divisible_by",
+        "init_method_std",
+        "hidden_dropout",
+        "attention_dropout",
+        "transformer_impl",
+        "bf16",
+        "fp16",
+        "fp8_format",
+        "fp8_recipe",
+        "fp8_margin",
+        "fp8_amax_history_len",
+        "fp8_amax_compute_algo",
+        "fp8_param_gather",
+        "logprob_chunk_size",
     )
 
     @classmethod
@@ -154,14 +167,17 @@ class ParallelConfig:
         False, "Sequence parallelism (needs TP > 1 and --transformer-impl transformer_engine)."
     )
     context_parallel_size: int = _opt(
-        1, "Context-parallel size: every sequence is split over this many ranks (2N chunks, rank r "
+        1,
+        "Context-parallel size: every sequence is split over this many ranks (2N chunks, rank r "
         "holding chunks r and 2N-1-r, as megatron-core), to fit long sequences; --seq-length must "
-        "be a multiple of 2N."
+        "be a multiple of 2N.",
     )
     cp_comm_type: str = _opt(
-        "p2p", "How Transformer Engine's attention exchanges keys and values with "
+        "p2p",
+        "How Transformer Engine's attention exchanges keys and values with "
         "--context-parallel-size > 1 (ring p2p, all-to-all over heads, or all-gather); the local "
-        "layers always all-gather them.", ("p2p", "a2a", "allgather"),
+        "layers always all-gather them.",
+        ("p2p", "a2a", "allgather"),
     )
     use_distributed_optimizer: bool = _opt(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
     overlap_grad_reduce: bool = _opt(False, "Overlap the data-parallel gradient reduce with backward.")
@@ -183,19 +199,20 @@ class DataConfig:
     global_batch_size: int = _opt(8, "Preference pairs per optimizer step, over all data-parallel ranks.")
     seq_length: int = _opt(256, "Tokens per sequence (prompt + response).")
     max_prompt_length: int | None = _opt(
-        None, "When prompt + the longer response exceed --seq-length, cut the prompt to at most this "
+        None,
+        "When prompt + the longer response exceed --seq-length, cut the prompt to at most this "
         "many tokens (its BOS and its last tokens), then the responses to the room left, as TRL and "
         "the SimPO recipes do. Without it the prompt yields only what is needed (down to its BOS). "
-        "No response is ever left empty."
+        "No response is ever left empty.",
     )
     pad_to_multiple_of: int = _opt(
-        8, "Pad each micro-batch to its longest sequence rounded up to this multiple "
-        "(0: always to --seq-length)."
+        8, "Pad each micro-batch to its longest sequence rounded up to this multiple (0: always to --seq-length)."
     )
     packing: bool = _opt(
-        False, "Pack the sequences of each global batch densely into rows of --seq-length "
+        False,
+        "Pack the sequences of each global batch densely into rows of --seq-length "
         "(attention within each sequence only); a packed micro-batch holds at most "
-        "2 x --micro-batch-size x --seq-length tokens."
+        "2 x --micro-batch-size x --seq-length tokens.",
     )
     data_path: list[str] = _list_opt("Preprocessed prefixes, optionally weighted: 'A' or '0.7 A 0.3 B'.")
     valid_data_path: list[str] = _list_opt("Separate validation prefixes (instead of --split).")
@@ -217,15 +234,18 @@ class LossConfig:
     loss_type: str = _opt("sigmoid", "Preference loss.", _loss_types)
     label_smoothing: float = _opt(0.0, "Label smoothing, in [0, 0.5]: SimPO's sigmoid, and conservative DPO (dpo).")
     rdpo_alpha: float = _opt(
-        0.0, "R-DPO length margin: alpha x (|chosen| - |rejected|) added to beta x the DPO logits "
-        "(--loss-type dpo only; 0 disables)."
+        0.0,
+        "R-DPO length margin: alpha x (|chosen| - |rejected|) added to beta x the DPO logits "
+        "(--loss-type dpo only; 0 disables).",
     )
     sft_weight: float = _opt(0.0, "Weight of the SFT term on the chosen responses.")
     sft_loss_form: str = _opt(
-        "token", "SFT term: 'token' is the cross-entropy averaged over all chosen-response tokens of "
+        "token",
+        "SFT term: 'token' is the cross-entropy averaged over all chosen-response tokens of "
         "the global batch (the SimPO repository and TRL's cpo_alpha take it per micro-batch); "
         "'pair' is -logp(chosen) per pair, averaged over pairs (length-normalized or summed, as "
-        "--average-log-prob says).", ("token", "pair"),
+        "--average-log-prob says).",
+        ("token", "pair"),
     )
     average_log_prob: bool = _opt(True, "Length-normalized log-probs (SimPO); --no-average-log-prob sums.")
 
@@ -246,8 +266,9 @@ class OptimizerConfig:
     lr_decay_iters: int | None = _opt(None, "Iterations of decay (default: --train-iters).")
     lr_warmup_iters: int = _opt(0, "Linear warmup iterations.")
     lr_warmup_fraction: float | None = _opt(
-        None, "Warmup as a fraction of the decay iterations, rounded up: ceil(fraction x iterations), "
-        "as Hugging Face's warmup_ratio."
+        None,
+        "Warmup as a fraction of the decay iterations, rounded up: ceil(fraction x iterations), "
+        "as Hugging Face's warmup_ratio.",
     )
     weight_decay: float = _opt(0.0, "Decoupled weight decay.")
     adam_beta1: float = _opt(0.9, "Adam beta1.")
@@ -272,16 +293,19 @@ class CheckpointConfig:
     no_load_rng: bool = _opt(False, "Do not load RNG state.")
     finetune: bool = _opt(False, "Load weights only and start at iteration 0.")
     ref_load: str | None = _opt(
-        None, "Reference model of a reference-based --loss-type (an HF directory or a checkpoint directory); "
-        "default: the weights --load starts from."
+        None,
+        "Reference model of a reference-based --loss-type (an HF directory or a checkpoint directory); "
+        "default: the weights --load starts from.",
     )
     ref_scores_dir: str | None = _opt(
-        None, "Where the reference model's scores of each dataset are kept (computed once, reused while the "
-        "data, the reference and the truncation are the same); default: beside each --data-path prefix."
+        None,
+        "Where the reference model's scores of each dataset are kept (computed once, reused while the "
+        "data, the reference and the truncation are the same); default: beside each --data-path prefix.",
     )
     dist_ckpt_optim_fully_reshardable: bool = _opt(
-        False, "Save distributed-optimizer state so that it loads on any TP/PP/DP layout "
-        "(gathers it at save time); by default it reshards over data-parallel ranks only."
+        False,
+        "Save distributed-optimizer state so that it loads on any TP/PP/DP layout "
+        "(gathers it at save time); by default it reshards over data-parallel ranks only.",
     )
 
 
@@ -291,16 +315,18 @@ class LoggingConfig:
 
     log_interval: int = _opt(10, "Print metrics every this many iterations (averaged over them, as Megatron-LM).")
     health_check_window: int = _opt(
-        5, "Warn (console and metrics file) when the reward margin stays below 0.5 or above 5.0, or "
+        5,
+        "Warn (console and metrics file) when the reward margin stays below 0.5 or above 5.0, or "
         "the mean log-probs below -10 or above 0 (signs of a diverging SimPO run), for this many "
-        "log intervals in a row; once per episode. 0 disables."
+        "log intervals in a row; once per episode. 0 disables.",
     )
     tensorboard_dir: str | None = _opt(None, "Write TensorBoard events here.")
     metrics_file: str | None = _opt(None, "Metrics JSONL (default: SAVE/metrics.jsonl when --save is set).")
     eval_interval: int | None = _opt(None, "Evaluate every this many iterations.")
     eval_iters: int = _opt(
-        10, "Global batches per evaluation (the same pairs each time, a partial last batch "
-        "included); -1 scores every validation pair exactly once, as the SimPO recipes evaluate."
+        10,
+        "Global batches per evaluation (the same pairs each time, a partial last batch "
+        "included); -1 scores every validation pair exactly once, as the SimPO recipes evaluate.",
     )
     eval_only: bool = _opt(False, "Evaluate the loaded checkpoint and exit.")
 
@@ -357,9 +383,7 @@ class SimPOConfig:
         changes: dict[str, dict[str, Any]] = {}
         for name, value in values.items():
             changes.setdefault(owner[name], {})[name] = value
-        return dataclasses.replace(
-            self, **{s: dataclasses.replace(getattr(self, s), **v) for s, v in changes.items()}
-        )
+        return dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s), **v) for s, v in changes.items()})
 
     def to_flat(self) -> dict[str, Any]:
         """Every setting by its flat name (what checkpoints record)."""

@@ -69,8 +69,7 @@ def _check_model(model: ModelConfig) -> None:
     groups = model.num_query_groups or model.num_attention_heads
     if model.num_attention_heads % groups != 0:
         raise ConfigError(
-            f"--num-attention-heads ({model.num_attention_heads}) is not divisible by "
-            f"--num-query-groups ({groups})"
+            f"--num-attention-heads ({model.num_attention_heads}) is not divisible by --num-query-groups ({groups})"
         )
     if model.kv_channels is None and model.hidden_size % model.num_attention_heads != 0:
         raise ConfigError(
@@ -83,8 +82,13 @@ def _check_model(model: ModelConfig) -> None:
         raise ConfigError(f"--logprob-chunk-size must be >= 0, got {model.logprob_chunk_size}")
     if model.geglu and model.swiglu:
         raise ConfigError("--geglu and --swiglu are mutually exclusive (pass --no-swiglu)")
-    for name in ("softmax_scale", "attn_logit_softcapping", "final_logit_softcapping",
-                 "sliding_window", "window_attn_skip_freq"):
+    for name in (
+        "softmax_scale",
+        "attn_logit_softcapping",
+        "final_logit_softcapping",
+        "sliding_window",
+        "window_attn_skip_freq",
+    ):
         if getattr(model, name) is not None and getattr(model, name) <= 0:
             raise ConfigError(f"{flag(name)} must be > 0, got {getattr(model, name)}")
     if model.transformer_impl == "transformer_engine":
@@ -172,8 +176,7 @@ def _check_layout(cfg: SimPOConfig, world_size: int) -> None:
     if world_size % par.model_parallel_size != 0:
         raise ConfigError(
             f"world size {world_size} is not divisible by --tensor-model-parallel-size ({tp}) "
-            f"x --pipeline-model-parallel-size ({pp})"
-            + (f" x --context-parallel-size ({cp})" if cp > 1 else "")
+            f"x --pipeline-model-parallel-size ({pp})" + (f" x --context-parallel-size ({cp})" if cp > 1 else "")
         )
     if model.num_attention_heads % tp != 0:
         raise ConfigError(

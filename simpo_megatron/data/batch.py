@@ -54,9 +54,13 @@ class PackedLayout:
         from megatron.core.packed_seq_params import PackedSeqParams
 
         return PackedSeqParams(
-            qkv_format="thd", cu_seqlens_q=self.cu_seqlens, cu_seqlens_kv=self.cu_seqlens,
-            cu_seqlens_q_padded=self.cu_seqlens_padded, cu_seqlens_kv_padded=self.cu_seqlens_padded,
-            max_seqlen_q=self.max_seqlen, max_seqlen_kv=self.max_seqlen,
+            qkv_format="thd",
+            cu_seqlens_q=self.cu_seqlens,
+            cu_seqlens_kv=self.cu_seqlens,
+            cu_seqlens_q_padded=self.cu_seqlens_padded,
+            cu_seqlens_kv_padded=self.cu_seqlens_padded,
+            max_seqlen_q=self.max_seqlen,
+            max_seqlen_kv=self.max_seqlen,
         )
 
     def to(self, device, non_blocking: bool = False) -> PackedLayout:
@@ -152,8 +156,12 @@ class MicroBatch:
                 cu_seqlens_padded=one_more(packed.cu_seqlens_padded),
             )
         return dataclasses.replace(
-            self, tokens=pad(self.tokens), labels=pad(self.labels), loss_mask=pad(self.loss_mask),
-            position_ids=position_ids, packed=packed,
+            self,
+            tokens=pad(self.tokens),
+            labels=pad(self.labels),
+            loss_mask=pad(self.loss_mask),
+            position_ids=position_ids,
+            packed=packed,
         )
 
 
@@ -239,7 +247,10 @@ def collate(samples: Sequence[PairSample], layout: BatchLayout) -> MicroBatch:
     else:
         tokens, labels, loss_mask, position_ids = _padded(rows, layout)
     return MicroBatch(
-        tokens, labels, loss_mask, position_ids,
+        tokens,
+        labels,
+        loss_mask,
+        position_ids,
         num_pairs=real,
         num_tokens=sum(2 * len(s["prompt"]) + len(s["chosen"]) + len(s["rejected"]) for s in samples[:real]),
         pair_weights=None if layout.pairs is None else torch.tensor([1.0] * real + [0.0] * (layout.pairs - real)),

@@ -54,9 +54,7 @@ def split_matrix(split: str) -> list[tuple[float, float] | None]:
     """Megatron's `--split` ("98,2,0": train, valid, test proportions) as [begin, end) fractions."""
     items = split.split(",")
     if len(items) > 3 or not all(_PROPORTION.fullmatch(item) for item in items):
-        raise ValueError(
-            f"split must be up to 3 comma-separated proportions like '98,2,0', got {split!r}"
-        )
+        raise ValueError(f"split must be up to 3 comma-separated proportions like '98,2,0', got {split!r}")
     if sum(float(item) for item in items) <= 0:
         raise ValueError(f"split proportions must not all be zero, got {split!r}")
     return convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
@@ -84,15 +82,11 @@ class BlendedPairDataset(torch.utils.data.Dataset):
             raise ValueError("datasets must not be empty")
         lengths = np.array([len(d) for d in datasets], dtype=np.int64)
         if lengths.min() == 0:
-            raise ValueError(
-                f"every blended dataset needs at least one pair, got sizes {lengths.tolist()}"
-            )
+            raise ValueError(f"every blended dataset needs at least one pair, got sizes {lengths.tolist()}")
         if weights is not None and (
             len(weights) != len(datasets) or not all(math.isfinite(w) and w > 0 for w in weights)
         ):
-            raise ValueError(
-                f"weights must be {len(datasets)} positive numbers, got {list(weights)}"
-            )
+            raise ValueError(f"weights must be {len(datasets)} positive numbers, got {list(weights)}")
         if size is not None and size < 1:
             raise ValueError(f"size must be >= 1, got {size}")
 
@@ -100,9 +94,7 @@ class BlendedPairDataset(torch.utils.data.Dataset):
         dataset_index = np.zeros(total, dtype=np.int16)
         dataset_sample_index = np.zeros(total, dtype=np.int64)
         if weights is None and size is None:
-            helpers.build_exhaustive_blending_indices(
-                dataset_index, dataset_sample_index, lengths, len(datasets)
-            )
+            helpers.build_exhaustive_blending_indices(dataset_index, dataset_sample_index, lengths, len(datasets))
         else:
             ratios = normalize(lengths.tolist() if weights is None else list(weights))
             helpers.build_blending_indices(
@@ -192,9 +184,7 @@ def build_pair_datasets(
             # Rounded as megatron-core's BlendedMegatronDatasetBuilder rounds its splits.
             begin, end = (int(round(b * float(num_pairs))) for b in bookends)
             if begin == end:
-                raise ValueError(
-                    f"split {split!r} leaves no {name} pairs of {prefix} ({num_pairs} pairs)"
-                )
+                raise ValueError(f"split {split!r} leaves no {name} pairs of {prefix} ({num_pairs} pairs)")
             parts.append(dataset(prefix, np.arange(begin, end)))
     train = _blend(train_parts, weights, train_samples, seed)
     valid = _blend(valid_parts, weights if valid_samples else None, valid_samples, seed) if valid_parts else None

@@ -116,9 +116,7 @@ class PreferencePairWriter:
         for path in self._final.values():
             fsutil.remove_dead_temporaries(path)
         self._temp = {key: fsutil.temporary_path(path) for key, path in self._final.items()}
-        self._builder = _pair_builder.PairBuilder(
-            self._temp["bin"], DTYPE_CODES[self.dtype], vocab_size
-        )
+        self._builder = _pair_builder.PairBuilder(self._temp["bin"], DTYPE_CODES[self.dtype], vocab_size)
         self._closed = False
 
     def add_batch(self, tokens: np.ndarray, seq_offsets: np.ndarray) -> None:
@@ -233,7 +231,3 @@ def merge_pair_datasets(inputs: Sequence[str], output_prefix: str) -> dict[str, 
         for prefix in inputs:
             writer.add_dataset(prefix)
     return read_sidecar(output_prefix)
-
-
-
-

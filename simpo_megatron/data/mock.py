@@ -46,4 +46,8 @@ class MockPairDataset(torch.utils.data.Dataset):
         prompt = np.concatenate([[BOS], rng.integers(FIRST_ID, self.vocab_size, prompt_len - 1)])
         chosen = np.concatenate([rng.choice(evens, chosen_len), [EOS]])
         rejected = np.concatenate([rng.choice(odds, rejected_len), [EOS]])
-        return {"prompt": prompt.astype(np.int64), "chosen": chosen.astype(np.int64), "rejected": rejected.astype(np.int64)}
+        return {
+            "prompt": prompt.astype(np.int64),
+            "chosen": chosen.astype(np.int64),
+            "rejected": rejected.astype(np.int64),
+        }

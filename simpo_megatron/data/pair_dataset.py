@@ -25,9 +25,7 @@ def check_prefix_exists(prefix: str) -> None:
 
 def _check_lengths(seq_length: int, max_prompt_length: int | None) -> None:
     if seq_length < 2:
-        raise ValueError(
-            f"seq_length must be >= 2 (one prompt and one response token), got {seq_length}"
-        )
+        raise ValueError(f"seq_length must be >= 2 (one prompt and one response token), got {seq_length}")
     if max_prompt_length is not None and not 1 <= max_prompt_length < seq_length:
         raise ValueError(
             f"max_prompt_length must be in [1, seq_length) so every response keeps a token, "
@@ -57,8 +55,7 @@ def truncation_lengths(
     _check_lengths(seq_length, max_prompt_length)
     if min(prompt_len, chosen_len, rejected_len) < 1:
         raise ValueError(
-            f"prompt, chosen and rejected must be non-empty, got lengths "
-            f"{prompt_len}, {chosen_len}, {rejected_len}"
+            f"prompt, chosen and rejected must be non-empty, got lengths {prompt_len}, {chosen_len}, {rejected_len}"
         )
     overflow = prompt_len + max(chosen_len, rejected_len) - seq_length
     if overflow <= 0:
@@ -96,9 +93,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
 
         num_pairs = len(self.indexed.document_indices) - 1
         if not np.array_equal(self.indexed.document_indices, np.arange(0, 3 * num_pairs + 1, 3)):
-            raise ValueError(
-                f"{prefix}: every document must hold exactly 3 sequences (prompt, chosen, rejected)"
-            )
+            raise ValueError(f"{prefix}: every document must hold exactly 3 sequences (prompt, chosen, rejected)")
         lengths = self.indexed.sequence_lengths.reshape(num_pairs, 3)
         empty = np.flatnonzero(lengths.min(axis=1) == 0)
         if empty.size:
@@ -119,9 +114,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> PairSample:
         first = 3 * int(self.indices[i])
         prompt, chosen, rejected = (self.indexed[first + k] for k in range(3))
-        p, c, r = truncation_lengths(
-            len(prompt), len(chosen), len(rejected), self.seq_length, self.max_prompt_length
-        )
+        p, c, r = truncation_lengths(len(prompt), len(chosen), len(rejected), self.seq_length, self.max_prompt_length)
         if p < len(prompt):
             prompt = np.concatenate([prompt[:1], prompt[len(prompt) - p + 1 :]])
         return {"prompt": prompt, "chosen": chosen[:c], "rejected": rejected[:r]}

@@ -37,6 +37,7 @@ import numpy as np
 from simpo_megatron.data.readers import Chunk, PairError, json_type, parse_line, parse_lines, record_field
 from simpo_megatron.data.tokenizers import BaseTokenizer, ChatTemplateError, Message, build_tokenizer
 
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """What a worker process needs to build its own PairEncoder."""
@@ -125,8 +126,10 @@ def split_pair(
     if chosen_full[:start] != rejected_full[:start]:
         # The prompt's tokens changed beyond its last one (TRL tolerates one such token): their
         # common prefix, which may be all of the shorter (its response is then empty, an error).
-        start = next((i for i, (a, b) in enumerate(zip(chosen_full, rejected_full)) if a != b),
-                     min(len(chosen_full), len(rejected_full)))
+        start = next(
+            (i for i, (a, b) in enumerate(zip(chosen_full, rejected_full)) if a != b),
+            min(len(chosen_full), len(rejected_full)),
+        )
     merged = (chosen_start < n) + (rejected_start < n)
     shifted = (chosen_start > start) + (rejected_start > start)
     return chosen_full[:start], chosen_full[start:], rejected_full[start:], merged, shifted
@@ -238,8 +241,12 @@ class PairEncoder:
                     pass  # the slow path names the problem
                 else:
                     if (
-                        type(prompt) is str and type(chosen) is str and type(rejected) is str
-                        and prompt.strip() and chosen.strip() and rejected.strip()
+                        type(prompt) is str
+                        and type(chosen) is str
+                        and type(rejected) is str
+                        and prompt.strip()
+                        and chosen.strip()
+                        and rejected.strip()
                         and not (eos_token and (eos_token in chosen or eos_token in rejected))
                     ):
                         texts = (prompt, chosen, rejected)
@@ -389,8 +396,7 @@ class PairEncoder:
         if self.tokenizer.chat_template is None:
             raise PairError(
                 "chat_template",
-                "the pair holds chat messages but the tokenizer has no chat template; "
-                "pass --chat-template FILE",
+                "the pair holds chat messages but the tokenizer has no chat template; pass --chat-template FILE",
                 fatal=True,
             )
         prompt_turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
@@ -430,4 +436,3 @@ class PairEncoder:
                 f"(its first response turn has role {turns[0]['role']!r})",
             )
         return turns
-

@@ -237,9 +237,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> str:
     """Preprocess as the parsed flags say; returns the summary. Raises InputError."""
     return preprocess_pairs(
-        args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
-        chat_template=args.chat_template, json_keys=args.json_keys, append_eod=args.append_eod,
-        skip_invalid=args.skip_invalid, workers=args.workers, log_interval=args.log_interval,
+        args.input,
+        args.output_prefix,
+        args.tokenizer_type,
+        args.tokenizer_model,
+        chat_template=args.chat_template,
+        json_keys=args.json_keys,
+        append_eod=args.append_eod,
+        skip_invalid=args.skip_invalid,
+        workers=args.workers,
+        log_interval=args.log_interval,
     )
 
 

@@ -12,9 +12,9 @@ them) per global batch; ``eval_micro_batches(...)`` reads the validation pairs o
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
 
 import torch
 
@@ -143,8 +143,16 @@ def micro_batches(
     (``variable_seq_lengths``).
     """
     layout = BatchLayout(pad_id, seq_length=cfg.data.seq_length, pad_to_multiple_of=pad_multiple(cfg))
-    return _sampled(dataset, cfg, consumed_samples, cfg.data.micro_batch_size, data_parallel_rank,
-                    data_parallel_size, shuffle, partial(collate, layout=layout))
+    return _sampled(
+        dataset,
+        cfg,
+        consumed_samples,
+        cfg.data.micro_batch_size,
+        data_parallel_rank,
+        data_parallel_size,
+        shuffle,
+        partial(collate, layout=layout),
+    )
 
 
 def _sampled(dataset, cfg, consumed_samples, batch_size, data_parallel_rank, data_parallel_size, shuffle, collate_fn):
@@ -171,11 +179,16 @@ def _loaded(dataset, sampler, collate_fn, cfg, persistent: bool) -> Iterator:
     one mid-run).
     """
     workers = cfg.data.num_workers
-    return iter(torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=workers,
-        persistent_workers=persistent and workers > 0,
-        generator=torch.Generator().manual_seed(cfg.optimizer.seed),
-    ))
+    return iter(
+        torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate_fn,
+            num_workers=workers,
+            persistent_workers=persistent and workers > 0,
+            generator=torch.Generator().manual_seed(cfg.optimizer.seed),
+        )
+    )
 
 
 def global_batches(
@@ -234,7 +247,10 @@ def eval_micro_batches(
         num_pairs, cfg.data.micro_batch_size, cfg.data.global_batch_size, data_parallel_rank, data_parallel_size
     )
     layout = BatchLayout(
-        pad_id, seq_length=cfg.data.seq_length, pad_to_multiple_of=pad_multiple(cfg),
-        pairs=cfg.data.micro_batch_size, filler=dataset[0],
+        pad_id,
+        seq_length=cfg.data.seq_length,
+        pad_to_multiple_of=pad_multiple(cfg),
+        pairs=cfg.data.micro_batch_size,
+        filler=dataset[0],
     )
     return _loaded(dataset, sampler, partial(collate, layout=layout), cfg, persistent=False)

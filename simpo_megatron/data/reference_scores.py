@@ -201,7 +201,8 @@ def _safetensors_tensors(fh: BinaryIO, size: int) -> tuple[bytes, list[tuple[int
     header = json.loads(raw)
     items = [
         (8 + length + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
-        for k, v in sorted(header.items()) if k != "__metadata__"
+        for k, v in sorted(header.items())
+        if k != "__metadata__"
     ]
     return raw, items
 
@@ -261,7 +262,9 @@ def _megatron_fingerprint(ckpt: str) -> str:
         for *_, rel, offset, length in storage:
             items.setdefault(rel, []).append((offset, length))
     paths = sorted(
-        os.path.relpath(os.path.join(root, f), ckpt) for root, _, fs in os.walk(ckpt) for f in fs
+        os.path.relpath(os.path.join(root, f), ckpt)
+        for root, _, fs in os.walk(ckpt)
+        for f in fs
         if not (root == ckpt and f == _DCP_METADATA)
     )
     for rel in paths:
@@ -397,8 +400,6 @@ def write_reference_scores(
         fh.write(digest.digest())
 
 
-
-
 def _read_header(path: str) -> tuple[dict[str, Any], int]:
     """The header of `path` and the payload's offset, after checking that the file is one of
     ours, of this format version, and of the size its header implies (not the checksum)."""
@@ -434,9 +435,7 @@ def _read_header(path: str) -> tuple[dict[str, Any], int]:
     expected = offset + num_pairs * _BYTES_PER_PAIR + _CHECKSUM_BYTES
     if size != expected:
         kind = "truncated" if size < expected else "corrupted (trailing bytes)"
-        raise ReferenceScoresError(
-            f"{path}: {kind}: {size} bytes, a complete file of {num_pairs} pairs has {expected}"
-        )
+        raise ReferenceScoresError(f"{path}: {kind}: {size} bytes, a complete file of {num_pairs} pairs has {expected}")
     return header, offset
 
 
@@ -504,8 +503,7 @@ def find_reference_scores(directory: str, prefix: str, key: ReferenceKey) -> str
     stored = _stored_key(path, header)
     if stored != key:
         raise ReferenceScoresError(
-            f"{path}: its name is of this run's settings but its key differs: "
-            f"{describe_difference(stored, key)}"
+            f"{path}: its name is of this run's settings but its key differs: {describe_difference(stored, key)}"
         )
     return path
 

@@ -51,13 +51,9 @@ class PairBatchSampler:
                 f"({micro_batch_size}) x data_parallel_size ({data_parallel_size})"
             )
         if not 0 <= data_parallel_rank < data_parallel_size:
-            raise ValueError(
-                f"data_parallel_rank must be in [0, {data_parallel_size}), got {data_parallel_rank}"
-            )
+            raise ValueError(f"data_parallel_rank must be in [0, {data_parallel_size}), got {data_parallel_rank}")
         if total_pairs < global_batch_size:
-            raise ValueError(
-                f"total_pairs ({total_pairs}) must be >= global_batch_size ({global_batch_size})"
-            )
+            raise ValueError(f"total_pairs ({total_pairs}) must be >= global_batch_size ({global_batch_size})")
         if consumed_samples < 0 or consumed_samples % global_batch_size != 0:
             raise ValueError(
                 f"consumed_samples ({consumed_samples}) must be a non-negative multiple of "

@@ -129,9 +129,7 @@ class BaseTokenizer(ABC):
         return self.tokenize_batch([text])[0]
 
     def _no_template(self) -> ChatTemplateError:
-        return ChatTemplateError(
-            f"tokenizer {self.model!r} has no chat template; pass one (--chat-template FILE)"
-        )
+        return ChatTemplateError(f"tokenizer {self.model!r} has no chat template; pass one (--chat-template FILE)")
 
     @cached_property
     def fingerprint(self) -> str:
@@ -141,9 +139,7 @@ class BaseTokenizer(ABC):
     def describe(self) -> dict[str, Any]:
         """What a dataset's sidecar records about the tokenizer that wrote it."""
         template_sha = (
-            hashlib.sha256(self.chat_template.encode("utf-8")).hexdigest()
-            if self.chat_template is not None
-            else None
+            hashlib.sha256(self.chat_template.encode("utf-8")).hexdigest() if self.chat_template is not None else None
         )
         return {
             "type": self.name,
@@ -203,8 +199,12 @@ class SentencePieceTokenizer(BaseTokenizer):
 
     @property
     def special_tokens(self) -> dict[str, str]:
-        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self._own_pad_id,
-               "unk_token": self._id_or_none(self._sp.unk_id())}
+        ids = {
+            "bos_token": self.bos_id,
+            "eos_token": self.eos_id,
+            "pad_token": self._own_pad_id,
+            "unk_token": self._id_or_none(self._sp.unk_id()),
+        }
         return {key: self._sp.id_to_piece(i) for key, i in ids.items() if i is not None}
 
     def tokenize_batch(self, texts: Sequence[str]) -> list[list[int]]:

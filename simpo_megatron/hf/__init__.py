@@ -18,6 +18,12 @@ from simpo_megatron.hf.files import is_hf_checkpoint
 from simpo_megatron.hf.load import HF_CONFIG_DIR, hf_model_overrides, load_hf_weights, save_hf_config
 
 __all__ = [
-    "HF_CONFIG_DIR", "HFConversionError", "hf_config_to_overrides", "hf_model_overrides", "is_hf_checkpoint",
-    "load_hf_weights", "save_hf_config", "to_hf_config",
+    "HF_CONFIG_DIR",
+    "HFConversionError",
+    "hf_config_to_overrides",
+    "hf_model_overrides",
+    "is_hf_checkpoint",
+    "load_hf_weights",
+    "save_hf_config",
+    "to_hf_config",
 ]

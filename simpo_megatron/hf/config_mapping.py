@@ -18,7 +18,9 @@ from simpo_megatron.hf.errors import HFConversionError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2")
 ARCHITECTURES = {
-    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
 }
 _TIED_BY_DEFAULT = {"gemma2"}  # transformers' default tie_word_embeddings per model type
@@ -174,17 +176,26 @@ def hf_model_type(model: ModelConfig, base: Mapping[str, Any] | None = None) -> 
     """The HF model_type of ``model``: ``base``'s (the original config.json), else the one its
     fields describe (Gemma-2, Qwen2, Mistral or Llama); raises unless the fields fit it."""
     model_type = (base or {}).get("model_type") or (
-        "gemma2" if model.sandwich_norm
-        else "qwen2" if model.add_qkv_bias
-        else "mistral" if model.sliding_window
+        "gemma2"
+        if model.sandwich_norm
+        else "qwen2"
+        if model.add_qkv_bias
+        else "mistral"
+        if model.sliding_window
         else "llama"
     )
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise HFConversionError(f"base config.json: model_type {model_type!r} is not supported")
     gemma = model_type == "gemma2"
     expected = dict(
-        swiglu=not gemma, geglu=gemma, apply_layernorm_1p=gemma, sandwich_norm=gemma, scale_embeddings=gemma,
-        add_qkv_bias=model_type == "qwen2", normalization="RMSNorm", rotary_percent=1.0,
+        swiglu=not gemma,
+        geglu=gemma,
+        apply_layernorm_1p=gemma,
+        sandwich_norm=gemma,
+        scale_embeddings=gemma,
+        add_qkv_bias=model_type == "qwen2",
+        normalization="RMSNorm",
+        rotary_percent=1.0,
     )
     for name, value in expected.items():
         if getattr(model, name) != value:
@@ -215,8 +226,11 @@ def to_hf_config(
     model = cfg.model
     model_type = hf_model_type(model, base)
     out = dict(base or {})
-    for key, value in (("vocab_size", model.vocab_size), ("hidden_size", model.hidden_size),
-                       ("num_hidden_layers", model.num_layers)):
+    for key, value in (
+        ("vocab_size", model.vocab_size),
+        ("hidden_size", model.hidden_size),
+        ("num_hidden_layers", model.num_layers),
+    ):
         if out.get(key) not in (None, value):
             raise HFConversionError(
                 f"base config.json: {key}={out[key]}, the checkpoint has {value}: it describes another model"
@@ -254,8 +268,10 @@ def to_hf_config(
         out["sliding_window"] = model.sliding_window
         if "layer_types" in out or model.window_attn_skip_freq:
             out["layer_types"] = [
-                "sliding_attention" if model.sliding_window and (not model.window_attn_skip_freq or i % 2 == 0)
-                else "full_attention" for i in range(model.num_layers)
+                "sliding_attention"
+                if model.sliding_window and (not model.window_attn_skip_freq or i % 2 == 0)
+                else "full_attention"
+                for i in range(model.num_layers)
             ]
     scaling = None
     if model.use_rope_scaling:

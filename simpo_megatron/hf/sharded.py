@@ -52,7 +52,7 @@ def load_into_model(chunks, get: Callable[[str, int | None], torch.Tensor]) -> N
                     full = get(sh.key, layer)
                 except KeyError:
                     raise HFConversionError(f"no tensor for the model's {sh.key}") from None
-                shape = tuple(sh.global_shape[sh.prepend_axis_num:])
+                shape = tuple(sh.global_shape[sh.prepend_axis_num :])
                 if tuple(full.shape) != shape:
                     raise HFConversionError(f"tensor {sh.key}: global shape {tuple(full.shape)}, the model has {shape}")
                 sh.data.copy_(full[index])

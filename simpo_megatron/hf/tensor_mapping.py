@@ -51,8 +51,12 @@ POST_MLP_NORM = _L + "mlp.linear_fc2.post_layernorm.weight"
 
 def _dims(model: ModelConfig) -> tuple[int, int, int, int, int]:
     heads = model.num_attention_heads
-    return model.hidden_size, model.derived_ffn_hidden_size(), heads, model.num_query_groups or heads, (
-        model.kv_channels or model.hidden_size // heads
+    return (
+        model.hidden_size,
+        model.derived_ffn_hidden_size(),
+        heads,
+        model.num_query_groups or heads,
+        (model.kv_channels or model.hidden_size // heads),
     )
 
 
@@ -64,11 +68,13 @@ def _layer_tensors(model: ModelConfig) -> dict[str, str]:
         "mlp.down_proj.weight": FC2,
     }
     if model.sandwich_norm:
-        names.update({
-            "post_attention_layernorm.weight": POST_ATTN_NORM,
-            "pre_feedforward_layernorm.weight": MLP_NORM,
-            "post_feedforward_layernorm.weight": POST_MLP_NORM,
-        })
+        names.update(
+            {
+                "post_attention_layernorm.weight": POST_ATTN_NORM,
+                "pre_feedforward_layernorm.weight": MLP_NORM,
+                "post_feedforward_layernorm.weight": POST_MLP_NORM,
+            }
+        )
     else:
         names["post_attention_layernorm.weight"] = MLP_NORM
     return names
@@ -81,18 +87,26 @@ def hf_tensor_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
     if model.untie_embeddings_and_output_weights:
         shapes["lm_head.weight"] = (model.vocab_size, h)
     per_layer = {
-        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (heads * d, h), "self_attn.k_proj.weight": (groups * d, h),
-        "self_attn.v_proj.weight": (groups * d, h), "self_attn.o_proj.weight": (h, heads * d),
-        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+        "input_layernorm.weight": (h,),
+        "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (heads * d, h),
+        "self_attn.k_proj.weight": (groups * d, h),
+        "self_attn.v_proj.weight": (groups * d, h),
+        "self_attn.o_proj.weight": (h, heads * d),
+        "mlp.gate_proj.weight": (f, h),
+        "mlp.up_proj.weight": (f, h),
+        "mlp.down_proj.weight": (h, f),
     }
     if model.sandwich_norm:
         per_layer.update({"pre_feedforward_layernorm.weight": (h,), "post_feedforward_layernorm.weight": (h,)})
     if model.add_qkv_bias:
-        per_layer.update({
-            "self_attn.q_proj.bias": (heads * d,), "self_attn.k_proj.bias": (groups * d,),
-            "self_attn.v_proj.bias": (groups * d,),
-        })
+        per_layer.update(
+            {
+                "self_attn.q_proj.bias": (heads * d,),
+                "self_attn.k_proj.bias": (groups * d,),
+                "self_attn.v_proj.bias": (groups * d,),
+            }
+        )
     for i in range(model.num_layers):
         shapes.update({f"model.layers.{i}.{name}": shape for name, shape in per_layer.items()})
     return shapes
@@ -114,9 +128,7 @@ def check_hf_tensors(shapes: Mapping[str, tuple[int, ...]], model: ModelConfig) 
         )
     for name, shape in expected.items():
         if tuple(shapes[name]) != shape:
-            raise HFConversionError(
-                f"tensor {name}: shape {tuple(shapes[name])}, expected {shape} from config.json"
-            )
+            raise HFConversionError(f"tensor {name}: shape {tuple(shapes[name])}, expected {shape} from config.json")
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:

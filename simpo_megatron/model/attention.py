@@ -179,7 +179,12 @@ class SDPAttention(MegatronModule):
                 )
             dropout_p = self.dropout_p if self.training else 0.0
             return context_parallel_attention(
-                query[:, None], key[:, None], value[:, None], self.cp_group, self.softmax_scale, dropout_p,
+                query[:, None],
+                key[:, None],
+                value[:, None],
+                self.cp_group,
+                self.softmax_scale,
+                dropout_p,
                 cu_seqlens_padded=bounds,
             )
         parts = [

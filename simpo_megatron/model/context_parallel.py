@@ -56,8 +56,11 @@ def thd_partition_indices(cu_seqlens_padded, cp_size: int, cp_rank: int, device=
     and ``2 x cp_size - 1 - cp_rank`` (Transformer Engine's ``thd_get_partitioned_indices``).
     """
     bounds = [int(c) for c in cu_seqlens_padded]
-    parts = [start + local_positions(end - start, cp_size, cp_rank, device=device)
-             for start, end in zip(bounds[:-1], bounds[1:]) if end > start]
+    parts = [
+        start + local_positions(end - start, cp_size, cp_rank, device=device)
+        for start, end in zip(bounds[:-1], bounds[1:])
+        if end > start
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
 
 
@@ -151,9 +154,11 @@ def context_parallel_attention(
         key, value = (t.view(cp_size, local, *t.shape[1:]) for t in (key, value))
         bounds = [c // cp_size for c in cu_seqlens_padded]
         parts = [
-            tensor_parallel.checkpoint(attend, False, query[start:end], key[:, start:end].flatten(0, 1),
-                                       value[:, start:end].flatten(0, 1))
-            for start, end in zip(bounds[:-1], bounds[1:]) if end > start
+            tensor_parallel.checkpoint(
+                attend, False, query[start:end], key[:, start:end].flatten(0, 1), value[:, start:end].flatten(0, 1)
+            )
+            for start, end in zip(bounds[:-1], bounds[1:])
+            if end > start
         ]
         context = torch.cat(parts, dim=2)
     return context.permute(2, 0, 1, 3).reshape(local, b, heads * head_dim)

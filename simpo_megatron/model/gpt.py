@@ -113,8 +113,12 @@ class GPTModel(MegatronGPTModel):
         output = super().forward(
             input_ids, position_ids, attention_mask, decoder_input=decoder_input, labels=labels, **kwargs
         )
-        if (self.post_process and labels is None and self.final_logit_transform is not None
-                and not self.return_hidden_states):
+        if (
+            self.post_process
+            and labels is None
+            and self.final_logit_transform is not None
+            and not self.return_hidden_states
+        ):
             output = self.final_logit_transform(output)
         return output
 

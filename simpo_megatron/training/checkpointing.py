@@ -252,9 +252,7 @@ def load_checkpoint(
             f"{ckpt} has a padded vocabulary of {saved_vocab} rows, this run {vocab}: set "
             "--make-vocab-size-divisible-by (padding is to a multiple of it x TP) so that they agree"
         )
-    same_layout = {k: common["layout"][k] for k in ("tp", "pp")} == {
-        k: _layout()[k] for k in ("tp", "pp")
-    }
+    same_layout = {k: common["layout"][k] for k in ("tp", "pp")} == {k: _layout()[k] for k in ("tp", "pp")}
     finetune = finetune or common.get("weights_only", False)
     load_optim = load_optim and not finetune
     load_rng = load_rng and not finetune
@@ -273,8 +271,12 @@ def load_checkpoint(
 
     metadata = common.get("optimizer_metadata", _optimizer_metadata(False))
     optimizers = getattr(state.optimizer, "chained_optimizers", [state.optimizer])
-    if (load_optim and not same_layout and any(isinstance(o, DistributedOptimizer) for o in optimizers)
-            and metadata["distrib_optim_sharding_type"] != "fully_reshardable"):
+    if (
+        load_optim
+        and not same_layout
+        and any(isinstance(o, DistributedOptimizer) for o in optimizers)
+        and metadata["distrib_optim_sharding_type"] != "fully_reshardable"
+    ):
         raise CheckpointError(
             f"{ckpt} holds distributed-optimizer state that reshards over data-parallel ranks "
             f"only, and it was saved on {common['layout']}, not {_layout()}: pass --no-load-optim, "
@@ -420,6 +422,8 @@ class Checkpointer:
 
     def _save(self, state) -> str:
         return save_checkpoint(
-            self.save_dir, state, self.config_dict,
+            self.save_dir,
+            state,
+            self.config_dict,
             optim_fully_reshardable=self.cfg.checkpoint.dist_ckpt_optim_fully_reshardable,
         )

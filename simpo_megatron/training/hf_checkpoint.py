@@ -61,8 +61,11 @@ def _single_process_world() -> Iterator[None]:
     started = not dist.is_initialized()
     if started:
         initialize_distributed(ParallelLayout(1, 1))
-    elif (dist.get_world_size(), parallel_state.get_tensor_model_parallel_world_size(),
-          parallel_state.get_pipeline_model_parallel_world_size()) != (1, 1, 1):
+    elif (
+        dist.get_world_size(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+        parallel_state.get_pipeline_model_parallel_world_size(),
+    ) != (1, 1, 1):
         raise HFConversionError(
             "import builds the whole model in one process: run tools/convert_hf_checkpoint.py "
             "on its own, not inside a multi-process run (a run loads an HF directory itself: --load HF_DIR)"
@@ -107,8 +110,10 @@ def import_hf_checkpoint(
                 model = build_model(cfg.model, cfg.parallel_layout(), padded_vocab_size)
                 load_hf_weights(hf_dir, model, cfg)
                 save_checkpoint(
-                    tmp, types.SimpleNamespace(model=model, iteration=0),
-                    config_dict=model_config_dict(cfg.model), weights_only=True,
+                    tmp,
+                    types.SimpleNamespace(model=model, iteration=0),
+                    config_dict=model_config_dict(cfg.model),
+                    weights_only=True,
                 )
                 del model
             save_hf_config(hf_dir, tmp)
@@ -120,7 +125,8 @@ def import_hf_checkpoint(
                         "make_vocab_size_divisible_by": make_vocab_size_divisible_by,
                         "tensor_model_parallel_size": tensor_model_parallel_size,
                     },
-                    fh, indent=2,
+                    fh,
+                    indent=2,
                 )
     except FileExistsError as e:
         raise HFConversionError(str(e)) from None
@@ -179,30 +185,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     imp = commands.add_parser("import", help="HF directory -> Megatron checkpoint (weights only)")
     imp.add_argument("--hf-dir", required=True, help="HF model directory: config.json and *.safetensors.")
     imp.add_argument("--output", required=True, help="Megatron checkpoint directory to create.")
-    imp.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                     help="Pad the vocabulary to a multiple of this x TP, as the training run does.")
-    imp.add_argument("--tensor-model-parallel-size", type=int, default=1,
-                     help="TP size of the training run; only affects the vocabulary padding.")
+    imp.add_argument(
+        "--make-vocab-size-divisible-by",
+        type=int,
+        default=128,
+        help="Pad the vocabulary to a multiple of this x TP, as the training run does.",
+    )
+    imp.add_argument(
+        "--tensor-model-parallel-size",
+        type=int,
+        default=1,
+        help="TP size of the training run; only affects the vocabulary padding.",
+    )
     exp = commands.add_parser("export", help="Megatron checkpoint (any layout) -> HF directory")
     exp.add_argument("--load", required=True, help="Checkpoint root (with its tracker file) or iter_* directory.")
     exp.add_argument("--output", required=True, help="HF model directory to create.")
-    exp.add_argument("--hf-config",
-                     help=f"Original HF directory: config.json and tokenizer (default: LOAD/{HF_CONFIG_DIR}).")
-    exp.add_argument("--dtype", choices=tuple(DTYPES),
-                     help="Dtype of the weights (default: the original config's, else float32).")
+    exp.add_argument(
+        "--hf-config", help=f"Original HF directory: config.json and tokenizer (default: LOAD/{HF_CONFIG_DIR})."
+    )
+    exp.add_argument(
+        "--dtype", choices=tuple(DTYPES), help="Dtype of the weights (default: the original config's, else float32)."
+    )
     exp.add_argument("--max-shard-size", default="5GB", help="Largest safetensors file, e.g. 5GB, 500MB.")
     args = parser.parse_args(argv)
 
     try:
         if args.command == "import":
             path = import_hf_checkpoint(
-                args.hf_dir, args.output,
+                args.hf_dir,
+                args.output,
                 make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
                 tensor_model_parallel_size=args.tensor_model_parallel_size,
             )
         else:
             path = export_checkpoint(
-                args.load, args.output, hf_config_dir=args.hf_config, dtype=args.dtype,
+                args.load,
+                args.output,
+                hf_config_dir=args.hf_config,
+                dtype=args.dtype,
                 max_shard_size=args.max_shard_size,
             )
     except (HFConversionError, CheckpointError) as e:

@@ -31,10 +31,14 @@ from simpo_megatron.hf import HFConversionError, hf_model_overrides, is_hf_check
 from simpo_megatron.mathutil import ceil_div
 from simpo_megatron.model.fp8 import FP8UnavailableError, TransformerEngineUnavailableError, check_transformer_engine
 from simpo_megatron.runtime import destroy_distributed, initialize_distributed
-from simpo_megatron.training.checkpointing import CheckpointError, Checkpointer
+from simpo_megatron.training.checkpointing import Checkpointer, CheckpointError
+
 # TrainingError is raised by the monitor; callers catch it as loop.TrainingError.
-from simpo_megatron.training.monitor import TrainingError  # noqa: F401
-from simpo_megatron.training.monitor import MetricsProcessor, print_rank_last
+from simpo_megatron.training.monitor import (
+    MetricsProcessor,
+    TrainingError,  # noqa: F401
+    print_rank_last,
+)
 from simpo_megatron.training.reference import with_reference_scores
 from simpo_megatron.training.trainer import TrainState, eval_step, setup_model_and_optimizer, train_step
 
@@ -74,8 +78,12 @@ def evaluate(cfg: SimPOConfig, state: TrainState, dataset, pad_id: int) -> dict 
     gbs = cfg.data.global_batch_size
     num_pairs = len(dataset) if cfg.logging.eval_iters < 0 else min(len(dataset), cfg.logging.eval_iters * gbs)
     stream = eval_micro_batches(
-        dataset, cfg, pad_id, num_pairs,
-        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+        dataset,
+        cfg,
+        pad_id,
+        num_pairs,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
     )
     totals: dict[str, float] = {}
     pairs = 0
@@ -171,8 +179,9 @@ def pretrain(cfg: SimPOConfig) -> dict:
     checkpointer = Checkpointer(cfg)
     start = checkpointer.start(state)
     data = with_reference_scores(cfg, state, data, start)
-    monitor = MetricsProcessor(cfg, writes=dist.get_rank() == world_size - 1,
-                               data_parallel_group=parallel_state.get_data_parallel_group())
+    monitor = MetricsProcessor(
+        cfg, writes=dist.get_rank() == world_size - 1, data_parallel_group=parallel_state.get_data_parallel_group()
+    )
     try:
         if cfg.logging.eval_only:
             if data.valid is None:
@@ -185,20 +194,29 @@ def pretrain(cfg: SimPOConfig) -> dict:
                 f"already trained: {start.path} is at iteration {state.iteration} and --train-iters is "
                 f"{cfg.optimizer.train_iters}; raise --train-iters to train on"
             )
-            return {"iteration": state.iteration, "checkpoint": None, "metrics_file": monitor.metrics_file,
-                    "done": True}
+            return {
+                "iteration": state.iteration,
+                "checkpoint": None,
+                "metrics_file": monitor.metrics_file,
+                "done": True,
+            }
         return _train(cfg, state, data, checkpointer, monitor)
     finally:
         monitor.close()
 
 
-def _train(cfg: SimPOConfig, state: TrainState, data: DataSetup, checkpointer: Checkpointer,
-           monitor: MetricsProcessor) -> dict:
+def _train(
+    cfg: SimPOConfig, state: TrainState, data: DataSetup, checkpointer: Checkpointer, monitor: MetricsProcessor
+) -> dict:
     """Train from ``state`` to ``--train-iters``, evaluating and saving at intervals, and stop
     early, with a final save, on SIGTERM / SIGINT."""
     stream = global_batches(
-        data.train, cfg, data.pad_id, state.consumed_samples,
-        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+        data.train,
+        cfg,
+        data.pad_id,
+        state.consumed_samples,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
     )
     exit_signal, interrupted = _ExitSignal(), False
     eval_interval = cfg.logging.eval_interval if data.valid is not None else None
@@ -223,8 +241,14 @@ def _train(cfg: SimPOConfig, state: TrainState, data: DataSetup, checkpointer: C
     checkpoint = checkpointer.save_final(state)
     if monitor.metrics_file:
         print_rank_last(f"metrics: {monitor.metrics_file}")
-    return {"iteration": state.iteration, "train": monitor.last_train, "valid": last_valid, "checkpoint": checkpoint,
-            "metrics_file": monitor.metrics_file, "interrupted": interrupted}
+    return {
+        "iteration": state.iteration,
+        "train": monitor.last_train,
+        "valid": last_valid,
+        "checkpoint": checkpoint,
+        "metrics_file": monitor.metrics_file,
+        "interrupted": interrupted,
+    }
 
 
 def _evaluate_and_record(cfg: SimPOConfig, state: TrainState, data: DataSetup, monitor: MetricsProcessor):
@@ -234,8 +258,15 @@ def _evaluate_and_record(cfg: SimPOConfig, state: TrainState, data: DataSetup, m
 
 
 # What a user can fix (a flag, a file, the machine): a message and exit code 2, not a traceback.
-USER_ERRORS = (ConfigError, TransformerEngineUnavailableError, FP8UnavailableError, DataMismatchError,
-               CheckpointError, HFConversionError, ReferenceScoresError)
+USER_ERRORS = (
+    ConfigError,
+    TransformerEngineUnavailableError,
+    FP8UnavailableError,
+    DataMismatchError,
+    CheckpointError,
+    HFConversionError,
+    ReferenceScoresError,
+)
 
 
 def run_entry(body: Callable[[SimPOConfig], object], argv: list[str] | None = None) -> int:

@@ -40,8 +40,7 @@ class MetricsWriter:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as e:
                 raise RuntimeError(
-                    "--tensorboard-dir needs the tensorboard package: "
-                    "pip install 'simpo-megatron[tensorboard]'"
+                    "--tensorboard-dir needs the tensorboard package: pip install 'simpo-megatron[tensorboard]'"
                 ) from e
             self._tb = SummaryWriter(log_dir=tensorboard_dir)
 
@@ -93,17 +92,32 @@ class LogWindow:
 
 # The training-health checks, as (name, metric keys, condition on their values, advice).
 HEALTH_CHECKS = (
-    ("low_margin", ("rewards/margins",), lambda m: m < 0.5,
-     "reward margin {rewards/margins:.3g} < 0.5: preferences are not being learned; "
-     "increase --beta or --gamma-beta-ratio"),
-    ("high_margin", ("rewards/margins",), lambda m: m > 5.0,
-     "reward margin {rewards/margins:.3g} > 5.0: the model may be overfitting; reduce --beta or --lr"),
-    ("very_negative_logps", ("logps/chosen", "logps/rejected"), lambda c, r: c < -10 and r < -10,
-     "mean log-probs chosen {logps/chosen:.3g}, rejected {logps/rejected:.3g} both < -10: "
-     "the model is not learning"),
-    ("positive_logps", ("logps/chosen", "logps/rejected"), lambda c, r: c > 0 or r > 0,
-     "mean log-probs chosen {logps/chosen:.3g}, rejected {logps/rejected:.3g} > 0: "
-     "numerical instability (a log-prob cannot exceed 0)"),
+    (
+        "low_margin",
+        ("rewards/margins",),
+        lambda m: m < 0.5,
+        "reward margin {rewards/margins:.3g} < 0.5: preferences are not being learned; "
+        "increase --beta or --gamma-beta-ratio",
+    ),
+    (
+        "high_margin",
+        ("rewards/margins",),
+        lambda m: m > 5.0,
+        "reward margin {rewards/margins:.3g} > 5.0: the model may be overfitting; reduce --beta or --lr",
+    ),
+    (
+        "very_negative_logps",
+        ("logps/chosen", "logps/rejected"),
+        lambda c, r: c < -10 and r < -10,
+        "mean log-probs chosen {logps/chosen:.3g}, rejected {logps/rejected:.3g} both < -10: the model is not learning",
+    ),
+    (
+        "positive_logps",
+        ("logps/chosen", "logps/rejected"),
+        lambda c, r: c > 0 or r > 0,
+        "mean log-probs chosen {logps/chosen:.3g}, rejected {logps/rejected:.3g} > 0: "
+        "numerical instability (a log-prob cannot exceed 0)",
+    ),
 )
 # Margins and the -10 bound are per-token scales: with summed log-probs only the > 0 check holds.
 SUMMED_LOGP_CHECKS = ("positive_logps",)
@@ -140,11 +154,13 @@ class HealthMonitor:
             if self._streak[name] >= self.window and not self._warned[name]:
                 self._warned[name] = True
                 message = advice.format(**{key: means[key] for key in keys})
-                warnings.append({
-                    "check": name,
-                    "message": f"{message} (over the last {self.window} log intervals)",
-                    **{key: means[key] for key in keys},
-                })
+                warnings.append(
+                    {
+                        "check": name,
+                        "message": f"{message} (over the last {self.window} log intervals)",
+                        **{key: means[key] for key in keys},
+                    }
+                )
         return warnings
 
 

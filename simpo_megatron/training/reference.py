@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -27,8 +28,8 @@ from megatron.core import parallel_state
 
 from simpo_megatron.config import SimPOConfig
 from simpo_megatron.data.batch import BatchLayout, collate
-from simpo_megatron.data.pair_dataset import PreferencePairDataset
 from simpo_megatron.data.packing import pack_first_fit, pair_tokens
+from simpo_megatron.data.pair_dataset import PreferencePairDataset
 from simpo_megatron.data.provider import DataSetup, _cp_chunks, pad_multiple
 from simpo_megatron.data.reference_scores import (
     WithReferenceScores,
@@ -90,7 +91,8 @@ def with_reference_scores(cfg: SimPOConfig, state, data: DataSetup, start: Start
                 score_prefix(cfg, state, prefix, data.pad_id, key, path, weights)
                 tables[prefix] = read_reference_scores(path, key)
     return dataclasses.replace(
-        data, train=WithReferenceScores(data.train, tables),
+        data,
+        train=WithReferenceScores(data.train, tables),
         valid=None if data.valid is None else WithReferenceScores(data.valid, tables),
     )
 
@@ -141,7 +143,7 @@ def _micro_batches(cfg: SimPOConfig, dataset, pairs: range, pad_id: int):
         layout = BatchLayout(pad_id, cfg.data.seq_length, pad_multiple(cfg), pairs=mbs, filler=dataset[0])
         order = scoring_order(samples)
         for begin in range(0, len(order), mbs):
-            group = order[begin:begin + mbs]
+            group = order[begin : begin + mbs]
             yield collate([samples[i] for i in group], layout), [pairs[i] for i in group]
         return
     chunks = _cp_chunks(cfg)
@@ -193,8 +195,13 @@ def score_prefix(cfg: SimPOConfig, state, prefix: str, pad_id: int, key, path: s
         if not np.isfinite(scores).all():
             raise RuntimeError(f"the reference pass over {prefix} left pairs unscored")
         write_reference_scores(
-            path, key, scores[:, 0], scores[:, 1], scores[:, 2].round().astype(np.int64),
-            scores[:, 3].round().astype(np.int64), provenance={"prefix": prefix, "weights": weights},
+            path,
+            key,
+            scores[:, 0],
+            scores[:, 1],
+            scores[:, 2].round().astype(np.int64),
+            scores[:, 3].round().astype(np.int64),
+            provenance={"prefix": prefix, "weights": weights},
         )
     dist.barrier()
 

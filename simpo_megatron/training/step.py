@@ -22,8 +22,8 @@ count all-reduced over the same ranks, so only CP rank 0 reports the pairs: each
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from functools import partial
-from typing import Callable, Iterator
 
 import torch
 from megatron.core import parallel_state
@@ -38,8 +38,8 @@ from simpo_megatron.logprobs import (
     sum_over_group,
     vocab_parallel_token_logps,
 )
-from simpo_megatron.model.context_parallel import split_for_context_parallel, split_packed_for_context_parallel
 from simpo_megatron.losses import KNOBS, PairScores, get_loss, sft_token_nll_sum
+from simpo_megatron.model.context_parallel import split_for_context_parallel, split_packed_for_context_parallel
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
 METRIC_SUMS = (
@@ -117,8 +117,12 @@ def loss_func(
         return torch.where(real, values.float() * weights, 0.0).sum()
 
     loss = get_loss(settings.loss_type)
-    knobs = {k: getattr(settings, k) for k in KNOBS} | {"sft_weight": 0.0 if settings.token_sft else settings.sft_weight}
-    out = loss.compute(policy, reference_pair_scores(reference, policy.chosen_logps) if loss.needs_reference else None, **knobs)
+    knobs = {k: getattr(settings, k) for k in KNOBS} | {
+        "sft_weight": 0.0 if settings.token_sft else settings.sft_weight
+    }
+    out = loss.compute(
+        policy, reference_pair_scores(reference, policy.chosen_logps) if loss.needs_reference else None, **knobs
+    )
     chosen, rejected = loss.logged(policy, settings.average_log_prob)
     # An empty (packed) micro-batch still needs a loss connected to the graph for backward.
     loss_sum = pair_sum(out.losses) if num_pairs else 0.0 * token_logps.sum()
@@ -187,8 +191,17 @@ def reference_pair_scores(reference: ReferenceScores | None, like: torch.Tensor)
         raise ValueError(
             "this --loss-type needs the reference model's scores of every pair, and the micro-batch has none"
         )
-    return PairScores(*(t.to(like.device, like.dtype) for t in (
-        reference.chosen_logps, reference.rejected_logps, reference.chosen_tokens, reference.rejected_tokens)))
+    return PairScores(
+        *(
+            t.to(like.device, like.dtype)
+            for t in (
+                reference.chosen_logps,
+                reference.rejected_logps,
+                reference.chosen_tokens,
+                reference.rejected_tokens,
+            )
+        )
+    )
 
 
 def _context_parallel_group():
@@ -226,21 +239,38 @@ def forward_step(
             )
         else:  # each padded sequence cut into 2 x CP chunks (Transformer Engine's THD layout)
             # The host copy of the offsets: the split reads them as Python ints.
-            split = partial(split_packed_for_context_parallel, cu_seqlens_padded=host.packed.cu_seqlens_padded,
-                            cp_size=cp_group.size(), cp_rank=cp_group.rank())
+            split = partial(
+                split_packed_for_context_parallel,
+                cu_seqlens_padded=host.packed.cu_seqlens_padded,
+                cp_size=cp_group.size(),
+                cp_rank=cp_group.rank(),
+            )
         tokens, position_ids, labels, loss_mask = (split(t) for t in (tokens, position_ids, labels, loss_mask))
         if segment_ids is not None:
             segment_ids = split(segment_ids)
     segments = None if segment_ids is None else (segment_ids, batch.num_pairs)
-    output = model(tokens, position_ids, attention_mask=None, labels=None,
-                   packed_seq_params=None if packed is None else packed.seq_params())
+    output = model(
+        tokens,
+        position_ids,
+        attention_mask=None,
+        labels=None,
+        packed_seq_params=None if packed is None else packed.seq_params(),
+    )
     if scoring:  # the reference pass: per-pair scores, no loss
-        return output, partial(score_func, vocab_size, labels, loss_mask, head=_chunked_head(model, vocab_size),
-                               segments=segments)
+        return output, partial(
+            score_func, vocab_size, labels, loss_mask, head=_chunked_head(model, vocab_size), segments=segments
+        )
     return output, partial(
-        loss_func, settings, vocab_size, labels, loss_mask,
-        pair_weights=batch.pair_weights, sft_token_scale=sft_token_scale,
-        head=_chunked_head(model, vocab_size), segments=segments, reference=batch.reference,
+        loss_func,
+        settings,
+        vocab_size,
+        labels,
+        loss_mask,
+        pair_weights=batch.pair_weights,
+        sft_token_scale=sft_token_scale,
+        head=_chunked_head(model, vocab_size),
+        segments=segments,
+        reference=batch.reference,
     )
 
 
@@ -253,8 +283,12 @@ def _chunked_head(model, vocab_size: int):
     def head(hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # hidden is [s, b, h]; labels and the result are [b, s].
         return chunked_vocab_parallel_token_logps(
-            hidden, unwrapped.output_weight(), labels.t(), vocab_size,
-            chunk_size=unwrapped.logprob_chunk_size, logits_transform=unwrapped.logits_transform,
+            hidden,
+            unwrapped.output_weight(),
+            labels.t(),
+            vocab_size,
+            chunk_size=unwrapped.logprob_chunk_size,
+            logits_transform=unwrapped.logits_transform,
             sequence_parallel=unwrapped.config.sequence_parallel,
         ).t()
 

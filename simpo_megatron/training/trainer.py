@@ -56,7 +56,9 @@ def setup_model_and_optimizer(cfg: SimPOConfig, padded_vocab_size: int) -> Train
     )
     model = [
         DistributedDataParallel(
-            config=tf_config, ddp_config=ddp_config, module=chunk,
+            config=tf_config,
+            ddp_config=ddp_config,
+            module=chunk,
             # Only the first chunk overlaps its reduce with backward (as Megatron-LM does).
             disable_bucketing=i > 0,
         )
@@ -106,7 +108,9 @@ def build_scheduler(cfg: SimPOConfig, optimizer) -> OptimizerParamScheduler:
     """
     decay_iters = cfg.optimizer.lr_decay_iters or cfg.optimizer.train_iters
     warmup_iters = (
-        math.ceil(cfg.optimizer.lr_warmup_fraction * decay_iters) if cfg.optimizer.lr_warmup_fraction is not None else cfg.optimizer.lr_warmup_iters
+        math.ceil(cfg.optimizer.lr_warmup_fraction * decay_iters)
+        if cfg.optimizer.lr_warmup_fraction is not None
+        else cfg.optimizer.lr_warmup_iters
     )
     gbs = cfg.data.global_batch_size
     return OptimizerParamScheduler(
@@ -125,7 +129,11 @@ def build_scheduler(cfg: SimPOConfig, optimizer) -> OptimizerParamScheduler:
 
 
 def run_schedule(
-    cfg: SimPOConfig, model, batches: list[MicroBatch], forward_only: bool, sft_token_scale: float | None = None,
+    cfg: SimPOConfig,
+    model,
+    batches: list[MicroBatch],
+    forward_only: bool,
+    sft_token_scale: float | None = None,
     scoring: bool = False,
 ):
     """Run megatron-core's schedule over one global batch's micro-batches on this rank (with
@@ -138,8 +146,9 @@ def run_schedule(
     # Every model chunk (virtual stage) walks the same micro-batches with its own iterator.
     iterators = [iter(batches) for _ in model]
     return get_forward_backward_func()(
-        forward_step_func=partial(forward_step, cfg.loss, cfg.model.vocab_size, sft_token_scale=sft_token_scale,
-                                  scoring=scoring),
+        forward_step_func=partial(
+            forward_step, cfg.loss, cfg.model.vocab_size, sft_token_scale=sft_token_scale, scoring=scoring
+        ),
         data_iterator=iterators if len(model) > 1 else iterators[0],
         model=model if len(model) > 1 else model[0],
         num_microbatches=len(batches),

@@ -6,8 +6,20 @@ import torch
 from simpo_megatron.testing import run_distributed, tiny_config
 from simpo_megatron.training.loop import precision_notice
 
-TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--vocab-size", "200",
-        "--seq-length", "32", "--train-iters", "1"]
+TINY = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--vocab-size",
+    "200",
+    "--seq-length",
+    "32",
+    "--train-iters",
+    "1",
+]
 
 
 def _mains(argvs):
@@ -18,12 +30,23 @@ def _mains(argvs):
 
 def test_data_errors_exit_2_with_a_message(capfd, tmp_path):
     missing = str(tmp_path / "nope")
-    codes = run_distributed(_mains, 1, [
-        # the mock data's 4096 training pairs are fewer than one global batch
-        ["--mock-data", "--micro-batch-size", "8", "--global-batch-size", "8192", *TINY],
-        ["--data-path", missing, "--tokenizer-type", "SentencePieceTokenizer",
-         "--tokenizer-model", "examples/data/tokenizer.model", *TINY],
-    ])[0]
+    codes = run_distributed(
+        _mains,
+        1,
+        [
+            # the mock data's 4096 training pairs are fewer than one global batch
+            ["--mock-data", "--micro-batch-size", "8", "--global-batch-size", "8192", *TINY],
+            [
+                "--data-path",
+                missing,
+                "--tokenizer-type",
+                "SentencePieceTokenizer",
+                "--tokenizer-model",
+                "examples/data/tokenizer.model",
+                *TINY,
+            ],
+        ],
+    )[0]
     err = capfd.readouterr().err
     assert codes == [2, 2]
     assert "error: the training data has 4096 pairs, fewer than one global batch (--global-batch-size 8192)" in err
@@ -31,12 +54,15 @@ def test_data_errors_exit_2_with_a_message(capfd, tmp_path):
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("flags, cuda, expected", [
-    ({"bf16": True}, False, "--bf16 runs on the CPU"),
-    ({"fp16": True}, False, "--fp16 runs on the CPU"),
-    ({"bf16": True}, True, None),
-    ({}, False, None),
-])
+@pytest.mark.parametrize(
+    "flags, cuda, expected",
+    [
+        ({"bf16": True}, False, "--bf16 runs on the CPU"),
+        ({"fp16": True}, False, "--fp16 runs on the CPU"),
+        ({"bf16": True}, True, None),
+        ({}, False, None),
+    ],
+)
 def test_precision_notice(flags, cuda, expected):
     notice = precision_notice(tiny_config(**flags), cuda_available=cuda)
     assert (notice is None) if expected is None else (expected in notice and "no GPU is visible" in notice)

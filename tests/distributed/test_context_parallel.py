@@ -29,8 +29,11 @@ pytestmark = pytest.mark.distributed
 # stage, --packing); global batch 4 pairs throughout.
 BY_WORLD = {
     1: {"cp1": (1, 1, 1, 1, False, None, False), "cp1_packed": (1, 1, 1, 2, False, None, True)},
-    2: {"cp2": (1, 1, 2, 2, False, None, False), "cp2_4mb": (1, 1, 2, 1, False, None, False),
-        "cp2_packed": (1, 1, 2, 2, False, None, True)},
+    2: {
+        "cp2": (1, 1, 2, 2, False, None, False),
+        "cp2_4mb": (1, 1, 2, 1, False, None, False),
+        "cp2_packed": (1, 1, 2, 2, False, None, True),
+    },
 }
 # 4 processes on 2 cores: 45-90 s (as loaded), run with -m slow.
 SLOW_BY_WORLD = {
@@ -56,9 +59,20 @@ SEQ_LENGTH = 36  # 4 chunks of 9 at CP=2: pair lengths are mostly not multiples 
 
 def _config(tp, pp, cp, mbs, **kw):
     return tiny_config(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
-        micro_batch_size=mbs, global_batch_size=4, seq_length=SEQ_LENGTH, lr=1e-3, clip_grad=0.0,
-        lr_decay_style="constant", adam_eps=1e-2, sft_weight=0.5, log_interval=1, eval_interval=1, eval_iters=1,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        micro_batch_size=mbs,
+        global_batch_size=4,
+        seq_length=SEQ_LENGTH,
+        lr=1e-3,
+        clip_grad=0.0,
+        lr_decay_style="constant",
+        adam_eps=1e-2,
+        sft_weight=0.5,
+        log_interval=1,
+        eval_interval=1,
+        eval_iters=1,
         **kw,
     )
 
@@ -79,9 +93,19 @@ def _run(layouts: dict, resumes: dict, root: str, build_reference: bool):
         parallel_state.destroy_model_parallel()
     summaries = {}
     for name, (tp, pp, cp, mbs, distopt, vpp_layers, packing) in layouts.items():
-        cfg = _config(tp, pp, cp, mbs, use_distributed_optimizer=distopt, dist_ckpt_optim_fully_reshardable=distopt,
-                      num_layers_per_virtual_pipeline_stage=vpp_layers, load=ref, save=os.path.join(root, name),
-                      train_iters=1, packing=packing)
+        cfg = _config(
+            tp,
+            pp,
+            cp,
+            mbs,
+            use_distributed_optimizer=distopt,
+            dist_ckpt_optim_fully_reshardable=distopt,
+            num_layers_per_virtual_pipeline_stage=vpp_layers,
+            load=ref,
+            save=os.path.join(root, name),
+            train_iters=1,
+            packing=packing,
+        )
         summaries[name] = _summary(pretrain(cfg))
         parallel_state.destroy_model_parallel()
     for name, (source, tp, pp, cp) in resumes.items():
@@ -116,8 +140,17 @@ def runs(tmp_path_factory):
     return root, metrics
 
 
-_PAIR_METRICS = ("loss", "sft_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-                 "logps/chosen", "logps/rejected", "num_pairs")
+_PAIR_METRICS = (
+    "loss",
+    "sft_loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "num_pairs",
+)
 METRICS = _PAIR_METRICS + ("grad_norm",) + tuple(f"valid/{k}" for k in _PAIR_METRICS)
 
 
@@ -214,8 +247,14 @@ def _direct(cp: int, batch: dict, seed: int):
     from simpo_megatron.runtime import initialize_distributed
     from simpo_megatron.training.step import forward_step
 
-    cfg = tiny_config(context_parallel_size=cp, seq_length=16, micro_batch_size=batch.num_pairs,
-                      global_batch_size=batch.num_pairs, sft_weight=0.5, num_layers=2)
+    cfg = tiny_config(
+        context_parallel_size=cp,
+        seq_length=16,
+        micro_batch_size=batch.num_pairs,
+        global_batch_size=batch.num_pairs,
+        sft_weight=0.5,
+        num_layers=2,
+    )
     initialize_distributed(cfg.parallel_layout(), seed=seed)
     (model,) = build_model(cfg.model, cfg.parallel_layout(), cfg.padded_vocab_size())
     output, loss_fn = forward_step(cfg.loss, cfg.model.vocab_size, iter([batch]), model)
@@ -231,16 +270,22 @@ def _direct(cp: int, batch: dict, seed: int):
     if cp > 1:
         torch.distributed.all_reduce(counts, group=parallel_state.get_context_parallel_group())
     parallel_state.destroy_model_parallel()
-    return {"loss": loss_sum.detach(), "pairs": counts.item(), "metrics": {k: v.detach() for k, v in metrics.items()},
-            "grads": grads}
+    return {
+        "loss": loss_sum.detach(),
+        "pairs": counts.item(),
+        "metrics": {k: v.detach() for k, v in metrics.items()},
+        "grads": grads,
+    }
 
 
 def _direct_runs(unpacked, packed, seed):
     """The same model (same seed) on the same pairs: split over 2 CP ranks and whole, unpacked
     and packed."""
     return {
-        "cp2": _direct(2, unpacked, seed), "cp1": _direct(1, unpacked, seed),
-        "packed_cp2": _direct(2, packed["packed_cp2"], seed), "packed_cp1": _direct(1, packed["packed_cp1"], seed),
+        "cp2": _direct(2, unpacked, seed),
+        "cp1": _direct(1, unpacked, seed),
+        "packed_cp2": _direct(2, packed["packed_cp2"], seed),
+        "packed_cp1": _direct(1, packed["packed_cp1"], seed),
         "packed_unpacked": _direct(1, packed["unpacked"], seed),
     }
 
@@ -264,7 +309,9 @@ def _assert_same(mine, ref, pairs):
         # can differ by more than 1e-4 of itself, as seen on a gradient element of 1e-3 in a
         # tensor of 1e-1).
         atol = 1e-6 * value.abs().max().item()
-        torch.testing.assert_close(mine["grads"][key], value, rtol=1e-4, atol=atol, msg=lambda m: f"{key}\n{m}")
+        torch.testing.assert_close(
+            mine["grads"][key], value, rtol=1e-4, atol=atol, msg=lambda m, key=key: f"{key}\n{m}"
+        )
 
 
 def test_response_in_one_chunk(direct):

@@ -20,13 +20,27 @@ BY_WORLD = {
     1: {"one_rank": (1, 1, 4)},
     2: {"dp2_mbs2": (1, 1, 2), "dp2_mbs1": (1, 1, 1), "pp2": (1, 2, 2)},
 }
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "logps/chosen", "logps/rejected")
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def _config(tp, pp, mbs, **kw):
-    return tiny_config(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=mbs,
-                       global_batch_size=GBS, beta=BETA, gamma_beta_ratio=RATIO, **kw)
+    return tiny_config(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        micro_batch_size=mbs,
+        global_batch_size=GBS,
+        beta=BETA,
+        gamma_beta_ratio=RATIO,
+        **kw,
+    )
 
 
 @torch.no_grad()
@@ -53,9 +67,12 @@ def _per_pair(cfg, state) -> dict[str, list[float]]:
         chosen, rejected = seq[:m], seq[m:]
         pair = {
             "loss": -F.logsigmoid(BETA * ((chosen - rejected) - RATIO)),
-            "rewards/chosen": BETA * chosen, "rewards/rejected": BETA * rejected,
-            "rewards/accuracies": (chosen > rejected).float(), "rewards/margins": BETA * (chosen - rejected),
-            "logps/chosen": chosen, "logps/rejected": rejected,
+            "rewards/chosen": BETA * chosen,
+            "rewards/rejected": BETA * rejected,
+            "rewards/accuracies": (chosen > rejected).float(),
+            "rewards/margins": BETA * (chosen - rejected),
+            "logps/chosen": chosen,
+            "logps/rejected": rejected,
         }
         for key in METRICS:
             values[key] += pair[key].tolist()

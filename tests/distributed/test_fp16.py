@@ -12,8 +12,13 @@ def _train(metrics_file: str):
     from simpo_megatron.training.loop import pretrain
 
     cfg = tiny_config(
-        num_layers=2, fp16=True, initial_loss_scale=2.0**24, train_iters=20, log_interval=5,
-        max_skipped_iters=100, metrics_file=metrics_file,
+        num_layers=2,
+        fp16=True,
+        initial_loss_scale=2.0**24,
+        train_iters=20,
+        log_interval=5,
+        max_skipped_iters=100,
+        metrics_file=metrics_file,
     )
     return pretrain(cfg)
 

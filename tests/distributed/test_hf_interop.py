@@ -63,14 +63,23 @@ BETA, GAMMA_BETA_RATIO = 2.5, 0.3
 ATOL = 1e-4
 MODELS = ("llama", "llama32", "mistral", "qwen2_tied", "qwen2_untied", "gemma2")
 GEMMA2 = dict(
-    head_dim=16, query_pre_attn_scalar=32, sliding_window=4, attn_logit_softcapping=4.0,
+    head_dim=16,
+    query_pre_attn_scalar=32,
+    sliding_window=4,
+    attn_logit_softcapping=4.0,
     final_logit_softcapping=3.0,
 )
 # The Gemma-2 step compares updates: SGD's is -lr x the clipped gradient. (Adam's first step is
 # about lr x sign(gradient), which rounding flips where a gradient is near 0.)
 GEMMA2_STEP = dict(optimizer="sgd", lr=0.1)
-LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+LLAMA32_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+    "rope_theta": 500000.0,
+}
 
 
 # ----------------------------------------------------------------------------- models and data
@@ -79,8 +88,14 @@ LLAMA32_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "
 def hf_model(kind: str, **changes):
     """The tiny transformers model of ``kind`` (random weights; ``changes`` edit its config)."""
     shape = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
     )
     if kind == "llama":
         config = transformers.LlamaConfig(**shape, rope_theta=500000.0)
@@ -93,9 +108,7 @@ def hf_model(kind: str, **changes):
     elif kind.startswith("qwen2"):
         config = transformers.Qwen2Config(**shape, tie_word_embeddings=kind == "qwen2_tied")
     else:
-        config = transformers.Gemma2Config(
-            **{**shape, "num_hidden_layers": 4}, **GEMMA2, attn_implementation="eager"
-        )
+        config = transformers.Gemma2Config(**{**shape, "num_hidden_layers": 4}, **GEMMA2, attn_implementation="eager")
     for key, value in changes.items():
         setattr(config, key, value)
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -136,15 +149,17 @@ def make_batches(seed: int) -> list[MicroBatch]:
         mask = torch.zeros(2 * MBS, SEQ)
         for i in range(MBS):
             seqs[MBS + i, : prompt[i]] = seqs[i, : prompt[i]]
-            mask[i, prompt[i] - 1:] = mask[MBS + i, prompt[i] - 1:] = 1  # labels are next tokens
-        batches.append(MicroBatch(
-            tokens=seqs[:, :-1].contiguous(),
-            labels=seqs[:, 1:].contiguous(),
-            loss_mask=mask,
-            position_ids=torch.arange(SEQ).expand(2 * MBS, SEQ).contiguous(),
-            num_pairs=MBS,
-            num_tokens=2 * MBS * SEQ,
-        ))
+            mask[i, prompt[i] - 1 :] = mask[MBS + i, prompt[i] - 1 :] = 1  # labels are next tokens
+        batches.append(
+            MicroBatch(
+                tokens=seqs[:, :-1].contiguous(),
+                labels=seqs[:, 1:].contiguous(),
+                loss_mask=mask,
+                position_ids=torch.arange(SEQ).expand(2 * MBS, SEQ).contiguous(),
+                num_pairs=MBS,
+                num_tokens=2 * MBS * SEQ,
+            )
+        )
     return batches
 
 
@@ -214,10 +229,17 @@ def _config(hf_dir: str, tp: int, pp: int, save: str | None = None, **extra):
     from simpo_megatron.hf import hf_model_overrides
 
     return tiny_config(
-        **hf_model_overrides(hf_dir, seq_length=SEQ), tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp, seq_length=SEQ, micro_batch_size=MBS,
-        global_batch_size=MBS * MICRO_BATCHES, beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, save=save,
-        adam_beta2=0.999, **extra,
+        **hf_model_overrides(hf_dir, seq_length=SEQ),
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        seq_length=SEQ,
+        micro_batch_size=MBS,
+        global_batch_size=MBS * MICRO_BATCHES,
+        beta=BETA,
+        gamma_beta_ratio=GAMMA_BETA_RATIO,
+        save=save,
+        adam_beta2=0.999,
+        **extra,
     )
 
 
@@ -245,9 +267,13 @@ def _forward(cfg, model, batches: list[MicroBatch]) -> dict | None:
         m.eval()
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=[iter(batches) for _ in model] if len(model) > 1 else iter(batches),
-            model=model if len(model) > 1 else model[0], num_microbatches=len(batches), seq_length=SEQ,
-            micro_batch_size=2 * MBS, forward_only=True,
+            forward_step_func=step,
+            data_iterator=[iter(batches) for _ in model] if len(model) > 1 else iter(batches),
+            model=model if len(model) > 1 else model[0],
+            num_microbatches=len(batches),
+            seq_length=SEQ,
+            micro_batch_size=2 * MBS,
+            forward_only=True,
         )
     if not parallel_state.is_pipeline_last_stage() or parallel_state.get_tensor_model_parallel_rank() != 0:
         return None
@@ -404,9 +430,12 @@ def test_the_test_models_use_every_gemma2_feature(hf_dirs, references, batches):
     """Dropping any Gemma-2 feature changes transformers' own logits on these weights and
     sequences, so matching them tests each feature."""
     weights = hf_tensors(hf_dirs["gemma2"])
-    for change in (dict(attn_logit_softcapping=None), dict(final_logit_softcapping=None),
-                   dict(sliding_window=10 * SEQ),
-                   dict(query_pre_attn_scalar=GEMMA2["head_dim"])):
+    for change in (
+        dict(attn_logit_softcapping=None),
+        dict(final_logit_softcapping=None),
+        dict(sliding_window=10 * SEQ),
+        dict(query_pre_attn_scalar=GEMMA2["head_dim"]),
+    ):
         model = hf_model("gemma2", **change)
         model.load_state_dict(weights, strict=False)
         model.tie_weights()
@@ -458,8 +487,10 @@ def test_gemma2_step_is_the_same_on_tp1_and_tp2(imported, tp2):
     save, tp2_results = tp2
     assert tp2_results["gemma2/step_loss"] == pytest.approx(tp1_results["gemma2/step_loss"], abs=1e-6)
     before = read_checkpoint_tensors(resolve_checkpoint(os.path.join(out, "gemma2")))
-    after = [read_checkpoint_tensors(resolve_checkpoint(p))
-             for p in (os.path.join(out, "gemma2_step"), os.path.join(save, "gemma2"))]
+    after = [
+        read_checkpoint_tensors(resolve_checkpoint(p))
+        for p in (os.path.join(out, "gemma2_step"), os.path.join(save, "gemma2"))
+    ]
     weights = [k for k, v in before.items() if isinstance(v, torch.Tensor) and not k.startswith("optimizer")]
     assert "decoder.layers.mlp.linear_fc2.post_layernorm.weight" in weights
     for key in weights:
@@ -476,9 +507,20 @@ def test_export_after_training_tp2(tp2, hf_dirs, references, batches, tmp_path):
     assert not torch.allclose(trained["logits"][..., :VOCAB], references["llama"]["logits"], atol=1e-2)
     out = tmp_path / "exported"
     proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_hf_checkpoint.py"), "export",
-         "--load", os.path.join(save, "llama"), "--output", str(out), "--hf-config", hf_dirs["llama"]],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "tools" / "convert_hf_checkpoint.py"),
+            "export",
+            "--load",
+            os.path.join(save, "llama"),
+            "--output",
+            str(out),
+            "--hf-config",
+            hf_dirs["llama"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert_matches({**trained, "metrics": {}}, {**reference(hf_logits(str(out), batches), batches), "metrics": {}})
@@ -514,8 +556,15 @@ def _resume_worker(hf_dir: str, save: str) -> list[MicroBatch]:
 
     summaries = []
     for iters in (2, 3):
-        cfg = tiny_config(load=hf_dir, save=save, train_iters=iters, seq_length=SEQ, log_interval=1,
-                          micro_batch_size=MBS, global_batch_size=MBS)
+        cfg = tiny_config(
+            load=hf_dir,
+            save=save,
+            train_iters=iters,
+            seq_length=SEQ,
+            log_interval=1,
+            micro_batch_size=MBS,
+            global_batch_size=MBS,
+        )
         summaries.append(pretrain(cfg))
         destroy_distributed()
     return summaries
@@ -587,11 +636,24 @@ def test_tensor_mapping_round_trip_and_megatron_layout(hf_dirs):
 
 def test_config_mapping():
     llama = {
-        "model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 200, "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 131072, "rope_theta": 500000.0, "tie_word_embeddings": False,
-        "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        "model_type": "llama",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 200,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     }
     overrides = hf_config_to_overrides(llama)
     assert overrides["use_rope_scaling"] and overrides["rope_scaling_factor"] == 32.0
@@ -622,22 +684,38 @@ def test_config_mapping():
     assert hf_config_to_overrides(windowed_cfg := to_hf_config(tiny_config(**windowed)))["sliding_window"] == 4096
     assert windowed_cfg["model_type"] == "mistral"
     # Qwen2: a window on the top layers only is exact while it covers the sequence.
-    qwen2 = {**mistral, "model_type": "qwen2", "sliding_window": 4096,
-             "layer_types": ["full_attention", "sliding_attention"]}
+    qwen2 = {
+        **mistral,
+        "model_type": "qwen2",
+        "sliding_window": 4096,
+        "layer_types": ["full_attention", "sliding_attention"],
+    }
     assert hf_config_to_overrides(qwen2, seq_length=4096)["sliding_window"] is None
     assert "sliding_window=4096" in error(qwen2, seq_length=8192)
-    assert hf_config_to_overrides({**qwen2, "layer_types": None, "use_sliding_window": False},
-                                  seq_length=8192)["add_qkv_bias"]
+    assert hf_config_to_overrides({**qwen2, "layer_types": None, "use_sliding_window": False}, seq_length=8192)[
+        "add_qkv_bias"
+    ]
     # Gemma-2: every field, and back.
     gemma2 = {
-        "model_type": "gemma2", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 64,
-        "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 16, "vocab_size": 200, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "sliding_window": 8,
+        "model_type": "gemma2",
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "vocab_size": 200,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "sliding_window": 8,
         "max_position_embeddings": 8192,
-        "query_pre_attn_scalar": 32, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+        "query_pre_attn_scalar": 32,
+        "attn_logit_softcapping": 50.0,
+        "final_logit_softcapping": 30.0,
     }
     g = hf_config_to_overrides(gemma2)
-    assert (g["sliding_window"], g["window_attn_skip_freq"], g["softmax_scale"]) == (8, 2, 32 ** -0.5)
+    assert (g["sliding_window"], g["window_attn_skip_freq"], g["softmax_scale"]) == (8, 2, 32**-0.5)
     assert g["geglu"] and not g["swiglu"] and g["apply_layernorm_1p"] and g["sandwich_norm"] and g["scale_embeddings"]
     assert not g["untie_embeddings_and_output_weights"]  # Gemma-2 ties by default
     back = to_hf_config(tiny_config(**g))

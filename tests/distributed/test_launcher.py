@@ -19,8 +19,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE")
+    }
     env.update(extra)
     return env
 
@@ -41,8 +44,12 @@ def test_default_run_from_fresh_clone(clone, tmp_path):
 
     out = tmp_path / "run"
     proc = subprocess.run(
-        ["bash", "examples/pretrain_simpo.sh"], cwd=clone, env=_clean_env(OUTPUT_DIR=str(out)),
-        capture_output=True, text=True, timeout=900,
+        ["bash", "examples/pretrain_simpo.sh"],
+        cwd=clone,
+        env=_clean_env(OUTPUT_DIR=str(out)),
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"saved checkpoint {out}/iter_0000100" in proc.stdout
@@ -61,14 +68,47 @@ def test_default_run_from_fresh_clone(clone, tmp_path):
 
 def test_torchrun_runs_the_launcher_file(clone, tmp_path):
     out = tmp_path / "mock"
-    flags = ["--mock-data", "--vocab-size", "128", "--num-layers", "2", "--hidden-size", "64",
-             "--num-attention-heads", "4", "--seq-length", "32", "--micro-batch-size", "2",
-             "--global-batch-size", "4", "--tensor-model-parallel-size", "2", "--train-iters", "2",
-             "--log-interval", "1", "--save", str(out)]
+    flags = [
+        "--mock-data",
+        "--vocab-size",
+        "128",
+        "--num-layers",
+        "2",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        "32",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "4",
+        "--tensor-model-parallel-size",
+        "2",
+        "--train-iters",
+        "2",
+        "--log-interval",
+        "1",
+        "--save",
+        str(out),
+    ]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "examples/pretrain_simpo.sh", *flags],
-        cwd=clone, env=_clean_env(), capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "examples/pretrain_simpo.sh",
+            *flags,
+        ],
+        cwd=clone,
+        env=_clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "iteration 2/2" in proc.stdout
@@ -78,7 +118,11 @@ def test_torchrun_runs_the_launcher_file(clone, tmp_path):
 def test_configuration_error_exits_cleanly(clone):
     proc = subprocess.run(
         ["bash", "examples/pretrain_simpo.sh", "--mock-data", "--tensor-model-parallel-size", "2"],
-        cwd=clone, env=_clean_env(GPUS_PER_NODE="1"), capture_output=True, text=True, timeout=600,
+        cwd=clone,
+        env=_clean_env(GPUS_PER_NODE="1"),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode != 0  # the rank exits 2; torchrun reports any failure as 1
     assert "error: world size 1 is not divisible by --tensor-model-parallel-size (2)" in proc.stderr
@@ -115,13 +159,15 @@ def _stub_bin(tmp_path, *names, srun=False) -> str:
         # One task per node: run the task's command once per node with its SLURM_NODEID.
         (bin_dir / "srun").write_text(
             "#!/usr/bin/env bash\n"
-            "while [[ \"$1\" == --* ]]; do shift; done\n"
-            "for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node \"$@\" || exit 1; done\n"
+            'while [[ "$1" == --* ]]; do shift; done\n'
+            'for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node "$@" || exit 1; done\n'
         )
         (bin_dir / "srun").chmod(0o755)
         # A long host list, as a large allocation has: a reader that stops after the first line
         # leaves scontrol writing into a closed pipe (SIGPIPE, exit 141 under pipefail).
-        (bin_dir / "scontrol").write_text("#!/usr/bin/env bash\nprintf 'node-a\\nnode-b\\n'\nseq -f 'node-c%g' 200000\n")
+        (bin_dir / "scontrol").write_text(
+            "#!/usr/bin/env bash\nprintf 'node-a\\nnode-b\\n'\nseq -f 'node-c%g' 200000\n"
+        )
         (bin_dir / "scontrol").chmod(0o755)
     return str(bin_dir)
 
@@ -138,18 +184,43 @@ def test_shell_scripts_parse(script):
 
 def _launch(tmp_path, *args, path_dirs, **env):
     base = {"PATH": os.pathsep.join([*path_dirs, "/usr/bin", "/bin"]), "STUB_LOG": str(tmp_path / "log")}
-    proc = subprocess.run(["bash", os.path.join(REPO, "examples/pretrain_simpo.sh"), *args],
-                          env=base | env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", os.path.join(REPO, "examples/pretrain_simpo.sh"), *args],
+        env=base | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_launcher_multi_node_rendezvous(tmp_path):
     stubs = _stub_bin(tmp_path, "torchrun")
-    _launch(tmp_path, "--mock-data", "--train-iters", "3", path_dirs=[stubs],
-            NNODES="4", NODE_RANK="2", MASTER_ADDR="head", MASTER_PORT="7000", GPUS_PER_NODE="8")
+    _launch(
+        tmp_path,
+        "--mock-data",
+        "--train-iters",
+        "3",
+        path_dirs=[stubs],
+        NNODES="4",
+        NODE_RANK="2",
+        MASTER_ADDR="head",
+        MASTER_PORT="7000",
+        GPUS_PER_NODE="8",
+    )
     argv = _recorded(tmp_path, "torchrun")
-    assert argv[:10] == ["--nproc-per-node", "8", "--nnodes", "4", "--node-rank", "2",
-                         "--master-addr", "head", "--master-port", "7000"]
+    assert argv[:10] == [
+        "--nproc-per-node",
+        "8",
+        "--nnodes",
+        "4",
+        "--node-rank",
+        "2",
+        "--master-addr",
+        "head",
+        "--master-port",
+        "7000",
+    ]
     assert argv[-4:] == [os.path.join(REPO, "examples/pretrain_simpo.sh"), "--mock-data", "--train-iters", "3"]
 
 
@@ -180,18 +251,42 @@ def test_launcher_without_torchrun_uses_the_module(tmp_path):
 
 def test_slurm_script_starts_one_launcher_per_node(tmp_path):
     stubs = _stub_bin(tmp_path, "torchrun", srun=True)
-    env = {"PATH": os.pathsep.join([stubs, "/usr/bin", "/bin"]), "STUB_LOG": str(tmp_path / "log"),
-           "SLURM_JOB_NODELIST": "node-[a-b]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "41",
-           "SLURM_GPUS_ON_NODE": "8", "SLURM_SUBMIT_DIR": REPO, "CKPT_DIR": str(tmp_path / "ckpt"),
-           "HF_MODEL": "/models/llama", "TRAIN_DATA": "0.7 /data/a 0.3 /data/b", "VALID_DATA": ""}
-    proc = subprocess.run(["bash", os.path.join(REPO, "examples/slurm/sbatch_simpo.sh"), "--train-iters", "5"],
-                          env=env, capture_output=True, text=True, timeout=60)
+    env = {
+        "PATH": os.pathsep.join([stubs, "/usr/bin", "/bin"]),
+        "STUB_LOG": str(tmp_path / "log"),
+        "SLURM_JOB_NODELIST": "node-[a-b]",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_ID": "41",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_SUBMIT_DIR": REPO,
+        "CKPT_DIR": str(tmp_path / "ckpt"),
+        "HF_MODEL": "/models/llama",
+        "TRAIN_DATA": "0.7 /data/a 0.3 /data/b",
+        "VALID_DATA": "",
+    }
+    proc = subprocess.run(
+        ["bash", os.path.join(REPO, "examples/slurm/sbatch_simpo.sh"), "--train-iters", "5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     for node in ("0", "1"):
         argv = _recorded(tmp_path, "torchrun", node)
-        assert argv[:10] == ["--nproc-per-node", "8", "--nnodes", "2", "--node-rank", node,
-                             "--master-addr", "node-a", "--master-port", str(20000 + 41)]
+        assert argv[:10] == [
+            "--nproc-per-node",
+            "8",
+            "--nnodes",
+            "2",
+            "--node-rank",
+            node,
+            "--master-addr",
+            "node-a",
+            "--master-port",
+            str(20000 + 41),
+        ]
         flags = argv[11:]
-        assert flags[flags.index("--data-path") + 1:][:4] == ["0.7", "/data/a", "0.3", "/data/b"]
+        assert flags[flags.index("--data-path") + 1 :][:4] == ["0.7", "/data/a", "0.3", "/data/b"]
         assert "--valid-data-path" not in flags and flags[-2:] == ["--train-iters", "5"]
         assert flags[flags.index("--load") + 1] == "/models/llama"

@@ -44,12 +44,19 @@ BASELINE = "tp1pp1dp1_4mb"
 
 def _config(tp, pp, mbs, **kw):
     return tiny_config(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=mbs,
-        global_batch_size=4, lr=1e-3, clip_grad=0.0, lr_decay_style="constant",
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        micro_batch_size=mbs,
+        global_batch_size=4,
+        lr=1e-3,
+        clip_grad=0.0,
+        lr_decay_style="constant",
         # A large epsilon keeps the first Adam update smooth in the gradient (lr * g / (|g| + eps)),
         # so layouts that differ by rounding do not flip the sign of near-zero updates.
         adam_eps=1e-2,
-        train_iters=1, log_interval=1, **kw,
+        train_iters=1,
+        log_interval=1,
+        **kw,
     )
 
 
@@ -65,9 +72,17 @@ def _run_layouts(layouts: dict, root: str, build_reference: bool):
         parallel_state.destroy_model_parallel()
     summaries = {}
     for name, (tp, pp, mbs, distopt, vpp_layers, *extra) in layouts.items():
-        cfg = _config(tp, pp, mbs, use_distributed_optimizer=distopt, load=ref, save=os.path.join(root, name),
-                      dist_ckpt_optim_fully_reshardable=distopt, num_layers_per_virtual_pipeline_stage=vpp_layers,
-                      **(extra[0] if extra else {}))
+        cfg = _config(
+            tp,
+            pp,
+            mbs,
+            use_distributed_optimizer=distopt,
+            load=ref,
+            save=os.path.join(root, name),
+            dist_ckpt_optim_fully_reshardable=distopt,
+            num_layers_per_virtual_pipeline_stage=vpp_layers,
+            **(extra[0] if extra else {}),
+        )
         summaries[name] = pretrain(cfg)["train"]
         parallel_state.destroy_model_parallel()
     return summaries
@@ -89,8 +104,17 @@ def runs(tmp_path_factory):
     return metrics, tensors, reference
 
 
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "logps/chosen", "logps/rejected", "num_pairs", "grad_norm")
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "num_pairs",
+    "grad_norm",
+)
 
 
 @pytest.mark.parametrize("name", [n for layouts in BY_WORLD.values() for n in layouts if n != BASELINE])

@@ -11,9 +11,16 @@ def _train(metrics_file: str):
     from simpo_megatron.training.loop import pretrain
 
     cfg = tiny_config(
-        pipeline_model_parallel_size=2, micro_batch_size=4, global_batch_size=8,
-        train_iters=100, lr=2e-3, lr_warmup_iters=5, eval_interval=100, eval_iters=8,
-        log_interval=50, metrics_file=metrics_file,
+        pipeline_model_parallel_size=2,
+        micro_batch_size=4,
+        global_batch_size=8,
+        train_iters=100,
+        lr=2e-3,
+        lr_warmup_iters=5,
+        eval_interval=100,
+        eval_iters=8,
+        log_interval=50,
+        metrics_file=metrics_file,
     )
     return pretrain(cfg)
 

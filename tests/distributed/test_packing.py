@@ -14,8 +14,9 @@ SEED = 5
 
 
 def _config(**kw):
-    settings = dict(global_batch_size=8, seed=SEED, train_iters=1, log_interval=1, eval_interval=1,
-                    eval_iters=2, clip_grad=0.0)
+    settings = dict(
+        global_batch_size=8, seed=SEED, train_iters=1, log_interval=1, eval_interval=1, eval_iters=2, clip_grad=0.0
+    )
     return tiny_config(**{**settings, **kw})
 
 
@@ -37,10 +38,15 @@ def _worker(root: str):
     # Resume: 3 packed steps straight, against 2 steps, save, and 1 more from the checkpoint
     # (constant lr: the 2-step run's schedule would otherwise decay over 2 steps, not 3).
     for name, iters, load in (("straight", 3, None), ("first", 2, None), ("resumed", 3, "resume")):
-        cfg = _config(micro_batch_size=1, packing=True, train_iters=iters, eval_interval=None,
-                      lr_decay_style="constant",
-                      save=os.path.join(root, "straight" if name == "straight" else "resume"),
-                      load=load and os.path.join(root, load))
+        cfg = _config(
+            micro_batch_size=1,
+            packing=True,
+            train_iters=iters,
+            eval_interval=None,
+            lr_decay_style="constant",
+            save=os.path.join(root, "straight" if name == "straight" else "resume"),
+            load=load and os.path.join(root, load),
+        )
         out[name] = pretrain(cfg)["train"]
         parallel_state.destroy_model_parallel()
     return out

@@ -37,9 +37,9 @@ import numpy as np
 import pytest
 import yaml
 from safetensors.torch import load_file
+from test_trl_equivalence import GLOBAL_BATCH, _config, _our_weights, _stream, make_hf_dir, make_pairs, preprocess
 
 from simpo_megatron.testing import run_distributed
-from test_trl_equivalence import GLOBAL_BATCH, _config, _our_weights, _stream, make_hf_dir, make_pairs, preprocess
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -56,11 +56,26 @@ READ = "reference scores of "  # ... and when it reads stored scores
 
 
 def _cfg(hf_dir, prefix, save, scores, *, tp=1, mbs=2, **extra):
-    return _config(hf_dir, prefix, save, tp, 1, mbs, False, {
-        "loss_type": "dpo", "beta": BETA, "label_smoothing": 0.0, "sft_weight": 0.0, "train_iters": N,
-        "lr_decay_iters": N, "ref_scores_dir": scores, "metrics_file": os.path.join(save, "metrics.jsonl"),
-        **extra,
-    })
+    return _config(
+        hf_dir,
+        prefix,
+        save,
+        tp,
+        1,
+        mbs,
+        False,
+        {
+            "loss_type": "dpo",
+            "beta": BETA,
+            "label_smoothing": 0.0,
+            "sft_weight": 0.0,
+            "train_iters": N,
+            "lr_decay_iters": N,
+            "ref_scores_dir": scores,
+            "metrics_file": os.path.join(save, "metrics.jsonl"),
+            **extra,
+        },
+    )
 
 
 def _captured(fn, *args):
@@ -100,11 +115,24 @@ def _resume(root: str, hf_dir: str, prefix: str, tp: int, mbs: int) -> dict:
     import torch.distributed as dist
 
     scores = os.path.join(root, "scores")
-    out = {"uninterrupted": _pretrain(_cfg(hf_dir, prefix, os.path.join(root, "uninterrupted"),
-                                           os.path.join(root, "scores_uninterrupted"), tp=tp, mbs=mbs))}
+    out = {
+        "uninterrupted": _pretrain(
+            _cfg(
+                hf_dir,
+                prefix,
+                os.path.join(root, "uninterrupted"),
+                os.path.join(root, "scores_uninterrupted"),
+                tp=tp,
+                mbs=mbs,
+            )
+        )
+    }
     save = os.path.join(root, "resumed")
-    out["first"] = _pretrain(_cfg(hf_dir, prefix, save, scores, tp=tp, mbs=mbs, train_iters=K,
-                                  metrics_file=os.path.join(save, "first.jsonl")))
+    out["first"] = _pretrain(
+        _cfg(
+            hf_dir, prefix, save, scores, tp=tp, mbs=mbs, train_iters=K, metrics_file=os.path.join(save, "first.jsonl")
+        )
+    )
     out["files_after_first"] = _files(scores)
     dist.barrier()
     out["resumed"] = _pretrain(_cfg(hf_dir, prefix, save, scores, tp=tp, mbs=mbs))
@@ -121,15 +149,25 @@ def _one_process(root: str, hf_dir: str, other_dir: str, prefix: str) -> dict:
     scores = os.path.join(root, "one_process", "scores")
 
     # A shorter --seq-length beside the stored scores of the full length.
-    out["short"] = _pretrain(_cfg(hf_dir, prefix, os.path.join(root, "short"), scores, seq_length=SHORT_SEQ,
-                                  train_iters=1))
+    out["short"] = _pretrain(
+        _cfg(hf_dir, prefix, os.path.join(root, "short"), scores, seq_length=SHORT_SEQ, train_iters=1)
+    )
     out["files_after_short"] = _files(scores)
 
     # --ref-load OTHER with --load HF_DIR, and --load OTHER.
-    out["ref_load"] = _pretrain(_cfg(hf_dir, prefix, os.path.join(root, "ref_load"),
-                                     os.path.join(root, "scores_ref_load"), ref_load=other_dir, train_iters=1))
-    out["other"] = _pretrain(_cfg(other_dir, prefix, os.path.join(root, "other"),
-                                  os.path.join(root, "scores_other"), train_iters=1))
+    out["ref_load"] = _pretrain(
+        _cfg(
+            hf_dir,
+            prefix,
+            os.path.join(root, "ref_load"),
+            os.path.join(root, "scores_ref_load"),
+            ref_load=other_dir,
+            train_iters=1,
+        )
+    )
+    out["other"] = _pretrain(
+        _cfg(other_dir, prefix, os.path.join(root, "other"), os.path.join(root, "scores_other"), train_iters=1)
+    )
     out["stream"] = _stream(_cfg(hf_dir, prefix, os.path.join(root, "stream"), scores))
 
     # The entry points, with their flags in a --config file. main() and score_reference() tear
@@ -178,8 +216,11 @@ def _other_weights(hf_dir: str, path: Path) -> str:
     shutil.copytree(hf_dir, path)
     weights = load_file(path / "model.safetensors")
     g = torch.Generator().manual_seed(5)
-    save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in weights.items()},
-              path / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in weights.items()},
+        path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     return str(path)
 
 

@@ -38,12 +38,39 @@ TIMEOUT = 240  # seconds for one launch on a loaded 2-core machine
 
 # A 2-layer model on mock pairs, TP=2 over 2 processes: a step takes a fraction of a second.
 FLAGS = [
-    "--mock-data", "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
-    "--num-attention-heads", "4", "--num-query-groups", "2", "--vocab-size", "200",
-    "--make-vocab-size-divisible-by", "128", "--seq-length", "32",
-    "--micro-batch-size", "2", "--global-batch-size", "4", "--tensor-model-parallel-size", "2",
-    "--lr", "1e-3", "--lr-decay-style", "cosine", "--clip-grad", "1.0", "--seed", "1234",
-    "--log-interval", "1",
+    "--mock-data",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--ffn-hidden-size",
+    "128",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--vocab-size",
+    "200",
+    "--make-vocab-size-divisible-by",
+    "128",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--tensor-model-parallel-size",
+    "2",
+    "--lr",
+    "1e-3",
+    "--lr-decay-style",
+    "cosine",
+    "--clip-grad",
+    "1.0",
+    "--seed",
+    "1234",
+    "--log-interval",
+    "1",
 ]
 
 
@@ -52,7 +79,10 @@ def _env(**extra) -> dict:
     rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in rendezvous}
     env.update(
-        GPUS_PER_NODE="2", OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore",
+        GPUS_PER_NODE="2",
+        OMP_NUM_THREADS="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONWARNINGS="ignore",
         PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
     )
     env.update(extra)
@@ -67,7 +97,11 @@ class Job:
         self._seen: set[psutil.Process] = set()
         self._out = open(log, "wb")
         self.proc = subprocess.Popen(
-            [str(a) for a in argv], cwd=ROOT, env=_env(**env), stdout=self._out, stderr=subprocess.STDOUT,
+            [str(a) for a in argv],
+            cwd=ROOT,
+            env=_env(**env),
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -102,7 +136,7 @@ class Job:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill9()
-            raise AssertionError(f"{self.proc.args[:3]} did not end in {timeout} s:\n{self.output()[-4000:]}")
+            raise AssertionError(f"{self.proc.args[:3]} did not end in {timeout} s:\n{self.output()[-4000:]}") from None
         finally:
             self._out.close()
 
@@ -249,8 +283,14 @@ def test_kill9_mid_run_resumes_bitwise(tmp_path, reference):
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path, reference):
     save = tmp_path / "ckpt"
     run = ["--train-iters", TRAIN_ITERS, "--save-interval", SAVE_INTERVAL, "--save", save, "--load", save]
-    job = _torchrun(CRASH_DRIVER, *run, "--metrics-file", tmp_path / "crashed.jsonl",
-                    log=tmp_path / "crashed.txt", CRASH_AT_SAVE="2")
+    job = _torchrun(
+        CRASH_DRIVER,
+        *run,
+        "--metrics-file",
+        tmp_path / "crashed.jsonl",
+        log=tmp_path / "crashed.txt",
+        CRASH_AT_SAVE="2",
+    )
     try:
         rc = job.wait()
     finally:
@@ -308,10 +348,17 @@ def _reshard_worker(root: str) -> dict:
     for name, (tp, pp) in {"tp2": (2, 1), "pp2": (1, 2)}.items():
         save = os.path.join(root, name)
         common = dict(num_layers=2, global_batch_size=4, micro_batch_size=2, eval_iters=2, log_interval=1)
-        saved = pretrain(tiny_config(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, train_iters=2,
-            eval_interval=2, save=save, save_interval=2, **common,
-        ))
+        saved = pretrain(
+            tiny_config(
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                train_iters=2,
+                eval_interval=2,
+                save=save,
+                save_interval=2,
+                **common,
+            )
+        )
         parallel_state.destroy_model_parallel()
         loaded = pretrain(tiny_config(eval_only=True, load=save, **common))  # TP=1 PP=1 (DP=2)
         parallel_state.destroy_model_parallel()
@@ -358,12 +405,14 @@ def _nan_worker(root: str) -> dict:
         before = [p.detach().clone() for m in state.model for p in m.parameters()]
         result = real_train_step(cfg, state, batches)
         after = [p.detach() for m in state.model for p in m.parameters()]
-        events.append({
-            "iteration": state.iteration,
-            "skipped": result["skipped"],
-            "params_changed": any(not torch.equal(a, b) for a, b in zip(before, after)),
-            "params_finite": all(bool(torch.isfinite(a).all()) for a in after),
-        })
+        events.append(
+            {
+                "iteration": state.iteration,
+                "skipped": result["skipped"],
+                "params_changed": any(not torch.equal(a, b) for a, b in zip(before, after)),
+                "params_finite": all(bool(torch.isfinite(a).all()) for a in after),
+            }
+        )
         return result
 
     step.loss_func, loop.train_step = loss_func, train_step
@@ -374,9 +423,14 @@ def _nan_worker(root: str) -> dict:
     poison["iterations"] = {3}
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        summary = loop.pretrain(tiny_config(
-            train_iters=5, max_skipped_iters=2, metrics_file=os.path.join(root, "one.jsonl"), **common,
-        ))
+        summary = loop.pretrain(
+            tiny_config(
+                train_iters=5,
+                max_skipped_iters=2,
+                metrics_file=os.path.join(root, "one.jsonl"),
+                **common,
+            )
+        )
     parallel_state.destroy_model_parallel()
     out["one"] = {"events": list(events), "stdout": stdout.getvalue(), "iteration": summary["iteration"]}
 
@@ -409,7 +463,11 @@ def test_non_finite_updates_are_skipped_then_training_stops(tmp_path):
 
         stop = result["stop"]
         assert [(e["iteration"], e["skipped"], e["params_changed"]) for e in stop["events"]] == [
-            (1, False, True), (2, False, True), (3, True, False), (4, True, False), (5, True, False)
+            (1, False, True),
+            (2, False, True),
+            (3, True, False),
+            (4, True, False),
+            (5, True, False),
         ], rank
         assert stop["error"] is not None and "--max-skipped-iters 3" in stop["error"], stop["error"]
         assert "stopping at iteration 5" in stop["error"]

@@ -42,12 +42,19 @@ def _dropout_worker(root: str) -> dict:
     def run(layout: str, name: str, **overrides) -> dict:
         """One run; the model's weights at its end (this rank's shards)."""
         tp, pp = LAYOUTS[layout]
-        loop.pretrain(tiny_config(
-            num_layers=2, tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-            hidden_dropout=0.1, attention_dropout=0.1,
-            lr_decay_iters=ITERS,  # the stopped run follows the full run's schedule
-            log_interval=1, metrics_file=os.path.join(root, f"{layout}-{name}.jsonl"), **overrides,
-        ))
+        loop.pretrain(
+            tiny_config(
+                num_layers=2,
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                hidden_dropout=0.1,
+                attention_dropout=0.1,
+                lr_decay_iters=ITERS,  # the stopped run follows the full run's schedule
+                log_interval=1,
+                metrics_file=os.path.join(root, f"{layout}-{name}.jsonl"),
+                **overrides,
+            )
+        )
         parallel_state.destroy_model_parallel()
         chunks = [m.module if hasattr(m, "module") else m for m in trained.pop("state").model]
         return {f"{i}.{n}": p.detach().clone() for i, c in enumerate(chunks) for n, p in c.named_parameters()}

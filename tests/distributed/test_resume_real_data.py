@@ -46,13 +46,47 @@ N, K = 6, 3  # iterations in all; where the first half stops
 PAIRS = 24  # split 75/25: 18 train pairs, an epoch of 4 global batches of 4; 6 valid pairs
 
 FLAGS = [
-    "--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
-    "--num-query-groups", "2", "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
-    "--tokenizer-type", "SentencePieceTokenizer", "--split", "75,25,0",
-    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-warmup-iters", "2", "--lr-decay-style", "cosine",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--ffn-hidden-size",
+    "128",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--seq-length",
+    "32",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--tokenizer-type",
+    "SentencePieceTokenizer",
+    "--split",
+    "75,25,0",
+    "--lr",
+    "1e-3",
+    "--min-lr",
+    "1e-4",
+    "--lr-warmup-iters",
+    "2",
+    "--lr-decay-style",
+    "cosine",
     # The decay is planned for N iterations, so the first half follows the uninterrupted schedule.
-    "--lr-decay-iters", str(N), "--clip-grad", "1.0", "--seed", "1234",
-    "--log-interval", "1", "--eval-interval", "2", "--eval-iters", "1",
+    "--lr-decay-iters",
+    str(N),
+    "--clip-grad",
+    "1.0",
+    "--seed",
+    "1234",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "2",
+    "--eval-iters",
+    "1",
 ]
 LAYOUTS = {
     "dp2_distopt": ["--use-distributed-optimizer"],
@@ -68,8 +102,16 @@ def _preprocess(tmp: Path, records: list[dict], prefix: Path, tokenizer: str) ->
 
     source = tmp / f"{prefix.name}.jsonl"
     source.write_text("".join(json.dumps(r) + "\n" for r in records))
-    argv = ["--input", str(source), "--output-prefix", str(prefix),
-            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer]
+    argv = [
+        "--input",
+        str(source),
+        "--output-prefix",
+        str(prefix),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        tokenizer,
+    ]
     with contextlib.redirect_stdout(io.StringIO()):
         assert preprocess.main(argv) == 0
     return str(prefix)
@@ -84,7 +126,13 @@ def data(tmp_path_factory) -> dict[str, str]:
     model = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter([t for line in lines[:200] for t in json.loads(line).values()]),
-        model_writer=model, vocab_size=200, bos_id=1, eos_id=2, pad_id=3, unk_id=0, minloglevel=2,
+        model_writer=model,
+        vocab_size=200,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        unk_id=0,
+        minloglevel=2,
     )
     other = tmp / "other.model"
     other.write_bytes(model.getvalue())
@@ -146,12 +194,36 @@ def _resume(root: str, data: dict) -> dict:
         ckpt = os.path.join(d, "ckpt")
         data_flags = ["--data-path", data["prefix"], "--tokenizer-model", SP_MODEL]
         run([*layout, *data_flags, "--train-iters", str(N), "--metrics-file", os.path.join(d, "uninterrupted.jsonl")])
-        run([*layout, *data_flags, "--train-iters", str(K), "--save", ckpt,
-             "--metrics-file", os.path.join(d, "first.jsonl")])
-        resumed, stdout, _ = _quiet(run, [
-            *layout, "--data-path", data["prefix"], "--tokenizer-model", data["copy_model"],
-            "--train-iters", str(N), "--load", ckpt, "--save", ckpt, "--metrics-file", os.path.join(d, "resumed.jsonl"),
-        ])
+        run(
+            [
+                *layout,
+                *data_flags,
+                "--train-iters",
+                str(K),
+                "--save",
+                ckpt,
+                "--metrics-file",
+                os.path.join(d, "first.jsonl"),
+            ]
+        )
+        resumed, stdout, _ = _quiet(
+            run,
+            [
+                *layout,
+                "--data-path",
+                data["prefix"],
+                "--tokenizer-model",
+                data["copy_model"],
+                "--train-iters",
+                str(N),
+                "--load",
+                ckpt,
+                "--save",
+                ckpt,
+                "--metrics-file",
+                os.path.join(d, "resumed.jsonl"),
+            ],
+        )
         out[name] = {"stdout": stdout, "iteration": resumed["iteration"]}
     return out
 
@@ -182,17 +254,50 @@ def _errors(root: str, data: dict) -> dict:
         "missing": [*data_flags, "--use-distributed-optimizer", "--load", dirs["missing"], "--save", dirs["missing"]],
         "garbled": [*data_flags, "--use-distributed-optimizer", "--load", dirs["garbled"], "--save", dirs["garbled"]],
         "empty": [*data_flags, "--use-distributed-optimizer", "--load", dirs["empty"], "--save", dirs["empty"]],
-        "hidden_size": [*data_flags, "--use-distributed-optimizer", "--hidden-size", "32", "--ffn-hidden-size", "64",
-                        "--load", good, "--save", good],
+        "hidden_size": [
+            *data_flags,
+            "--use-distributed-optimizer",
+            "--hidden-size",
+            "32",
+            "--ffn-hidden-size",
+            "64",
+            "--load",
+            good,
+            "--save",
+            good,
+        ],
         "num_layers": [*data_flags, "--use-distributed-optimizer", "--num-layers", "1", "--load", good, "--save", good],
-        "distopt_tp2": [*data_flags, "--use-distributed-optimizer", "--tensor-model-parallel-size", "2",
-                        "--load", good, "--save", good],
+        "distopt_tp2": [
+            *data_flags,
+            "--use-distributed-optimizer",
+            "--tensor-model-parallel-size",
+            "2",
+            "--load",
+            good,
+            "--save",
+            good,
+        ],
         # The remedy the refusal names, from a YAML file and as a flag: the weights reshard,
         # the optimizer starts fresh.
-        "no_load_optim_yaml": [*data_flags, "--use-distributed-optimizer", "--tensor-model-parallel-size", "2",
-                               "--config", os.path.join(root, "errors", "no_load_optim.yaml"), "--load", good],
-        "no_load_optim_flag": [*data_flags, "--use-distributed-optimizer", "--tensor-model-parallel-size", "2",
-                               "--no-load-optim", "--load", good],
+        "no_load_optim_yaml": [
+            *data_flags,
+            "--use-distributed-optimizer",
+            "--tensor-model-parallel-size",
+            "2",
+            "--config",
+            os.path.join(root, "errors", "no_load_optim.yaml"),
+            "--load",
+            good,
+        ],
+        "no_load_optim_flag": [
+            *data_flags,
+            "--use-distributed-optimizer",
+            "--tensor-model-parallel-size",
+            "2",
+            "--no-load-optim",
+            "--load",
+            good,
+        ],
     }
     out, rank = {}, dist.get_rank()
     for name, flags in cases.items():
@@ -252,7 +357,9 @@ def test_resume_on_real_data_is_bitwise_exact(results, layout):
     evals = list(range(0, N + 1, 2))
     assert sorted(uninterrupted) == sorted([("train", i) for i in range(1, N + 1)] + [("valid", i) for i in evals])
     assert sorted(first) == sorted([("train", i) for i in range(1, K + 1)] + [("valid", i) for i in evals if i <= K])
-    assert sorted(resumed) == sorted([("train", i) for i in range(K + 1, N + 1)] + [("valid", i) for i in evals if i > K])
+    assert sorted(resumed) == sorted(
+        [("train", i) for i in range(K + 1, N + 1)] + [("valid", i) for i in evals if i > K]
+    )
     for key, record in (first | resumed).items():
         assert record == uninterrupted[key], key  # every float, bit for bit
     # Real pairs from the prefix: losses move, and the run crossed the epoch boundary (18 pairs).

@@ -28,10 +28,21 @@ CHECKED_GRADS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 def _config(tp, pp, mbs, **kw):
     return tiny_config(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, micro_batch_size=mbs,
-        global_batch_size=4, lr=1e-3, clip_grad=0.0, lr_decay_style="constant", adam_eps=1e-2,
-        adam_beta1=ADAM_BETA1, beta=BETA, gamma_beta_ratio=RATIO, sft_weight=SFT_WEIGHT,
-        train_iters=1, log_interval=1, **kw,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        micro_batch_size=mbs,
+        global_batch_size=4,
+        lr=1e-3,
+        clip_grad=0.0,
+        lr_decay_style="constant",
+        adam_eps=1e-2,
+        adam_beta1=ADAM_BETA1,
+        beta=BETA,
+        gamma_beta_ratio=RATIO,
+        sft_weight=SFT_WEIGHT,
+        train_iters=1,
+        log_interval=1,
+        **kw,
     )
 
 

@@ -13,8 +13,11 @@ def _train(metrics_file):
     from simpo_megatron.training.loop import pretrain
 
     # A fresh model's reward margin is about 0: below 0.5 from the first log interval on.
-    return pretrain(tiny_config(num_layers=2, train_iters=6, log_interval=3, lr=1e-4,
-                                health_check_window=1, metrics_file=metrics_file))
+    return pretrain(
+        tiny_config(
+            num_layers=2, train_iters=6, log_interval=3, lr=1e-4, health_check_window=1, metrics_file=metrics_file
+        )
+    )
 
 
 def test_console_averages_the_window_and_health_warns_once(tmp_path, capfd):

@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from simpo_megatron.testing import run_distributed
 from test_trl_equivalence import (  # the same model, pairs, settings and helpers
     ADAM_EPS,
     CLIP,
@@ -43,6 +41,8 @@ from test_trl_equivalence import (  # the same model, pairs, settings and helper
     preprocess,
 )
 
+from simpo_megatron.testing import run_distributed
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 BETA = 0.5
@@ -50,23 +50,52 @@ TRL_LOSS = {"dpo": "sigmoid", "ipo": "ipo", "dpo-norm": "sigmoid_norm"}
 # name -> (TP, PP, micro-batch size, distributed optimizer, other flags); DP = world / (TP x PP x CP).
 LAYOUTS = {
     1: {"tp1_2mb": (1, 1, 2, False, {}), "tp1_packed": (1, 1, 2, False, {"packing": True})},
-    2: {"dp2_distopt": (1, 1, 1, True, {}), "tp2": (2, 1, 2, False, {}), "pp2_4mb": (1, 2, 1, False, {}),
-        "cp2": (1, 1, 2, False, {"context_parallel_size": 2})},
+    2: {
+        "dp2_distopt": (1, 1, 1, True, {}),
+        "tp2": (2, 1, 2, False, {}),
+        "pp2_4mb": (1, 2, 1, False, {}),
+        "cp2": (1, 1, 2, False, {"context_parallel_size": 2}),
+    },
 }
 # Every layout for DPO; IPO and length-normalized DPO on one process and on TP=2.
-RUNS = {"dpo": [n for layouts in LAYOUTS.values() for n in layouts], "ipo": ["tp1_2mb", "tp2"],
-        "dpo-norm": ["tp1_packed", "tp2"]}
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected", "grad_norm")
+RUNS = {
+    "dpo": [n for layouts in LAYOUTS.values() for n in layouts],
+    "ipo": ["tp1_2mb", "tp2"],
+    "dpo-norm": ["tp1_packed", "tp2"],
+}
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+    "grad_norm",
+)
 
 
 def _dpo_config(hf_dir, prefix, root, name, loss_type):
     tp, pp, mbs, distopt, extra = {k: v for layouts in LAYOUTS.values() for k, v in layouts.items()}[name]
     save = os.path.join(root, loss_type, name)
-    return _config(hf_dir, prefix, save, tp, pp, mbs, distopt, {
-        **extra, "loss_type": loss_type, "beta": BETA, "label_smoothing": 0.0, "sft_weight": 0.0,
-        "gamma_beta_ratio": 0.5, "ref_scores_dir": os.path.join(save, "reference"),
-    })
+    return _config(
+        hf_dir,
+        prefix,
+        save,
+        tp,
+        pp,
+        mbs,
+        distopt,
+        {
+            **extra,
+            "loss_type": loss_type,
+            "beta": BETA,
+            "label_smoothing": 0.0,
+            "sft_weight": 0.0,
+            "gamma_beta_ratio": 0.5,
+            "ref_scores_dir": os.path.join(save, "reference"),
+        },
+    )
 
 
 def _train_worker(runs: list[tuple[str, str]], hf_dir: str, prefix: str, root: str) -> dict:
@@ -96,12 +125,33 @@ def _run_trl(hf_dir: str, pairs: list[dict], stream: list[list[dict]], loss_type
     # TRL tokenizes a plain prompt as it is: its BOS is given as text, as our tool adds it.
     ordered = [{**pairs[s["index"]], "prompt": "<s> " + pairs[s["index"]]["prompt"]} for step in stream for s in step]
     args = DPOConfig(
-        output_dir=out, loss_type=[TRL_LOSS[loss_type]], beta=BETA, max_length=SEQ, precompute_ref_log_probs=True,
-        per_device_train_batch_size=GLOBAL_BATCH, gradient_accumulation_steps=1, max_steps=STEPS,
-        learning_rate=LR, lr_scheduler_type="linear", warmup_steps=WARMUP, weight_decay=WEIGHT_DECAY,
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=ADAM_EPS, max_grad_norm=CLIP, optim="adamw_torch",
-        train_sampling_strategy="sequential", logging_steps=1, report_to=[], save_strategy="no",
-        use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, disable_dropout=True, seed=0,
+        output_dir=out,
+        loss_type=[TRL_LOSS[loss_type]],
+        beta=BETA,
+        max_length=SEQ,
+        precompute_ref_log_probs=True,
+        per_device_train_batch_size=GLOBAL_BATCH,
+        gradient_accumulation_steps=1,
+        max_steps=STEPS,
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        warmup_steps=WARMUP,
+        weight_decay=WEIGHT_DECAY,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=ADAM_EPS,
+        max_grad_norm=CLIP,
+        optim="adamw_torch",
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+        disable_dropout=True,
+        seed=0,
     )
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
@@ -140,7 +190,9 @@ def runs(tmp_path_factory) -> dict:
     trl = {loss: _run_trl(hf_dir, pairs, stream, loss, str(root / f"trl_{loss}")) for loss in RUNS}
     ours = {(loss, name): root / loss / name for loss, names in RUNS.items() for name in names}
     return {
-        "initial": load_file(os.path.join(hf_dir, "model.safetensors")), "stream": stream, "trl": trl,
+        "initial": load_file(os.path.join(hf_dir, "model.safetensors")),
+        "stream": stream,
+        "trl": trl,
         "metrics": {k: _our_metrics(v) for k, v in ours.items()},
         "weights": {k: _our_weights(v, hf_dir, v.parent / f"{v.name}_hf") for k, v in ours.items()},
         "scores": {k: _scores(v) for k, v in ours.items()},
@@ -164,8 +216,9 @@ def test_reference_scores_equal_trls_precomputed_ones(runs, loss, name):
     for row, sample in zip(runs["trl"][loss]["rows"], (s for step in runs["stream"] for s in step), strict=True):
         i = sample["index"]
         assert scores[i, 2:].tolist() == [len(sample["chosen"]), len(sample["rejected"])]
-        np.testing.assert_allclose(scores[i, :2], [row["ref_chosen_logps"], row["ref_rejected_logps"]],
-                                   atol=2e-5, rtol=0)
+        np.testing.assert_allclose(
+            scores[i, :2], [row["ref_chosen_logps"], row["ref_rejected_logps"]], atol=2e-5, rtol=0
+        )
     np.testing.assert_allclose(scores, runs["scores"][("dpo", "tp1_2mb")], atol=2e-5, rtol=0)
 
 
@@ -184,7 +237,9 @@ def test_per_step_metrics_equal_trl(runs, loss, name):
         theirs = torch.tensor([r[key] for r in trl], dtype=torch.float64)[steps.get(key, list(range(STEPS)))]
         # Gradient norms reach ~100 for IPO: a few fp32 roundings there are 1e-5 relative.
         rtol = 1e-5 if key == "grad_norm" else 1e-6
-        torch.testing.assert_close(mine, theirs, atol=METRIC_ATOL, rtol=rtol, msg=lambda m: f"{loss} {name}: {key}\n{m}")
+        torch.testing.assert_close(
+            mine, theirs, atol=METRIC_ATOL, rtol=rtol, msg=lambda m, key=key: f"{loss} {name}: {key}\n{m}"
+        )
     assert len({r["rewards/accuracies"] for r in trl}) > 1  # the run learns something
 
 

@@ -61,8 +61,15 @@ METRIC_ATOL = 1e-5
 # fp32 roundings); each tensor moved by >= 1.1e-2 in training; the two TRL variants above end
 # 6e-3 and 1.6e-2 away.
 WEIGHT_ATOL = 2e-6
-METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
-           "logps/chosen", "logps/rejected")
+METRICS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/chosen",
+    "logps/rejected",
+)
 
 
 def _trl():
@@ -71,8 +78,10 @@ def _trl():
     try:
         from trl.experimental.cpo import CPOConfig, CPOTrainer
     except ImportError as e:
-        pytest.fail(f"TRL is needed for the equivalence with CPOTrainer ({e}); install the test extras: "
-                    "pip install -e '.[test]'")
+        pytest.fail(
+            f"TRL is needed for the equivalence with CPOTrainer ({e}); install the test extras: "
+            "pip install -e '.[test]'"
+        )
     return CPOConfig, CPOTrainer
 
 
@@ -87,9 +96,19 @@ def make_hf_dir(path: Path) -> str:
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, rms_norm_eps=1e-5,
-        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
     )
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():  # O(1) logits, norms away from the identity
@@ -100,7 +119,10 @@ def make_hf_dir(path: Path) -> str:
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
     ).save_pretrained(path)
     return str(path)
 
@@ -122,8 +144,16 @@ def preprocess(pairs: list[dict], hf_dir: str, root: Path) -> str:
     path = root / "pairs.jsonl"
     path.write_text("".join(json.dumps(p) + "\n" for p in pairs))
     prefix = str(root / "pairs")
-    argv = ["--input", str(path), "--output-prefix", prefix, "--tokenizer-type", "HuggingFaceTokenizer",
-            "--tokenizer-model", hf_dir]
+    argv = [
+        "--input",
+        str(path),
+        "--output-prefix",
+        prefix,
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        hf_dir,
+    ]
     assert tool.main(argv) == 0
     return prefix
 
@@ -132,17 +162,46 @@ def preprocess(pairs: list[dict], hf_dir: str, root: Path) -> str:
 
 
 def _config(hf_dir: str, prefix: str, save: str, tp: int, pp: int, mbs: int, distopt: bool, extra=None):
-    return tiny_config(**{**dict(
-        load=hf_dir, save=save, data_path=[prefix], split="100,0,0", mock_data=False,
-        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=hf_dir, seq_length=SEQ,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, use_distributed_optimizer=distopt,
-        micro_batch_size=mbs, global_batch_size=GLOBAL_BATCH, train_iters=STEPS, log_interval=1,
-        lr=LR, min_lr=0.0, lr_decay_style="linear", lr_warmup_iters=WARMUP, weight_decay=WEIGHT_DECAY,
-        adam_beta1=0.9, adam_beta2=0.999, adam_eps=ADAM_EPS, clip_grad=CLIP, seed=SEED,
-        beta=BETA, gamma_beta_ratio=GAMMA_BETA_RATIO, label_smoothing=LABEL_SMOOTHING,
-        sft_weight=SFT_WEIGHT, sft_loss_form="token", average_log_prob=True,
-        hidden_dropout=0.0, attention_dropout=0.0,
-    ), **(extra or {})})
+    return tiny_config(
+        **{
+            **dict(
+                load=hf_dir,
+                save=save,
+                data_path=[prefix],
+                split="100,0,0",
+                mock_data=False,
+                tokenizer_type="HuggingFaceTokenizer",
+                tokenizer_model=hf_dir,
+                seq_length=SEQ,
+                tensor_model_parallel_size=tp,
+                pipeline_model_parallel_size=pp,
+                use_distributed_optimizer=distopt,
+                micro_batch_size=mbs,
+                global_batch_size=GLOBAL_BATCH,
+                train_iters=STEPS,
+                log_interval=1,
+                lr=LR,
+                min_lr=0.0,
+                lr_decay_style="linear",
+                lr_warmup_iters=WARMUP,
+                weight_decay=WEIGHT_DECAY,
+                adam_beta1=0.9,
+                adam_beta2=0.999,
+                adam_eps=ADAM_EPS,
+                clip_grad=CLIP,
+                seed=SEED,
+                beta=BETA,
+                gamma_beta_ratio=GAMMA_BETA_RATIO,
+                label_smoothing=LABEL_SMOOTHING,
+                sft_weight=SFT_WEIGHT,
+                sft_loss_form="token",
+                average_log_prob=True,
+                hidden_dropout=0.0,
+                attention_dropout=0.0,
+            ),
+            **(extra or {}),
+        }
+    )
 
 
 def _stream(cfg) -> list[list[dict]]:
@@ -151,7 +210,9 @@ def _stream(cfg) -> list[list[dict]]:
     from simpo_megatron.data.sampler import PairBatchSampler
 
     data = build_datasets(cfg)
-    sampler = PairBatchSampler(len(data.train), 0, GLOBAL_BATCH, GLOBAL_BATCH, 0, 1, shuffle=True, seed=cfg.optimizer.seed)
+    sampler = PairBatchSampler(
+        len(data.train), 0, GLOBAL_BATCH, GLOBAL_BATCH, 0, 1, shuffle=True, seed=cfg.optimizer.seed
+    )
     steps = []
     for _, indices in zip(range(STEPS), sampler):
         steps.append([{"index": int(i), **{k: v.tolist() for k, v in data.train[i].items()}} for i in indices])
@@ -188,8 +249,12 @@ def _our_weights(save: Path, hf_dir: str, out: Path) -> dict[str, torch.Tensor]:
     from simpo_megatron.training.hf_checkpoint import export_checkpoint
 
     exported = export_checkpoint(str(save), str(out), hf_config_dir=hf_dir)
-    return {k: v for f in sorted(os.listdir(exported)) if f.endswith(".safetensors")
-            for k, v in load_file(os.path.join(exported, f)).items()}
+    return {
+        k: v
+        for f in sorted(os.listdir(exported))
+        if f.endswith(".safetensors")
+        for k, v in load_file(os.path.join(exported, f)).items()
+    }
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -213,13 +278,35 @@ def _run_trl(hf_dir: str, pairs: list[dict], stream: list[list[dict]], out: str)
 
     ordered = [pairs[s["index"]] for step in stream for s in step]
     args = CPOConfig(
-        output_dir=out, loss_type="simpo", beta=BETA, simpo_gamma=BETA * GAMMA_BETA_RATIO,
-        label_smoothing=LABEL_SMOOTHING, cpo_alpha=SFT_WEIGHT, max_length=SEQ,
-        per_device_train_batch_size=GLOBAL_BATCH, gradient_accumulation_steps=1, max_steps=STEPS,
-        learning_rate=LR, lr_scheduler_type="linear", warmup_steps=WARMUP, weight_decay=WEIGHT_DECAY,
-        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=ADAM_EPS, max_grad_norm=CLIP, optim="adamw_torch",
-        train_sampling_strategy="sequential", logging_steps=1, report_to=[], save_strategy="no",
-        use_cpu=True, bf16=False, fp16=False, dataloader_num_workers=0, disable_dropout=True, seed=0,
+        output_dir=out,
+        loss_type="simpo",
+        beta=BETA,
+        simpo_gamma=BETA * GAMMA_BETA_RATIO,
+        label_smoothing=LABEL_SMOOTHING,
+        cpo_alpha=SFT_WEIGHT,
+        max_length=SEQ,
+        per_device_train_batch_size=GLOBAL_BATCH,
+        gradient_accumulation_steps=1,
+        max_steps=STEPS,
+        learning_rate=LR,
+        lr_scheduler_type="linear",
+        warmup_steps=WARMUP,
+        weight_decay=WEIGHT_DECAY,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        adam_epsilon=ADAM_EPS,
+        max_grad_norm=CLIP,
+        optim="adamw_torch",
+        train_sampling_strategy="sequential",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        bf16=False,
+        fp16=False,
+        dataloader_num_workers=0,
+        disable_dropout=True,
+        seed=0,
     )
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
@@ -252,7 +339,9 @@ def runs(tmp_path_factory) -> dict:
     names = [n for layouts in LAYOUTS.values() for n in layouts]
     return {
         "initial": load_file(os.path.join(hf_dir, "model.safetensors")),
-        "pairs": pairs, "stream": ours["stream"], "trl": trl,
+        "pairs": pairs,
+        "stream": ours["stream"],
+        "trl": trl,
         "metrics": {n: _our_metrics(root / n) for n in names},
         "weights": {n: _our_weights(root / n, hf_dir, root / f"{n}_hf") for n in names},
     }
@@ -290,8 +379,9 @@ def test_per_step_losses_and_reward_metrics_equal_trl(runs, name):
     trl, ours = runs["trl"]["logs"], runs["metrics"][name]
     for key in METRICS + ("sft_loss", "grad_norm"):
         trl_key = {"sft_loss": "nll_loss"}.get(key, key)  # both: the SFT term before its weight
-        mine, theirs = (torch.tensor([r[k] for r in rows], dtype=torch.float64)
-                        for rows, k in ((ours, key), (trl, trl_key)))
+        mine, theirs = (
+            torch.tensor([r[k] for r in rows], dtype=torch.float64) for rows, k in ((ours, key), (trl, trl_key))
+        )
         torch.testing.assert_close(mine, theirs, atol=METRIC_ATOL, rtol=0, msg=f"{name}: {key}")
     # Our "lr" is the one after the iteration's update (read after the scheduler's step, as
     # Megatron-LM's training log reads it); TRL's (transformers 5) is the one the step trained

@@ -74,7 +74,6 @@ def test_tp2_matches_single_process(tp2_results, dtype_name):
     assert torch.all(grad[..., VOCAB:] == 0)
 
 
-
 HIDDEN, CHUNK = 16, 5  # 18 tokens in chunks of 5: the last chunk is partial
 
 
@@ -163,8 +162,9 @@ def test_chunked_head_equals_unchunked_and_reference(head_results, dtype_name, t
             torch.testing.assert_close(
                 grad_h.double(), ref_grad_h, rtol=1e-4 if fp32 else 0.05, atol=1e-5 if fp32 else 0.05
             )
-        torch.testing.assert_close(grad_w[:VOCAB].double(), ref_grad_w[:VOCAB], rtol=1e-4 if fp32 else 0.05,
-                                   atol=1e-5 if fp32 else 0.02)
+        torch.testing.assert_close(
+            grad_w[:VOCAB].double(), ref_grad_w[:VOCAB], rtol=1e-4 if fp32 else 0.05, atol=1e-5 if fp32 else 0.02
+        )
     # The chunked head against today's path on the same (bf16-rounded) inputs: same roundings.
     for r in by_rank:
         (a, ga, wa, _), (b, gb, wb, _) = r["chunked"], r["unchunked"]

@@ -36,12 +36,26 @@ def _config(impl: str, fp8: bool):
     from simpo_megatron.testing import tiny_config
 
     # Dimensions FP8 GEMMs accept (multiples of 16; 2 x 2 x 32 = 128 tokens a micro-batch).
-    extra = dict(fp8_format="hybrid", fp8_recipe="delayed", fp8_amax_history_len=16,
-                 fp8_amax_compute_algo="max") if fp8 else {}
+    extra = (
+        dict(fp8_format="hybrid", fp8_recipe="delayed", fp8_amax_history_len=16, fp8_amax_compute_algo="max")
+        if fp8
+        else {}
+    )
     return tiny_config(
-        num_layers=2, hidden_size=128, ffn_hidden_size=256, num_attention_heads=4, num_query_groups=2,
-        vocab_size=200, seq_length=32, micro_batch_size=2, global_batch_size=4,
-        transformer_impl=impl, bf16=True, lr=1e-3, train_iters=6, **extra,
+        num_layers=2,
+        hidden_size=128,
+        ffn_hidden_size=256,
+        num_attention_heads=4,
+        num_query_groups=2,
+        vocab_size=200,
+        seq_length=32,
+        micro_batch_size=2,
+        global_batch_size=4,
+        transformer_impl=impl,
+        bf16=True,
+        lr=1e-3,
+        train_iters=6,
+        **extra,
     )
 
 
@@ -117,17 +131,22 @@ def train(impl: str, fp8: bool) -> dict:
         for i in range(cfg.optimizer.train_iters):
             result = train_step(cfg, state, batches)
             metrics = result["metrics"] or {}
-            steps.append({
-                "skipped": result["skipped"],
-                "grad_norm": result["grad_norm"],
-                "loss": metrics.get("loss"),
-                "num_pairs": metrics.get("num_pairs"),
-                "finite": all(math.isfinite(v) for v in metrics.values()),
-            })
+            steps.append(
+                {
+                    "skipped": result["skipped"],
+                    "grad_norm": result["grad_norm"],
+                    "loss": metrics.get("loss"),
+                    "num_pairs": metrics.get("num_pairs"),
+                    "finite": all(math.isfinite(v) for v in metrics.values()),
+                }
+            )
             if i == 0:
                 # DDP keeps each gradient in main_grad until the next step.
-                zero_grads = [name for name, p in model.named_parameters()
-                              if p.requires_grad and not p.main_grad.float().abs().sum() > 0]
+                zero_grads = [
+                    name
+                    for name, p in model.named_parameters()
+                    if p.requires_grad and not p.main_grad.float().abs().sum() > 0
+                ]
                 fp8_modules = [type(m).__name__ for m in te_modules if getattr(m, "fp8", False)]
         changed = [name for name, p in model.named_parameters() if not torch.equal(before[name], p.detach().float())]
         valid = eval_step(cfg, state, batches)

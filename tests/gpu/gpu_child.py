@@ -39,8 +39,9 @@ def _last_json(stdout: str) -> dict:
 @functools.cache
 def probe() -> dict:
     """What the GPU child sees: {"cuda": bool, "capability": [major, minor], "te": None | error}."""
-    proc = subprocess.run([sys.executable, str(CASES), "probe"], env=gpu_env(), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(CASES), "probe"], env=gpu_env(), capture_output=True, text=True, timeout=300
+    )
     if proc.returncode != 0:
         return {"cuda": False, "error": proc.stderr[-500:]}
     return _last_json(proc.stdout)
@@ -50,7 +51,8 @@ def skip_reason(te: bool = False, fp8: bool = False) -> str | None:
     info = probe()
     if not info["cuda"]:
         return "needs a CUDA GPU: torch.cuda.is_available() is False" + (
-            f" ({info['error']})" if info.get("error") else "")
+            f" ({info['error']})" if info.get("error") else ""
+        )
     if te and info["te"] is not None:
         return f"needs Transformer Engine: importing transformer_engine.pytorch failed ({info['te']})"
     major, minor = info["capability"]
@@ -60,7 +62,8 @@ def skip_reason(te: bool = False, fp8: bool = False) -> str | None:
 
 
 def run_case(name: str, timeout: float = 600) -> dict:
-    proc = subprocess.run([sys.executable, str(CASES), name], env=gpu_env(), capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(CASES), name], env=gpu_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
     assert proc.returncode == 0, f"case {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return _last_json(proc.stdout)

@@ -9,7 +9,6 @@ Engine (TE cases), or on a GPU older than compute capability 8.9 (FP8).
 """
 
 import pytest
-
 from gpu_child import run_case, skip_reason
 
 pytestmark = pytest.mark.gpu

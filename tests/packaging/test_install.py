@@ -4,8 +4,8 @@ installs it, then ``pip install .`` with no extras, regular and then editable.
 In each mode the data tool runs as the console command and as ``tools/preprocess_preference_data.py``
 on the example's SentencePiece model with a chat template (given as Jinja text), and its output,
 read back with megatron-core's IndexedDataset, is the output of the tool run in this process;
-the training and conversion entry points answer ``--help``. The regular install must not import the checkout's source tree
-(whose C++ builder is not built in place); the editable one must.
+the training and conversion entry points answer ``--help``. The regular install must not import
+the checkout's source tree (whose C++ builder is not built in place); the editable one must.
 """
 
 import json
@@ -25,18 +25,33 @@ from simpo_megatron.data import preprocess
 REPO = Path(__file__).resolve().parents[2]
 TORCH_SPEC = os.environ.get("TORCH_SPEC") or "torch==2.13.0"  # the Makefile's default
 SP_MODEL = REPO / "examples" / "data" / "tokenizer.model"
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n"
-            "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n"
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
 PAIRS = [
-    {"prompt": [{"role": "user", "content": "Sort ascending: 42 7 19"}],
-     "chosen": [{"role": "assistant", "content": " 7 19 42"}],
-     "rejected": [{"role": "assistant", "content": " 42 19 7"}]},
-    {"prompt": "Reverse the words: apple river stone", "chosen": " stone river apple",
-     "rejected": " apple river stone"},
-    {"prompt": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Largest of: 3 88 12"}],
-     "chosen": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Largest of: 3 88 12"},
-                {"role": "assistant", "content": " 88"}],
-     "rejected": " 3"},
+    {
+        "prompt": [{"role": "user", "content": "Sort ascending: 42 7 19"}],
+        "chosen": [{"role": "assistant", "content": " 7 19 42"}],
+        "rejected": [{"role": "assistant", "content": " 42 19 7"}],
+    },
+    {
+        "prompt": "Reverse the words: apple river stone",
+        "chosen": " stone river apple",
+        "rejected": " apple river stone",
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Largest of: 3 88 12"},
+        ],
+        "chosen": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Largest of: 3 88 12"},
+            {"role": "assistant", "content": " 88"},
+        ],
+        "rejected": " 3",
+    },
 ]
 
 
@@ -47,8 +62,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(*command, cwd: Path | None = None) -> str:
-    proc = subprocess.run([str(c) for c in command], cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=1200)
+    proc = subprocess.run([str(c) for c in command], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, f"{command}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
@@ -56,8 +70,16 @@ def _run(*command, cwd: Path | None = None) -> str:
 def _copy_checkout(dest: Path) -> Path:
     """The files a fresh clone of this working tree has (tracked, and new ones not ignored): no
     build outputs, no compiled extension."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         if (REPO / name).is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
@@ -77,8 +99,16 @@ def test_install_without_extras_runs_the_data_tool(tmp_path, capsys):
     src = _copy_checkout(tmp_path / "src")
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps(p) + "\n" for p in PAIRS))
-    flags = ["--input", data, "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", SP_MODEL,
-             "--chat-template", TEMPLATE]
+    flags = [
+        "--input",
+        data,
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        SP_MODEL,
+        "--chat-template",
+        TEMPLATE,
+    ]
     assert preprocess.main([str(f) for f in flags] + ["--output-prefix", str(tmp_path / "reference")]) == 0
     capsys.readouterr()
     expected = _pairs(tmp_path / "reference")
@@ -99,8 +129,10 @@ def test_install_without_extras_runs_the_data_tool(tmp_path, capsys):
             assert Path(where).is_relative_to(venv), where
         else:
             assert Path(where) == src / "simpo_megatron" / "__init__.py", where
-        for name, command in (("entry", [bin_dir / "simpo-preprocess"]),
-                              ("tool", [python, src / "tools" / "preprocess_preference_data.py"])):
+        for name, command in (
+            ("entry", [bin_dir / "simpo-preprocess"]),
+            ("tool", [python, src / "tools" / "preprocess_preference_data.py"]),
+        ):
             prefix = tmp_path / f"{mode}-{name}"
             summary = _run(*command, *flags, "--output-prefix", prefix, cwd=tmp_path)
             assert f"wrote {len(PAIRS)} pairs" in summary

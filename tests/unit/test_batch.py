@@ -32,8 +32,12 @@ def _expected(pairs) -> list[list[float]]:
 
 
 def _columns(ref: ReferenceScores) -> list[list[float]]:
-    return [ref.chosen_logps.tolist(), ref.rejected_logps.tolist(),
-            ref.chosen_tokens.tolist(), ref.rejected_tokens.tolist()]
+    return [
+        ref.chosen_logps.tolist(),
+        ref.rejected_logps.tolist(),
+        ref.chosen_tokens.tolist(),
+        ref.rejected_tokens.tolist(),
+    ]
 
 
 def test_reference_scores_follow_the_pairs_when_padded():
@@ -114,8 +118,9 @@ def test_to_moves_every_tensor_and_seq_params_describe_the_row():
     batch = collate(PAIRS, BatchLayout(PAD, pad_to_multiple_of=8, packed=True, sequence_multiple_of=4))
     moved = batch.to("meta")
     parts = (moved, moved.packed, moved.reference)
-    tensors = [getattr(p, f.name) for p in parts for f in dataclasses.fields(p)
-               if isinstance(getattr(p, f.name), torch.Tensor)]
+    tensors = [
+        getattr(p, f.name) for p in parts for f in dataclasses.fields(p) if isinstance(getattr(p, f.name), torch.Tensor)
+    ]
     assert len(tensors) == 4 + 3 + 4  # the row's 4, the packed layout's 3, the reference's 4
     assert all(t.device.type == "meta" for t in tensors)
     assert isinstance(moved, MicroBatch) and batch.tokens.device.type == "cpu"

@@ -23,8 +23,16 @@ from simpo_megatron.data.builder import (
 
 
 def tokenizer_info(vocab_size: int, fingerprint: str = "f0") -> dict:
-    return {"type": "TestTokenizer", "model": "none", "vocab_size": vocab_size, "bos_id": 1,
-            "eos_id": 2, "pad_id": 0, "fingerprint": fingerprint, "chat_template_sha256": None}
+    return {
+        "type": "TestTokenizer",
+        "model": "none",
+        "vocab_size": vocab_size,
+        "bos_id": 1,
+        "eos_id": 2,
+        "pad_id": 0,
+        "fingerprint": fingerprint,
+        "chat_template_sha256": None,
+    }
 
 
 def random_pairs(n: int, vocab_size: int, seed: int) -> list[tuple[np.ndarray, ...]]:

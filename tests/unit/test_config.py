@@ -21,8 +21,9 @@ def write_yaml(tmp_path, text, name="run.yaml"):
 
 def base(**overrides) -> SimPOConfig:
     """A configuration that validates on one process; tests change one thing at a time."""
-    values = dict(mock_data=True, num_layers=8, hidden_size=256, num_attention_heads=8,
-                  micro_batch_size=2, global_batch_size=8)
+    values = dict(
+        mock_data=True, num_layers=8, hidden_size=256, num_attention_heads=8, micro_batch_size=2, global_batch_size=8
+    )
     values.update(overrides)
     return SimPOConfig.from_flat(values)
 
@@ -127,8 +128,9 @@ def test_list_defaults_are_not_shared_between_configs():
 # ------------------------------------------------------------------ booleans
 
 
-@pytest.mark.parametrize("name, default", [("average_log_prob", True), ("swiglu", True), ("bf16", False),
-                                           ("mock_data", False)])
+@pytest.mark.parametrize(
+    "name, default", [("average_log_prob", True), ("swiglu", True), ("bf16", False), ("mock_data", False)]
+)
 def test_boolean_flags_have_a_negative_form(name, default):
     flag = "--" + name.replace("_", "-")
     negative = "--no-" + name.replace("_", "-")
@@ -175,13 +177,16 @@ def test_every_field_has_a_flag():
         assert "--" + name.replace("_", "-") in flags, name
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["--loss-type", "kto"], "--loss-type"),
-    (["--fp8-format", "e5m2"], "--fp8-format"),
-    (["--lr-decay-style", "exponential"], "--lr-decay-style"),
-    (["--hidden-size", "big"], "--hidden-size"),
-    (["--hiden-size", "64"], "--hiden-size"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--loss-type", "kto"], "--loss-type"),
+        (["--fp8-format", "e5m2"], "--fp8-format"),
+        (["--lr-decay-style", "exponential"], "--lr-decay-style"),
+        (["--hidden-size", "big"], "--hidden-size"),
+        (["--hiden-size", "64"], "--hiden-size"),
+    ],
+)
 def test_bad_command_line_values_exit_with_usage_naming_the_flag(argv, flag, capsys):
     with pytest.raises(SystemExit) as info:
         load_config(argv)
@@ -197,15 +202,27 @@ def test_base_config_validates_and_returns_itself():
     assert cfg.validate(1) is cfg
 
 
-@pytest.mark.parametrize("world, overrides, dp, micro_batches", [
-    (1, {}, 1, 4),
-    (8, dict(global_batch_size=16), 8, 1),
-    (16, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, global_batch_size=32), 4, 4),
-    (8, dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, global_batch_size=16), 4, 2),
-    (4, dict(tensor_model_parallel_size=4, num_query_groups=4, sequence_parallel=True,
-          transformer_impl="transformer_engine"), 1, 4),
-    (2, dict(tensor_model_parallel_size=2, hidden_size=200, kv_channels=32), 1, 4),
-])
+@pytest.mark.parametrize(
+    "world, overrides, dp, micro_batches",
+    [
+        (1, {}, 1, 4),
+        (8, dict(global_batch_size=16), 8, 1),
+        (16, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, global_batch_size=32), 4, 4),
+        (8, dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2, global_batch_size=16), 4, 2),
+        (
+            4,
+            dict(
+                tensor_model_parallel_size=4,
+                num_query_groups=4,
+                sequence_parallel=True,
+                transformer_impl="transformer_engine",
+            ),
+            1,
+            4,
+        ),
+        (2, dict(tensor_model_parallel_size=2, hidden_size=200, kv_channels=32), 1, 4),
+    ],
+)
 def test_valid_layouts(world, overrides, dp, micro_batches):
     cfg = base(**overrides).validate(world)
     assert cfg.data_parallel_size(world) == dp
@@ -235,25 +252,43 @@ def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
 
 
-@pytest.mark.parametrize("world, overrides, needles", [
-    (6, dict(tensor_model_parallel_size=4),
-     ["world size 6", "--tensor-model-parallel-size (4)", "--pipeline-model-parallel-size (1)"]),
-    (6, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
-     ["world size 6", "--tensor-model-parallel-size (2)", "--pipeline-model-parallel-size (2)"]),
-    (3, dict(pipeline_model_parallel_size=2), ["world size 3", "--pipeline-model-parallel-size (2)"]),
-], ids=["tp", "tp_x_pp", "pp"])
+@pytest.mark.parametrize(
+    "world, overrides, needles",
+    [
+        (
+            6,
+            dict(tensor_model_parallel_size=4),
+            ["world size 6", "--tensor-model-parallel-size (4)", "--pipeline-model-parallel-size (1)"],
+        ),
+        (
+            6,
+            dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+            ["world size 6", "--tensor-model-parallel-size (2)", "--pipeline-model-parallel-size (2)"],
+        ),
+        (3, dict(pipeline_model_parallel_size=2), ["world size 3", "--pipeline-model-parallel-size (2)"]),
+    ],
+    ids=["tp", "tp_x_pp", "pp"],
+)
 def test_world_size_not_divisible_by_model_parallel_size(world, overrides, needles):
     check_error(base(**overrides), world, *needles)
 
 
 def test_heads_not_divisible_by_tp():
-    check_error(base(num_attention_heads=6, hidden_size=384, tensor_model_parallel_size=4), 4,
-                "--num-attention-heads (6)", "--tensor-model-parallel-size (4)")
+    check_error(
+        base(num_attention_heads=6, hidden_size=384, tensor_model_parallel_size=4),
+        4,
+        "--num-attention-heads (6)",
+        "--tensor-model-parallel-size (4)",
+    )
 
 
 def test_query_groups_not_divisible_by_tp():
-    check_error(base(num_attention_heads=8, num_query_groups=2, tensor_model_parallel_size=4), 4,
-                "--num-query-groups (2)", "--tensor-model-parallel-size (4)")
+    check_error(
+        base(num_attention_heads=8, num_query_groups=2, tensor_model_parallel_size=4),
+        4,
+        "--num-query-groups (2)",
+        "--tensor-model-parallel-size (4)",
+    )
 
 
 def test_default_query_groups_are_the_heads():
@@ -262,8 +297,9 @@ def test_default_query_groups_are_the_heads():
 
 
 def test_heads_not_divisible_by_query_groups():
-    check_error(base(num_attention_heads=8, num_query_groups=3), 1,
-                "--num-attention-heads (8)", "--num-query-groups (3)")
+    check_error(
+        base(num_attention_heads=8, num_query_groups=3), 1, "--num-attention-heads (8)", "--num-query-groups (3)"
+    )
 
 
 def test_hidden_not_divisible_by_heads_needs_kv_channels():
@@ -272,89 +308,148 @@ def test_hidden_not_divisible_by_heads_needs_kv_channels():
 
 
 def test_layers_not_divisible_by_pp():
-    check_error(base(num_layers=6, pipeline_model_parallel_size=4), 4,
-                "--num-layers (6)", "--pipeline-model-parallel-size (4)")
+    check_error(
+        base(num_layers=6, pipeline_model_parallel_size=4), 4, "--num-layers (6)", "--pipeline-model-parallel-size (4)"
+    )
 
 
 def test_layers_per_stage_not_divisible_by_virtual_stage():
     # 8 layers over PP=2: 4 per stage, which 3-layer virtual stages do not divide.
-    check_error(base(num_layers=8, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3), 2,
-                "layers per pipeline stage (4)", "--num-layers-per-virtual-pipeline-stage (3)")
+    check_error(
+        base(num_layers=8, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3),
+        2,
+        "layers per pipeline stage (4)",
+        "--num-layers-per-virtual-pipeline-stage (3)",
+    )
 
 
 def test_virtual_pipeline_needs_pipeline_parallelism():
-    check_error(base(num_layers_per_virtual_pipeline_stage=2), 1,
-                "--num-layers-per-virtual-pipeline-stage", "--pipeline-model-parallel-size > 1")
+    check_error(
+        base(num_layers_per_virtual_pipeline_stage=2),
+        1,
+        "--num-layers-per-virtual-pipeline-stage",
+        "--pipeline-model-parallel-size > 1",
+    )
 
 
 def test_interleaved_schedule_needs_micro_batches_a_multiple_of_pp():
     # PP=2, virtual stages of 2 layers, 3 micro-batches of 4 pairs (gbs 12, DP 1).
-    check_error(base(num_layers=8, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2,
-                     micro_batch_size=4, global_batch_size=12), 2,
-                "micro-batches (3)", "--pipeline-model-parallel-size (2)")
+    check_error(
+        base(
+            num_layers=8,
+            pipeline_model_parallel_size=2,
+            num_layers_per_virtual_pipeline_stage=2,
+            micro_batch_size=4,
+            global_batch_size=12,
+        ),
+        2,
+        "micro-batches (3)",
+        "--pipeline-model-parallel-size (2)",
+    )
 
 
-@pytest.mark.parametrize("world, overrides, needles", [
-    (1, dict(global_batch_size=10, micro_batch_size=4),
-     ["--global-batch-size (10)", "--micro-batch-size (4)", "data-parallel size (1)"]),
-    (4, dict(global_batch_size=8, micro_batch_size=4),
-     ["--global-batch-size (8)", "--micro-batch-size (4)", "data-parallel size (4)"]),
-    (8, dict(global_batch_size=10, micro_batch_size=1, tensor_model_parallel_size=2),
-     ["--global-batch-size (10)", "--micro-batch-size (1)", "data-parallel size (4)"]),
-], ids=["dp1", "dp4", "tp2_dp4"])
+@pytest.mark.parametrize(
+    "world, overrides, needles",
+    [
+        (
+            1,
+            dict(global_batch_size=10, micro_batch_size=4),
+            ["--global-batch-size (10)", "--micro-batch-size (4)", "data-parallel size (1)"],
+        ),
+        (
+            4,
+            dict(global_batch_size=8, micro_batch_size=4),
+            ["--global-batch-size (8)", "--micro-batch-size (4)", "data-parallel size (4)"],
+        ),
+        (
+            8,
+            dict(global_batch_size=10, micro_batch_size=1, tensor_model_parallel_size=2),
+            ["--global-batch-size (10)", "--micro-batch-size (1)", "data-parallel size (4)"],
+        ),
+    ],
+    ids=["dp1", "dp4", "tp2_dp4"],
+)
 def test_global_batch_not_divisible_by_micro_batch_times_dp(world, overrides, needles):
     check_error(base(**overrides), world, *needles)
 
 
-@pytest.mark.parametrize("name", ["tensor_model_parallel_size", "pipeline_model_parallel_size",
-                                  "micro_batch_size", "global_batch_size", "num_layers", "hidden_size",
-                                  "num_attention_heads", "seq_length", "train_iters", "log_interval"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "micro_batch_size",
+        "global_batch_size",
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "seq_length",
+        "train_iters",
+        "log_interval",
+    ],
+)
 def test_sizes_must_be_positive(name):
     check_error(base(**{name: 0}), 1, "--" + name.replace("_", "-") + " must be >= 1")
 
 
-@pytest.mark.parametrize("overrides, needles", [
-    (dict(context_parallel_size=2), ["--context-parallel-size"]),
-    (dict(sequence_parallel=True), ["--sequence-parallel", "--tensor-model-parallel-size"]),
-    (dict(bf16=True, fp16=True), ["--bf16", "--fp16"]),
-    (dict(seq_length=128, max_prompt_length=128), ["--max-prompt-length (128)", "--seq-length"]),
-    (dict(max_prompt_length=0), ["--max-prompt-length (0)"]),
-    (dict(lr_warmup_fraction=0.1, lr_warmup_iters=10), ["--lr-warmup-fraction", "--lr-warmup-iters"]),
-    (dict(lr=1e-6, min_lr=1e-5), ["--min-lr", "--lr"]),
-    (dict(clip_grad=-1.0), ["--clip-grad"]),
-    (dict(use_distributed_optimizer=True, optimizer="sgd"), ["--use-distributed-optimizer", "--optimizer adam"]),
-    (dict(overlap_param_gather=True), ["--overlap-param-gather", "--use-distributed-optimizer"]),
-    (dict(fp8_format="hybrid"), ["--fp8-format", "--transformer-impl transformer_engine"]),
-    (dict(fp8_param_gather=True), ["--fp8-param-gather", "--fp8-format"]),
-    (dict(mock_data=False), ["--data-path", "--mock-data"]),
-    (dict(data_path=["/data/a"]), ["--data-path", "--mock-data"]),
-    (dict(mock_data=False, data_path=["/data/a"]), ["--data-path", "--tokenizer-model"]),
-    (dict(save_interval=0), ["--save-interval"]),
-    (dict(eval_only=True), ["--eval-only", "--load"]),
-], ids=lambda v: "-".join(v) if isinstance(v, dict) else None)
+@pytest.mark.parametrize(
+    "overrides, needles",
+    [
+        (dict(context_parallel_size=2), ["--context-parallel-size"]),
+        (dict(sequence_parallel=True), ["--sequence-parallel", "--tensor-model-parallel-size"]),
+        (dict(bf16=True, fp16=True), ["--bf16", "--fp16"]),
+        (dict(seq_length=128, max_prompt_length=128), ["--max-prompt-length (128)", "--seq-length"]),
+        (dict(max_prompt_length=0), ["--max-prompt-length (0)"]),
+        (dict(lr_warmup_fraction=0.1, lr_warmup_iters=10), ["--lr-warmup-fraction", "--lr-warmup-iters"]),
+        (dict(lr=1e-6, min_lr=1e-5), ["--min-lr", "--lr"]),
+        (dict(clip_grad=-1.0), ["--clip-grad"]),
+        (dict(use_distributed_optimizer=True, optimizer="sgd"), ["--use-distributed-optimizer", "--optimizer adam"]),
+        (dict(overlap_param_gather=True), ["--overlap-param-gather", "--use-distributed-optimizer"]),
+        (dict(fp8_format="hybrid"), ["--fp8-format", "--transformer-impl transformer_engine"]),
+        (dict(fp8_param_gather=True), ["--fp8-param-gather", "--fp8-format"]),
+        (dict(mock_data=False), ["--data-path", "--mock-data"]),
+        (dict(data_path=["/data/a"]), ["--data-path", "--mock-data"]),
+        (dict(mock_data=False, data_path=["/data/a"]), ["--data-path", "--tokenizer-model"]),
+        (dict(save_interval=0), ["--save-interval"]),
+        (dict(eval_only=True), ["--eval-only", "--load"]),
+    ],
+    ids=lambda v: "-".join(v) if isinstance(v, dict) else None,
+)
 def test_other_inconsistent_settings(overrides, needles):
     check_error(base(**overrides), 1, *needles)
 
 
 def test_sequence_parallel_needs_seq_length_divisible_by_tp():
-    check_error(base(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=101), 2,
-                "--seq-length (101)", "--tensor-model-parallel-size (2)", "--sequence-parallel")
+    check_error(
+        base(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=101),
+        2,
+        "--seq-length (101)",
+        "--tensor-model-parallel-size (2)",
+        "--sequence-parallel",
+    )
 
 
 def test_sequence_parallel_on_the_local_layers_is_refused_at_validation():
     # Without Apex, megatron-core's local layers use torch norms, which refuse sequence parallelism.
-    check_error(base(tensor_model_parallel_size=2, sequence_parallel=True), 2,
-                "--sequence-parallel", "--transformer-impl transformer_engine")
+    check_error(
+        base(tensor_model_parallel_size=2, sequence_parallel=True),
+        2,
+        "--sequence-parallel",
+        "--transformer-impl transformer_engine",
+    )
     base(tensor_model_parallel_size=2, sequence_parallel=True, transformer_impl="transformer_engine").validate(2)
 
 
-@pytest.mark.parametrize("key, value, flag", [
-    ("transformer_impl", "te", "--transformer-impl"),
-    ("normalization", "ScaleNorm", "--normalization"),
-    ("fp8_recipe", "fast", "--fp8-recipe"),
-    ("tokenizer_type", "GPT2BPETokenizer", "--tokenizer-type"),
-    ("sft_loss_form", "sequence", "--sft-loss-form"),
-])
+@pytest.mark.parametrize(
+    "key, value, flag",
+    [
+        ("transformer_impl", "te", "--transformer-impl"),
+        ("normalization", "ScaleNorm", "--normalization"),
+        ("fp8_recipe", "fast", "--fp8-recipe"),
+        ("tokenizer_type", "GPT2BPETokenizer", "--tokenizer-type"),
+        ("sft_loss_form", "sequence", "--sft-loss-form"),
+    ],
+)
 def test_a_value_outside_the_choices_from_yaml_is_an_error_naming_the_flag(tmp_path, key, value, flag):
     # argparse checks choices on the command line only; validation checks them whatever the source.
     path = write_yaml(tmp_path, f"mock_data: true\n{key}: {value}\n")
@@ -376,7 +471,7 @@ def test_help_lists_the_flags_by_section():
     headings = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
     for section in ("model", "parallel", "data", "loss", "optimizer", "checkpoint", "logging"):
         assert section in headings, headings
-    groups = text[text.index("\nmodel:"):]
+    groups = text[text.index("\nmodel:") :]
     assert groups.index("--hidden-size") < groups.index("\nparallel:") < groups.index("--tensor-model-parallel-size")
     assert "(default: None)" not in groups.split("--ffn-hidden-size")[1].split("--num-attention-heads")[0]
 
@@ -397,18 +492,22 @@ def test_sections_are_frozen_and_replace_returns_a_copy():
 # ------------------------------------------------------------------ validate: SimPO knobs
 
 
-@pytest.mark.parametrize("overrides, flag, detail", [
-    (dict(loss_type="kto"), "--loss-type", "'kto'"),
-    (dict(beta=0.0), "--beta", "> 0"),
-    (dict(beta=-2.0), "--beta", "> 0"),
-    (dict(label_smoothing=0.6), "--label-smoothing", "[0, 0.5]"),
-    (dict(label_smoothing=-0.1), "--label-smoothing", "[0, 0.5]"),
-    (dict(loss_type="hinge", label_smoothing=0.1), "--label-smoothing", "hinge"),
-    (dict(sft_weight=-0.5), "--sft-weight", ">= 0"),
-    (dict(loss_type="ipo", label_smoothing=0.1), "--label-smoothing", "'ipo'"),
-    (dict(loss_type="ipo", rdpo_alpha=0.5), "--rdpo-alpha", "'dpo' only"),
-    (dict(loss_type="dpo", rdpo_alpha=-1.0), "--rdpo-alpha", ">= 0"),
-], ids=["loss_type", "beta0", "beta_neg", "ls_high", "ls_low", "ls_hinge", "sft", "ls_ipo", "rdpo_ipo", "rdpo_neg"])
+@pytest.mark.parametrize(
+    "overrides, flag, detail",
+    [
+        (dict(loss_type="kto"), "--loss-type", "'kto'"),
+        (dict(beta=0.0), "--beta", "> 0"),
+        (dict(beta=-2.0), "--beta", "> 0"),
+        (dict(label_smoothing=0.6), "--label-smoothing", "[0, 0.5]"),
+        (dict(label_smoothing=-0.1), "--label-smoothing", "[0, 0.5]"),
+        (dict(loss_type="hinge", label_smoothing=0.1), "--label-smoothing", "hinge"),
+        (dict(sft_weight=-0.5), "--sft-weight", ">= 0"),
+        (dict(loss_type="ipo", label_smoothing=0.1), "--label-smoothing", "'ipo'"),
+        (dict(loss_type="ipo", rdpo_alpha=0.5), "--rdpo-alpha", "'dpo' only"),
+        (dict(loss_type="dpo", rdpo_alpha=-1.0), "--rdpo-alpha", ">= 0"),
+    ],
+    ids=["loss_type", "beta0", "beta_neg", "ls_high", "ls_low", "ls_hinge", "sft", "ls_ipo", "rdpo_ipo", "rdpo_neg"],
+)
 def test_simpo_knob_errors_name_the_flag(overrides, flag, detail):
     message = check_error(base(**overrides), 1, flag, detail)
     assert message.startswith(flag), message

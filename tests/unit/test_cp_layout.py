@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from simpo_megatron.config import ConfigError, SimPOConfig
-from simpo_megatron.testing import tiny_config
 from simpo_megatron.model.context_parallel import (
     local_positions,
     split_for_context_parallel,
     split_packed_for_context_parallel,
     thd_partition_indices,
 )
+from simpo_megatron.testing import tiny_config
 
 
 class _Group:
@@ -79,26 +79,50 @@ def test_split_refuses_a_length_that_is_not_a_multiple():
 
 
 def _cfg(**overrides) -> SimPOConfig:
-    values = dict(mock_data=True, num_layers=4, hidden_size=256, num_attention_heads=8, micro_batch_size=2,
-                  global_batch_size=8, seq_length=256, context_parallel_size=2)
+    values = dict(
+        mock_data=True,
+        num_layers=4,
+        hidden_size=256,
+        num_attention_heads=8,
+        micro_batch_size=2,
+        global_batch_size=8,
+        seq_length=256,
+        context_parallel_size=2,
+    )
     values.update(overrides)
     return SimPOConfig.from_flat(values)
 
 
-@pytest.mark.parametrize("world, overrides, needles", [
-    (2, dict(seq_length=250), ["--seq-length (250)", "2 x --context-parallel-size (4)"]),
-    (8, dict(context_parallel_size=4, seq_length=260), ["--seq-length (260)", "(8)"]),
-    (3, dict(), ["world size 3", "--context-parallel-size (2)"]),
-    (8, dict(tensor_model_parallel_size=2, context_parallel_size=3), ["world size 8", "--context-parallel-size (3)"]),
-    (4, dict(context_parallel_size=4, num_attention_heads=6, hidden_size=384, cp_comm_type="a2a"),
-     ["--cp-comm-type a2a", "(6)", "--context-parallel-size (4)"]),
-    (8, dict(tensor_model_parallel_size=4, sequence_parallel=True, seq_length=36),
-     ["--seq-length (36)", "--tensor-model-parallel-size (4) x --context-parallel-size (2)"]),
-    (4, dict(global_batch_size=3, micro_batch_size=1),
-     ["--global-batch-size (3)", "data-parallel size (2)"]),
-    (2, dict(packing=True, transformer_impl="transformer_engine", cp_comm_type="allgather"),
-     ["--cp-comm-type allgather", "--packing"]),
-], ids=["seq_vs_2cp", "seq_vs_2cp4", "world", "world_tp", "a2a_heads", "sp", "dp_counts_cp_out", "thd_allgather"])
+@pytest.mark.parametrize(
+    "world, overrides, needles",
+    [
+        (2, dict(seq_length=250), ["--seq-length (250)", "2 x --context-parallel-size (4)"]),
+        (8, dict(context_parallel_size=4, seq_length=260), ["--seq-length (260)", "(8)"]),
+        (3, dict(), ["world size 3", "--context-parallel-size (2)"]),
+        (
+            8,
+            dict(tensor_model_parallel_size=2, context_parallel_size=3),
+            ["world size 8", "--context-parallel-size (3)"],
+        ),
+        (
+            4,
+            dict(context_parallel_size=4, num_attention_heads=6, hidden_size=384, cp_comm_type="a2a"),
+            ["--cp-comm-type a2a", "(6)", "--context-parallel-size (4)"],
+        ),
+        (
+            8,
+            dict(tensor_model_parallel_size=4, sequence_parallel=True, seq_length=36),
+            ["--seq-length (36)", "--tensor-model-parallel-size (4) x --context-parallel-size (2)"],
+        ),
+        (4, dict(global_batch_size=3, micro_batch_size=1), ["--global-batch-size (3)", "data-parallel size (2)"]),
+        (
+            2,
+            dict(packing=True, transformer_impl="transformer_engine", cp_comm_type="allgather"),
+            ["--cp-comm-type allgather", "--packing"],
+        ),
+    ],
+    ids=["seq_vs_2cp", "seq_vs_2cp4", "world", "world_tp", "a2a_heads", "sp", "dp_counts_cp_out", "thd_allgather"],
+)
 def test_configuration_errors_name_the_flags(world, overrides, needles):
     with pytest.raises(ConfigError) as info:
         _cfg(**overrides).validate(world)
@@ -129,8 +153,11 @@ def _te_partitioned_indices(cu_seqlens_padded, total_tokens, world_size, rank):
     return torch.tensor(out)
 
 
-PACKED = [(cp, rank, lengths) for cp, lengths in ((2, (8, 4, 12, 4)), (2, (16,)), (3, (6, 18, 12)), (4, (8, 40)))
-          for rank in range(cp)]
+PACKED = [
+    (cp, rank, lengths)
+    for cp, lengths in ((2, (8, 4, 12, 4)), (2, (16,)), (3, (6, 18, 12)), (4, (8, 40)))
+    for rank in range(cp)
+]
 
 
 def _offsets(lengths):
@@ -253,8 +280,12 @@ def test_forward_step_feeds_the_model_megatrons_thd_split(monkeypatch, rank):
     monkeypatch.setattr(mcore_utils, "is_te_min_version", lambda version: True)
     fields = {k: getattr(batch, k).clone() for k in ("tokens", "position_ids", "labels", "loss_mask")}
     theirs, params = mcore_utils.get_thd_batch_on_this_cp_rank(
-        {**fields, "segment_ids": batch.packed.segment_ids.clone()}, batch.packed.cu_seqlens,
-        batch.packed.cu_seqlens_padded, torch.tensor([batch.packed.max_seqlen]), cp_size=2, cp_rank=rank,
+        {**fields, "segment_ids": batch.packed.segment_ids.clone()},
+        batch.packed.cu_seqlens,
+        batch.packed.cu_seqlens_padded,
+        torch.tensor([batch.packed.max_seqlen]),
+        cp_size=2,
+        cp_rank=rank,
     )
     torch.testing.assert_close(seen["tokens"], theirs["tokens"])
     torch.testing.assert_close(seen["position_ids"], theirs["position_ids"])
@@ -265,4 +296,3 @@ def test_forward_step_feeds_the_model_megatrons_thd_split(monkeypatch, rank):
     torch.testing.assert_close(loss_fn.args[2], theirs["labels"])  # partial(loss_func, settings, vocab, labels, mask)
     torch.testing.assert_close(loss_fn.args[3], theirs["loss_mask"])
     torch.testing.assert_close(loss_fn.keywords["segments"][0], theirs["segment_ids"])
-

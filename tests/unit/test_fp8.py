@@ -59,8 +59,14 @@ def test_no_fp8_format_means_no_fp8_fields():
 @pytest.mark.parametrize("fmt, recipe", list(itertools.product(FORMATS, RECIPES)))
 @pytest.mark.parametrize("param_gather", [False, True], ids=["no_param_gather", "param_gather"])
 def test_fp8_flags_map_to_transformer_config(fmt, recipe, param_gather):
-    cfg = fp8_cfg(fp8_format=fmt, fp8_recipe=recipe, fp8_margin=1, fp8_amax_history_len=16,
-                  fp8_amax_compute_algo="most_recent", fp8_param_gather=param_gather)
+    cfg = fp8_cfg(
+        fp8_format=fmt,
+        fp8_recipe=recipe,
+        fp8_margin=1,
+        fp8_amax_history_len=16,
+        fp8_amax_compute_algo="most_recent",
+        fp8_param_gather=param_gather,
+    )
     cfg.validate(1)
     expected = {
         "fp8": fmt,
@@ -88,8 +94,12 @@ def test_fp8_defaults_are_megatron_lm_defaults():
 
     mcore = {name: f.default for name, f in TransformerConfig.__dataclass_fields__.items()}
     kwargs = fp8_config_kwargs(fp8_cfg().model)
-    for ours, theirs in (("fp8_margin", "fp8_margin"), ("fp8_amax_history_len", "fp8_amax_history_len"),
-                         ("fp8_amax_compute_algo", "fp8_amax_compute_algo"), ("fp8_param", "fp8_param")):
+    for ours, theirs in (
+        ("fp8_margin", "fp8_margin"),
+        ("fp8_amax_history_len", "fp8_amax_history_len"),
+        ("fp8_amax_compute_algo", "fp8_amax_compute_algo"),
+        ("fp8_param", "fp8_param"),
+    ):
         assert kwargs[ours] == mcore[theirs], ours
     assert kwargs["fp8_amax_history_len"] == 1 and kwargs["fp8_amax_compute_algo"] == "most_recent"
     assert kwargs["fp8"] == "hybrid" and kwargs["fp8_recipe"] == "delayed"
@@ -98,9 +108,21 @@ def test_fp8_defaults_are_megatron_lm_defaults():
 def test_fp8_flags_from_the_command_line():
     from simpo_megatron.config import load_config
 
-    cfg = load_config(["--mock-data", "--transformer-impl", "transformer_engine", "--bf16",
-                       "--fp8-format", "e4m3", "--fp8-recipe", "tensorwise", "--fp8-amax-history-len", "32",
-                       "--fp8-param-gather"])
+    cfg = load_config(
+        [
+            "--mock-data",
+            "--transformer-impl",
+            "transformer_engine",
+            "--bf16",
+            "--fp8-format",
+            "e4m3",
+            "--fp8-recipe",
+            "tensorwise",
+            "--fp8-amax-history-len",
+            "32",
+            "--fp8-param-gather",
+        ]
+    )
     cfg.validate(1)
     assert fp8_config_kwargs(cfg.model)["fp8"] == "e4m3"
     assert fp8_config_kwargs(cfg.model)["fp8_recipe"] == "tensorwise"
@@ -147,9 +169,30 @@ def test_training_entry_point_stops_with_the_error_before_any_process_group(caps
 
     from simpo_megatron.training.loop import main
 
-    code = main(["--mock-data", "--transformer-impl", "transformer_engine", "--bf16", "--fp8-format", "hybrid",
-                 "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--vocab-size", "200",
-                 "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "2"])
+    code = main(
+        [
+            "--mock-data",
+            "--transformer-impl",
+            "transformer_engine",
+            "--bf16",
+            "--fp8-format",
+            "hybrid",
+            "--num-layers",
+            "2",
+            "--hidden-size",
+            "64",
+            "--num-attention-heads",
+            "4",
+            "--vocab-size",
+            "200",
+            "--seq-length",
+            "32",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "2",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "error:" in err and "CUDA GPU" in err
@@ -194,17 +237,20 @@ def test_without_transformer_engine_the_message_says_how_to_install_it(cfg, fake
     assert isinstance(info.value.__cause__, ImportError)
 
 
-@pytest.mark.parametrize("recipe, capability, ok", [
-    ("delayed", (8, 0), False),     # A100: no FP8
-    ("delayed", (8, 9), True),      # Ada
-    ("delayed", (9, 0), True),      # H100
-    ("tensorwise", (8, 6), False),
-    ("tensorwise", (9, 0), True),
-    ("blockwise", (8, 9), False),
-    ("blockwise", (9, 0), True),
-    ("mxfp8", (9, 0), False),       # MXFP8 needs Blackwell
-    ("mxfp8", (10, 0), True),
-])
+@pytest.mark.parametrize(
+    "recipe, capability, ok",
+    [
+        ("delayed", (8, 0), False),  # A100: no FP8
+        ("delayed", (8, 9), True),  # Ada
+        ("delayed", (9, 0), True),  # H100
+        ("tensorwise", (8, 6), False),
+        ("tensorwise", (9, 0), True),
+        ("blockwise", (8, 9), False),
+        ("blockwise", (9, 0), True),
+        ("mxfp8", (9, 0), False),  # MXFP8 needs Blackwell
+        ("mxfp8", (10, 0), True),
+    ],
+)
 def test_fp8_recipe_needs_a_capable_gpu(recipe, capability, ok, fake_cuda, fake_transformer_engine):
     fake_cuda(capability)
     cfg = fp8_cfg(fp8_recipe=recipe)

@@ -11,12 +11,21 @@ PACKAGE = Path(__file__).resolve().parents[2] / "simpo_megatron"
 
 # Lower number = lower layer. Top-level modules and subpackages, by their first name.
 LAYERS = {
-    "fsutil": 0, "checkpoint_format": 0, "losses": 0, "logprobs": 0, "runtime": 0, "mathutil": 0,
+    "fsutil": 0,
+    "checkpoint_format": 0,
+    "losses": 0,
+    "logprobs": 0,
+    "runtime": 0,
+    "mathutil": 0,
     # config reads its choices from data (tokenizer types) and losses (the loss registry).
-    "config": 1, "hf": 1, "data": 1,
+    "config": 1,
+    "hf": 1,
+    "data": 1,
     "model": 2,
     "training": 3,
-    "cli": 4, "example": 4, "testing": 4,
+    "cli": 4,
+    "example": 4,
+    "testing": 4,
 }
 
 
@@ -37,8 +46,11 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_every_module_has_a_layer():
-    units = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()
-             if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())}
+    units = {
+        p.stem if p.is_file() else p.name
+        for p in PACKAGE.iterdir()
+        if (p.suffix == ".py" and p.stem != "__init__") or (p.is_dir() and (p / "__init__.py").exists())
+    }
     assert units <= set(LAYERS), sorted(units - set(LAYERS))
 
 

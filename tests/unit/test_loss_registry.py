@@ -101,8 +101,9 @@ def test_fixed_form_losses_ignore_simpo_knobs_and_add_the_averaged_pair_sft_term
 
 
 def test_pair_scores_averages_and_clamps_empty_counts_as_trl():
-    scores = PairScores(torch.tensor([-6.0, -2.0]), torch.tensor([-3.0, 0.0]), torch.tensor([3, 2]),
-                        torch.tensor([2, 0]))
+    scores = PairScores(
+        torch.tensor([-6.0, -2.0]), torch.tensor([-3.0, 0.0]), torch.tensor([3, 2]), torch.tensor([2, 0])
+    )
     torch.testing.assert_close(scores.chosen_mean_logps, torch.tensor([-2.0, -1.0]))
     torch.testing.assert_close(scores.rejected_mean_logps, torch.tensor([-1.5, 0.0]))
     assert scores.logps(average=False)[0] is scores.chosen_logps
@@ -110,8 +111,12 @@ def test_pair_scores_averages_and_clamps_empty_counts_as_trl():
 
 @pytest.mark.parametrize("field", ["rejected_logps", "chosen_tokens", "rejected_tokens"])
 def test_pair_scores_shape_mismatch_names_the_field(field):
-    parts = dict(chosen_logps=torch.zeros(3), rejected_logps=torch.zeros(3), chosen_tokens=torch.ones(3),
-                 rejected_tokens=torch.ones(3))
+    parts = dict(
+        chosen_logps=torch.zeros(3),
+        rejected_logps=torch.zeros(3),
+        chosen_tokens=torch.ones(3),
+        rejected_tokens=torch.ones(3),
+    )
     parts[field] = torch.zeros(4)
     with pytest.raises(ValueError, match=f"PairScores.{field}"):
         PairScores(**parts)
@@ -143,7 +148,11 @@ def test_policy_and_reference_shapes_must_agree():
         ("dpo", dict(beta=0.0), ["--beta must be > 0"]),
         ("orpo", dict(beta=-1.0), ["--beta must be > 0"]),
         ("dpo", dict(label_smoothing=0.6), ["--label-smoothing must be in [0, 0.5]"]),
-        ("hinge", dict(label_smoothing=0.1), ["--label-smoothing applies to --loss-type 'sigmoid' or 'dpo'", "'hinge'"]),
+        (
+            "hinge",
+            dict(label_smoothing=0.1),
+            ["--label-smoothing applies to --loss-type 'sigmoid' or 'dpo'", "'hinge'"],
+        ),
         ("ipo", dict(label_smoothing=0.1), ["--label-smoothing applies", "'ipo'"]),
         ("dpo-norm", dict(label_smoothing=0.1), ["--label-smoothing applies", "'dpo-norm'"]),
         ("orpo", dict(label_smoothing=0.1), ["--label-smoothing applies", "'orpo'"]),
@@ -164,8 +173,9 @@ def test_check_loss_args_names_the_flag(loss_type, knobs, needles):
 
 
 def test_check_loss_args_accepts_what_each_loss_reads_and_ignores_simpo_defaults():
-    defaults = dict(beta=2.0, gamma_beta_ratio=0.5, label_smoothing=0.0, average_log_prob=True, rdpo_alpha=0.0,
-                    sft_weight=0.0)
+    defaults = dict(
+        beta=2.0, gamma_beta_ratio=0.5, label_smoothing=0.0, average_log_prob=True, rdpo_alpha=0.0, sft_weight=0.0
+    )
     for name in LOSS_TYPES:
         check_loss_args(name, **defaults)
     check_loss_args("dpo", beta=0.1, label_smoothing=0.5, rdpo_alpha=0.2, sft_weight=1.0)

@@ -66,8 +66,9 @@ def test_matches_formula(loss_type, eps, sft, beta, ratio):
     gen = torch.Generator().manual_seed(0)
     c = -3 * torch.rand(16, generator=gen, dtype=torch.float64)
     r = -3 * torch.rand(16, generator=gen, dtype=torch.float64)
-    losses, cr, rr = simpo_loss(c, r, beta=beta, gamma_beta_ratio=ratio, loss_type=loss_type,
-                                label_smoothing=eps, sft_weight=sft)
+    losses, cr, rr = simpo_loss(
+        c, r, beta=beta, gamma_beta_ratio=ratio, loss_type=loss_type, label_smoothing=eps, sft_weight=sft
+    )
     expected = [_reference(ci, ri, beta, ratio, loss_type, eps, sft) for ci, ri in zip(c.tolist(), r.tolist())]
     torch.testing.assert_close(losses.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(cr.double(), beta * c, rtol=1e-6, atol=1e-6)
@@ -156,23 +157,37 @@ def _trl_class(module: str, name: str):
 _ACCELERATOR = SimpleNamespace(device=torch.device("cpu"), gather=lambda t: t, gather_for_metrics=lambda t: t)
 
 
-def _trl_dpo(loss_type, beta, token_logps, mask, ref_token_logps, label_smoothing=0.0, loss_weights=None,
-             ref_chosen_shift=None):
+def _trl_dpo(
+    loss_type, beta, token_logps, mask, ref_token_logps, label_smoothing=0.0, loss_weights=None, ref_chosen_shift=None
+):
     """TRL's DPOTrainer loss step on ``[2m, L]`` token log-probs (chosen rows first):
     (mean loss, logged metrics)."""
     trainer = object.__new__(_trl_class("trl.trainer.dpo_trainer", "DPOTrainer"))
     loss_types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
     trainer.__dict__.update(
-        model=SimpleNamespace(training=False), accelerator=_ACCELERATOR, aux_loss_enabled=False, ld_alpha=None,
-        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=loss_types,
-        loss_weights=loss_weights or [1.0] * len(loss_types), beta=beta, label_smoothing=label_smoothing,
-        use_weighting=False, _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
-        _total_train_tokens=0, _tp_size=1,
+        model=SimpleNamespace(training=False),
+        accelerator=_ACCELERATOR,
+        aux_loss_enabled=False,
+        ld_alpha=None,
+        precompute_ref_logps=True,
+        f_divergence_type="reverse_kl",
+        loss_types=loss_types,
+        loss_weights=loss_weights or [1.0] * len(loss_types),
+        beta=beta,
+        label_smoothing=label_smoothing,
+        use_weighting=False,
+        _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+        _total_train_tokens=0,
+        _tp_size=1,
     )
     rows, length = mask.shape
     log_probs = token_logps * mask
-    outputs = SimpleNamespace(log_probs=log_probs, entropy=torch.zeros_like(log_probs),
-                              mean_logits=torch.zeros_like(log_probs), is_top1=torch.zeros_like(mask, dtype=torch.bool))
+    outputs = SimpleNamespace(
+        log_probs=log_probs,
+        entropy=torch.zeros_like(log_probs),
+        mean_logits=torch.zeros_like(log_probs),
+        is_top1=torch.zeros_like(mask, dtype=torch.bool),
+    )
     ref = (ref_token_logps * mask).sum(-1)
     ref_chosen, ref_rejected = ref[: rows // 2], ref[rows // 2 :]
     if ref_chosen_shift is not None:
@@ -238,8 +253,9 @@ def test_reference_losses_equal_trl_dpo_trainer(case):
     ours, knobs, trl_type, trl_smoothing, trl_weights = TRL_DPO_CASES[case]
     policy, mask, reference = _token_case(seed=len(case))
     # average_log_prob and gamma_beta_ratio are SimPO's: a reference-based loss ignores them.
-    out = get_loss(ours).compute(_scores(policy, mask), _scores(reference, mask), **knobs,
-                                 average_log_prob=True, gamma_beta_ratio=0.5)
+    out = get_loss(ours).compute(
+        _scores(policy, mask), _scores(reference, mask), **knobs, average_log_prob=True, gamma_beta_ratio=0.5
+    )
     grad = _grad(out.losses.mean(), policy)
     trl_loss, trl_metrics = _trl_dpo(trl_type, knobs["beta"], policy, mask, reference, trl_smoothing, trl_weights)
     trl_grad = _grad(trl_loss, policy)
@@ -248,14 +264,23 @@ def test_reference_losses_equal_trl_dpo_trainer(case):
     torch.testing.assert_close(out.losses.mean(), trl_loss.detach(), rtol=2e-6, atol=1e-7)
     torch.testing.assert_close(grad, trl_grad, rtol=1e-5, atol=1e-8)
     assert grad.abs().sum() > 0
-    for key, ours_value in [("rewards/chosen", out.chosen_rewards.mean()),
-                            ("rewards/rejected", out.rejected_rewards.mean()),
-                            ("rewards/margins", (out.chosen_rewards - out.rejected_rewards).mean()),
-                            ("rewards/accuracies", (out.chosen_rewards > out.rejected_rewards).float().mean())]:
+    for key, ours_value in [
+        ("rewards/chosen", out.chosen_rewards.mean()),
+        ("rewards/rejected", out.rejected_rewards.mean()),
+        ("rewards/margins", (out.chosen_rewards - out.rejected_rewards).mean()),
+        ("rewards/accuracies", (out.chosen_rewards > out.rejected_rewards).float().mean()),
+    ]:
         assert ours_value.item() == pytest.approx(trl_metrics[key], rel=1e-5, abs=1e-7), key
     for k in range(6):
-        one, _ = _trl_dpo(trl_type, knobs["beta"], _pairs(policy, k), _pairs(mask, k), _pairs(reference, k),
-                          trl_smoothing, trl_weights)
+        one, _ = _trl_dpo(
+            trl_type,
+            knobs["beta"],
+            _pairs(policy, k),
+            _pairs(mask, k),
+            _pairs(reference, k),
+            trl_smoothing,
+            trl_weights,
+        )
         assert out.losses[k].item() == pytest.approx(one.item(), rel=2e-6, abs=1e-7), k
 
 
@@ -267,8 +292,16 @@ def test_cdpo_per_pair_equals_trl_aot_on_one_pair(eps):
     out = get_loss("dpo").compute(_scores(policy, mask), _scores(reference, mask), beta=0.2, label_smoothing=eps)
     for k in range(4):
         leaf = _pairs(policy, k).detach().requires_grad_(True)
-        ours = get_loss("dpo").compute(_scores(leaf, _pairs(mask, k)), _scores(_pairs(reference, k), _pairs(mask, k)),
-                                       beta=0.2, label_smoothing=eps).losses
+        ours = (
+            get_loss("dpo")
+            .compute(
+                _scores(leaf, _pairs(mask, k)),
+                _scores(_pairs(reference, k), _pairs(mask, k)),
+                beta=0.2,
+                label_smoothing=eps,
+            )
+            .losses
+        )
         ours_grad = _grad(ours.sum(), leaf)
         trl, _ = _trl_dpo("aot", 0.2, leaf, _pairs(mask, k), _pairs(reference, k), eps)
         torch.testing.assert_close(ours, trl.detach().reshape(1), rtol=2e-6, atol=1e-7)
@@ -290,8 +323,9 @@ def test_rdpo_is_dpo_with_the_length_margin_outside_beta(alpha, eps):
     length_gap = pol.chosen_tokens - pol.rejected_tokens
     assert length_gap.abs().sum() > 0  # the case has pairs of different lengths
     if eps == 0.0:
-        trl_loss, trl_metrics = _trl_dpo("sigmoid", beta, policy, mask, reference,
-                                         ref_chosen_shift=-alpha * length_gap / beta)
+        trl_loss, trl_metrics = _trl_dpo(
+            "sigmoid", beta, policy, mask, reference, ref_chosen_shift=-alpha * length_gap / beta
+        )
         torch.testing.assert_close(out.losses.mean(), trl_loss.detach(), rtol=2e-6, atol=1e-7)
         torch.testing.assert_close(grad, _grad(trl_loss, policy), rtol=1e-5, atol=1e-8)
     # The paper's rewards stay beta x the summed log-ratio (no length term).
@@ -324,7 +358,9 @@ def test_dpo_worked_example():
     assert out.chosen_rewards.item() == pytest.approx(0.2) and out.rejected_rewards.item() == pytest.approx(-0.1)
     assert chosen.grad.item() == pytest.approx(-0.04255575, abs=1e-7)
     assert rejected.grad.item() == pytest.approx(0.04255575, abs=1e-7)
-    assert dpo.compute(policy, reference, beta=0.1, label_smoothing=0.1).losses.item() == pytest.approx(0.5843552, abs=1e-6)
+    assert dpo.compute(policy, reference, beta=0.1, label_smoothing=0.1).losses.item() == pytest.approx(
+        0.5843552, abs=1e-6
+    )
     assert dpo.compute(policy, reference, beta=0.1, rdpo_alpha=0.05).losses.item() == pytest.approx(0.5759394, abs=1e-6)
 
 
@@ -352,7 +388,9 @@ def test_orpo_equals_trl_odds_ratio_loss():
     m = labels.shape[0] // 2
 
     trl_logps = ORPOTrainer.get_batch_logps(logits, labels, average_log_prob=True)
-    trl_losses, trl_chosen, trl_rejected, trl_ratio, trl_log_odds = trainer.odds_ratio_loss(trl_logps[:m], trl_logps[m:])
+    trl_losses, trl_chosen, trl_rejected, trl_ratio, trl_log_odds = trainer.odds_ratio_loss(
+        trl_logps[:m], trl_logps[m:]
+    )
     assert ((trl_logps > -math.log(2)).any() and (trl_logps < -math.log(2)).any()).item()  # both branches
     trl_grad = _grad(-trl_losses.mean(), logits)
 
@@ -420,8 +458,9 @@ def _split_loss(settings, logits, labels, loss_mask, splits, token_scale):
     total, count, sft_sum, start = 0.0, 0, 0.0, 0
     for size in splits:
         rows = list(range(start, start + size)) + list(range(m + start, m + start + size))
-        loss, n, metrics = loss_func(settings, logits.shape[-1], labels[rows], loss_mask[rows], logits[rows],
-                                     sft_token_scale=token_scale)
+        loss, n, metrics = loss_func(
+            settings, logits.shape[-1], labels[rows], loss_mask[rows], logits[rows], sft_token_scale=token_scale
+        )
         total, count, start = total + loss, count + int(n), start + size
         sft_sum += metrics.get("sft_loss", torch.tensor(0.0)).item()
     return total / count, sft_sum / count
@@ -433,8 +472,9 @@ def test_token_sft_term_is_the_global_token_mean_over_any_split(single_rank_logp
     from simpo_megatron.config import LossConfig
 
     logits, labels, loss_mask = _micro_batch_case()
-    settings = LossConfig(beta=2.5, gamma_beta_ratio=0.5, sft_weight=0.3, sft_loss_form="token",
-                            average_log_prob=average)
+    settings = LossConfig(
+        beta=2.5, gamma_beta_ratio=0.5, sft_weight=0.3, sft_loss_form="token", average_log_prob=average
+    )
     token_scale = 6 / loss_mask[:6].sum().item()  # global pairs / global chosen tokens
     leaf = logits.clone().requires_grad_(True)
     ours, sft = _split_loss(settings, leaf, labels, loss_mask, splits, token_scale)
@@ -489,8 +529,9 @@ def test_padding_pairs_count_for_nothing(single_rank_logps):
     garbage = logits.clone()[padded]
     garbage[3] = float("nan")  # whatever the padding row's logits, they must not leak
     garbage[7] = float("nan")
-    loss_p, n_p, metrics_p = loss_func(settings, 11, labels[padded], loss_mask[padded], garbage,
-                                       pair_weights=torch.tensor([1.0, 1.0, 1.0, 0.0]))
+    loss_p, n_p, metrics_p = loss_func(
+        settings, 11, labels[padded], loss_mask[padded], garbage, pair_weights=torch.tensor([1.0, 1.0, 1.0, 0.0])
+    )
     assert int(n) == int(n_p) == 3
     assert loss_p.item() == pytest.approx(loss.item(), rel=1e-6)
     assert reduce_metrics([metrics_p]) == pytest.approx(reduce_metrics([metrics]), rel=1e-6)

@@ -55,19 +55,30 @@ def _healthy(**changes):
     return {"rewards/margins": 1.5, "logps/chosen": -1.5, "logps/rejected": -3.0, **changes}
 
 
-@pytest.mark.parametrize("bad, check", [
-    ({"rewards/margins": 0.3}, "low_margin"),
-    ({"rewards/margins": 6.0}, "high_margin"),
-    ({"logps/chosen": -11.0, "logps/rejected": -12.0}, "very_negative_logps"),
-    ({"logps/chosen": 0.01}, "positive_logps"),
-])
+@pytest.mark.parametrize(
+    "bad, check",
+    [
+        ({"rewards/margins": 0.3}, "low_margin"),
+        ({"rewards/margins": 6.0}, "high_margin"),
+        ({"logps/chosen": -11.0, "logps/rejected": -12.0}, "very_negative_logps"),
+        ({"logps/chosen": 0.01}, "positive_logps"),
+    ],
+)
 def test_health_warns_once_per_episode_after_the_window(bad, check):
     from simpo_megatron.training.monitor import HealthMonitor
 
     monitor = HealthMonitor(window=3)
-    timeline = [_healthy(), _healthy(**bad), _healthy(**bad), _healthy(**bad), _healthy(**bad),  # episode 1
-                _healthy(),  # recovers: re-armed
-                _healthy(**bad), _healthy(**bad), _healthy(**bad)]  # episode 2
+    timeline = [
+        _healthy(),
+        _healthy(**bad),
+        _healthy(**bad),
+        _healthy(**bad),
+        _healthy(**bad),  # episode 1
+        _healthy(),  # recovers: re-armed
+        _healthy(**bad),
+        _healthy(**bad),
+        _healthy(**bad),
+    ]  # episode 2
     fired = [[w["check"] for w in monitor.update(m)] for m in timeline]
     assert fired == [[], [], [], [check], [], [], [], [], [check]]
     warning = HealthMonitor(window=1).update(_healthy(**bad))[0]
@@ -110,8 +121,9 @@ def test_metrics_processor_sums_tokens_over_ranks_once_per_log_interval(tmp_path
         tensor.mul_(2)
 
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
-    cfg = tiny_config(log_interval=2, global_batch_size=4, max_skipped_iters=2,
-                      metrics_file=str(tmp_path / "metrics.jsonl"))
+    cfg = tiny_config(
+        log_interval=2, global_batch_size=4, max_skipped_iters=2, metrics_file=str(tmp_path / "metrics.jsonl")
+    )
     processor = MetricsProcessor(cfg, writes=True)
     batches = [SimpleNamespace(num_tokens=n, tokens=torch.zeros(2, 8)) for n in (10, 6)]
     metrics = {"loss": 0.5, "rewards/margins": 1.0, "num_pairs": 4}
@@ -128,11 +140,23 @@ def test_metrics_processor_sums_tokens_over_ranks_once_per_log_interval(tmp_path
 
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     throughput = [r for r in records if r["split"] == "throughput"]
-    assert throughput == [{"split": "throughput", "iteration": 2, "tokens_per_s": 64.0, "packing_efficiency": 0.5,
-                           "pairs_per_s": 8.0, "ms_per_iter": 500.0, "skipped_iters": 0}]
+    assert throughput == [
+        {
+            "split": "throughput",
+            "iteration": 2,
+            "tokens_per_s": 64.0,
+            "packing_efficiency": 0.5,
+            "pairs_per_s": 8.0,
+            "ms_per_iter": 500.0,
+            "skipped_iters": 0,
+        }
+    ]
     train = [r for r in records if r["split"] == "train"]
     assert [(r["iteration"], r["skipped"], r["consumed_samples"]) for r in train] == [
-        (1, False, 4), (2, False, 8), (3, True, 12)]
+        (1, False, 4),
+        (2, False, 8),
+        (3, True, 12),
+    ]
     out = capsys.readouterr().out
     assert "iteration 3: non-finite loss or gradient, update skipped (1 in a row" in out
     assert " iteration  2/10 | lr: 0.1 | grad_norm: 2 | loss: 0.5" in out

@@ -83,7 +83,9 @@ def test_truncation_matches_trl_keep_end_except_for_the_bos(tmp_path, seed):
         p, c, r = item["prompt"].tolist(), item["chosen"].tolist(), item["rejected"].tolist()
         tp, tc, tr = _trl_truncation(prompt, chosen, rejected, seq_length, max_prompt)
         assert len(p) + max(len(c), len(r)) <= seq_length and min(len(c), len(r)) >= 1
-        if len(prompt) >= max_prompt or len(tp) + max(len(tc), len(tr)) == len(prompt) + max(len(chosen), len(rejected)):
+        if len(prompt) >= max_prompt or len(tp) + max(len(tc), len(tr)) == len(prompt) + max(
+            len(chosen), len(rejected)
+        ):
             assert (len(p), c, r) == (len(tp), tc, tr)
             assert p[0] == BOS and p[1:] == tp[1:]
             compared += 1

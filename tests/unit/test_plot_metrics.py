@@ -33,17 +33,50 @@ def write_metrics(path: Path, iterations: int = 20, eval_every: int = 5) -> Path
     with open(path, "w") as fh:
         for it in range(1, iterations + 1):
             acc = min(1.0, 0.5 + it / (2 * iterations))
-            train = {"split": "train", "iteration": it, "loss": 0.7 - 0.02 * it, "rewards/chosen": -1.0 + 0.1 * it,
-                     "rewards/rejected": -1.5, "rewards/accuracies": acc, "rewards/margins": 0.5 + 0.1 * it,
-                     "logps/chosen": -1.2, "logps/rejected": -2.5, "num_pairs": 8, "lr": 1e-3,
-                     "grad_norm": 0.5, "skipped": False, "consumed_samples": 8 * it}
+            train = {
+                "split": "train",
+                "iteration": it,
+                "loss": 0.7 - 0.02 * it,
+                "rewards/chosen": -1.0 + 0.1 * it,
+                "rewards/rejected": -1.5,
+                "rewards/accuracies": acc,
+                "rewards/margins": 0.5 + 0.1 * it,
+                "logps/chosen": -1.2,
+                "logps/rejected": -2.5,
+                "num_pairs": 8,
+                "lr": 1e-3,
+                "grad_norm": 0.5,
+                "skipped": False,
+                "consumed_samples": 8 * it,
+            }
             fh.write(json.dumps(train) + "\n")
             if it % eval_every == 0:
-                fh.write(json.dumps({"split": "throughput", "iteration": it, "tokens_per_s": 1000.0,
-                                     "pairs_per_s": 10.0, "ms_per_iter": 50.0, "skipped_iters": 0}) + "\n")
-                fh.write(json.dumps({"split": "valid", "iteration": it, "loss": 0.72 - 0.015 * it,
-                                     "rewards/accuracies": acc - 0.05, "rewards/margins": 0.4 + 0.08 * it,
-                                     "num_pairs": 32}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "split": "throughput",
+                            "iteration": it,
+                            "tokens_per_s": 1000.0,
+                            "pairs_per_s": 10.0,
+                            "ms_per_iter": 50.0,
+                            "skipped_iters": 0,
+                        }
+                    )
+                    + "\n"
+                )
+                fh.write(
+                    json.dumps(
+                        {
+                            "split": "valid",
+                            "iteration": it,
+                            "loss": 0.72 - 0.015 * it,
+                            "rewards/accuracies": acc - 0.05,
+                            "rewards/margins": 0.4 + 0.08 * it,
+                            "num_pairs": 32,
+                        }
+                    )
+                    + "\n"
+                )
     return path
 
 
@@ -90,9 +123,21 @@ def test_series_skips_missing_and_non_finite_values():
 
 def test_train_only_metrics_still_plot(tmp_path):
     path = tmp_path / "train_only.jsonl"
-    path.write_text("".join(json.dumps({"split": "train", "iteration": i, "loss": 1.0 / i,
-                                        "rewards/accuracies": 0.5, "rewards/margins": 0.1 * i}) + "\n"
-                            for i in range(1, 6)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "split": "train",
+                    "iteration": i,
+                    "loss": 1.0 / i,
+                    "rewards/accuracies": 0.5,
+                    "rewards/margins": 0.1 * i,
+                }
+            )
+            + "\n"
+            for i in range(1, 6)
+        )
+    )
     out = tmp_path / "p.png"
     assert plot_metrics.main(["--metrics", str(path), "--output", str(out)]) == 0
     png_size(out)
@@ -115,6 +160,10 @@ def test_missing_metrics_file_is_an_error(tmp_path, capsys):
 def test_command_line(tmp_path):
     metrics = write_metrics(tmp_path / "metrics.jsonl")
     out = tmp_path / "cli.png"
-    subprocess.run([sys.executable, str(REPO / "tools" / "plot_metrics.py"), "--metrics", str(metrics),
-                    "--output", str(out)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, str(REPO / "tools" / "plot_metrics.py"), "--metrics", str(metrics), "--output", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     png_size(out)

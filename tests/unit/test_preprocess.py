@@ -29,8 +29,11 @@ ZEPHYR_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 PAIRS = [
-    {"prompt": "Reverse the words: apple river stone\nAnswer:", "chosen": " stone river apple",
-     "rejected": " apple river stone"},
+    {
+        "prompt": "Reverse the words: apple river stone\nAnswer:",
+        "chosen": " stone river apple",
+        "rejected": " apple river stone",
+    },
     {"prompt": "Sort ascending: 42 7 19\nAnswer:", "chosen": " 7 19 42", "rejected": " 42 19 7"},
     # "▁8" + "8" merge into "▁88" when tokenized together; " 3" does not merge.
     {"prompt": "Largest of: 3 88 12\nAnswer: 8", "chosen": "8", "rejected": " 3"},
@@ -86,10 +89,20 @@ def write_jsonl(path: Path, records) -> str:
     return str(path)
 
 
-def run(tmp_path: Path, input_path: str, *extra: str, tokenizer=("SentencePieceTokenizer", SP_MODEL),
-        prefix: str = "out") -> int:
-    argv = ["--input", input_path, "--output-prefix", str(tmp_path / "o" / prefix),
-            "--tokenizer-type", tokenizer[0], "--tokenizer-model", tokenizer[1], *extra]
+def run(
+    tmp_path: Path, input_path: str, *extra: str, tokenizer=("SentencePieceTokenizer", SP_MODEL), prefix: str = "out"
+) -> int:
+    argv = [
+        "--input",
+        input_path,
+        "--output-prefix",
+        str(tmp_path / "o" / prefix),
+        "--tokenizer-type",
+        tokenizer[0],
+        "--tokenizer-model",
+        tokenizer[1],
+        *extra,
+    ]
     return preprocess.main(argv)
 
 
@@ -107,14 +120,20 @@ def outputs(tmp_path: Path) -> list[str]:
 def test_tool_imports_only_what_it_uses():
     """No megatron-core, torch, transformers or protobuf (which the package does not require) for a
     SentencePiece run: --help is quick and silent."""
-    code = ("import sys; import simpo_megatron.data.preprocess as p; "
-            "p.PairEncoder(p.build_tokenizer('SentencePieceTokenizer', 'examples/data/tokenizer.model'), "
-            "('prompt', 'chosen', 'rejected'), True); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} & {'megatron', 'torch', 'transformers', 'google'}))")
+    code = (
+        "import sys; import simpo_megatron.data.preprocess as p; "
+        "p.PairEncoder(p.build_tokenizer('SentencePieceTokenizer', 'examples/data/tokenizer.model'), "
+        "('prompt', 'chosen', 'rejected'), True); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'megatron', 'torch', 'transformers', 'google'}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]" and out.stderr == ""
-    helped = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_preference_data.py"), "--help"],
-                            capture_output=True, text=True, check=True)
+    helped = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "preprocess_preference_data.py"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "--tokenizer-model" in helped.stdout and helped.stderr == ""
 
 
@@ -137,8 +156,15 @@ def test_sentencepiece_ids_equal_sentencepiece(tmp_path, capsys):
 
 def test_huggingface_ids_equal_tokenizers(tmp_path, hf_dir):
     pairs = [{"prompt": "say <s> hi", "chosen": "yes", "rejected": "no"}]
-    assert run(tmp_path, write_jsonl(tmp_path / "in.jsonl", PAIRS + pairs), "--no-append-eod",
-               tokenizer=("HuggingFaceTokenizer", hf_dir)) == 0
+    assert (
+        run(
+            tmp_path,
+            write_jsonl(tmp_path / "in.jsonl", PAIRS + pairs),
+            "--no-append-eod",
+            tokenizer=("HuggingFaceTokenizer", hf_dir),
+        )
+        == 0
+    )
     tok = tokenizers.Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
     ids = lambda text: tok.encode(text, add_special_tokens=False).ids  # noqa: E731
     expected = [expected_pair(ids, p, 1, None) for p in PAIRS + pairs]
@@ -150,28 +176,42 @@ def test_chat_template_matches_transformers(hf_dir):
     transformers = pytest.importorskip("transformers")
     reference = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
     ours = build_tokenizer("HuggingFaceTokenizer", hf_dir)
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
-                {"role": "assistant", "content": "hello"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello"},
+    ]
     for turns, gen in ((messages[:2], True), (messages, False)):
         assert ours.apply_chat_template(turns, gen) == reference.apply_chat_template(
-            turns, tokenize=False, add_generation_prompt=gen)
+            turns, tokenize=False, add_generation_prompt=gen
+        )
     assert (ours.bos_id, ours.eos_id, ours.pad_id) == (
-        reference.bos_token_id, reference.eos_token_id, reference.pad_token_id)
+        reference.bos_token_id,
+        reference.eos_token_id,
+        reference.pad_token_id,
+    )
 
 
 def test_chat_messages_render_with_template(tmp_path, hf_dir):
     prompt = "Reverse: a b c"
     conversations = [
         # UltraFeedback shape: chosen/rejected repeat the prompt turn.
-        {"prompt": prompt,
-         "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "c b a"}],
-         "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "a b c"}]},
+        {
+            "prompt": prompt,
+            "chosen": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "c b a"}],
+            "rejected": [{"role": "user", "content": prompt}, {"role": "assistant", "content": "a b c"}],
+        },
         # The same pair with assistant turns only, and with the prompt as messages.
-        {"prompt": [{"role": "user", "content": prompt}],
-         "chosen": [{"role": "assistant", "content": "c b a"}], "rejected": "a b c"},
+        {
+            "prompt": [{"role": "user", "content": prompt}],
+            "chosen": [{"role": "assistant", "content": "c b a"}],
+            "rejected": "a b c",
+        },
     ]
-    assert run(tmp_path, write_jsonl(tmp_path / "in.jsonl", conversations),
-               tokenizer=("HuggingFaceTokenizer", hf_dir)) == 0
+    assert (
+        run(tmp_path, write_jsonl(tmp_path / "in.jsonl", conversations), tokenizer=("HuggingFaceTokenizer", hf_dir))
+        == 0
+    )
     tok = build_tokenizer("HuggingFaceTokenizer", hf_dir)
     first, second = read_pairs(tmp_path / "o" / "out")
     assert first == second
@@ -186,10 +226,11 @@ def test_chat_messages_render_with_template(tmp_path, hf_dir):
 
 def test_chat_template_file_with_sentencepiece(tmp_path):
     template = tmp_path / "template.jinja"
-    template.write_text("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                        "{% if add_generation_prompt %}assistant:{% endif %}")
-    pair = {"prompt": [{"role": "user", "content": "Sort ascending: 3 1 2"}], "chosen": "1 2 3",
-            "rejected": "3 2 1"}
+    template.write_text(
+        "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}"
+    )
+    pair = {"prompt": [{"role": "user", "content": "Sort ascending: 3 1 2"}], "chosen": "1 2 3", "rejected": "3 2 1"}
     assert run(tmp_path, write_jsonl(tmp_path / "in.jsonl", [pair]), "--chat-template", str(template)) == 0
     sp = sentencepiece.SentencePieceProcessor(model_file=SP_MODEL)
     [(prompt_ids, chosen_ids, _)] = read_pairs(tmp_path / "o" / "out")
@@ -275,8 +316,9 @@ def test_json_array_parquet_and_renamed_keys_match_jsonl(tmp_path):
     pa = pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    renamed = [{"question": p["prompt"], "good": p["chosen"], "bad": p["rejected"], "id": i}
-               for i, p in enumerate(PAIRS)]
+    renamed = [
+        {"question": p["prompt"], "good": p["chosen"], "bad": p["rejected"], "id": i} for i, p in enumerate(PAIRS)
+    ]
     keys = ("--json-keys", "question", "good", "bad")
     assert run(tmp_path, write_jsonl(tmp_path / "in.jsonl", PAIRS), prefix="jsonl") == 0
     (tmp_path / "in.json").write_text(json.dumps(renamed, indent=1))
@@ -289,8 +331,10 @@ def test_json_array_parquet_and_renamed_keys_match_jsonl(tmp_path):
 
 
 def test_two_workers_preserve_order(tmp_path):
-    records = [{"prompt": f"Sort ascending: {i} {i + 7}\nAnswer:", "chosen": f" {i} {i + 7}",
-                "rejected": f" {i + 7} {i}"} for i in range(5 * CHUNK_PAIRS + 17)]
+    records = [
+        {"prompt": f"Sort ascending: {i} {i + 7}\nAnswer:", "chosen": f" {i} {i + 7}", "rejected": f" {i + 7} {i}"}
+        for i in range(5 * CHUNK_PAIRS + 17)
+    ]
     records[1500] = b"{broken\n"
     path = write_jsonl(tmp_path / "in.jsonl", records)
     assert run(tmp_path, path, "--skip-invalid", prefix="one") == 0
@@ -312,10 +356,21 @@ def test_killed_run_leaves_no_output(tmp_path):
     line = json.dumps(PAIRS[0]).encode() + b"\n"
     (tmp_path / "big.jsonl").write_bytes(line * 300_000)
     proc = subprocess.Popen(
-        [sys.executable, str(REPO / "tools" / "preprocess_preference_data.py"), "--input",
-         str(tmp_path / "big.jsonl"), "--output-prefix", str(tmp_path / "o" / "out"),
-         "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", SP_MODEL],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            sys.executable,
+            str(REPO / "tools" / "preprocess_preference_data.py"),
+            "--input",
+            str(tmp_path / "big.jsonl"),
+            "--output-prefix",
+            str(tmp_path / "o" / "out"),
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            SP_MODEL,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     # Wait until the run is under way: its temporary .bin holds data.
     while not any(".bin.tmp-" in p and (tmp_path / "o" / p).stat().st_size for p in outputs(tmp_path)):
@@ -358,6 +413,8 @@ def test_example_data_preprocesses(tmp_path):
         sp = sentencepiece.SentencePieceProcessor(model_file=SP_MODEL)
         prompt, chosen, rejected = pairs[0]
         assert [sp.decode(prompt + ids) for ids in (chosen, rejected)] == [
-            first["prompt"] + first["chosen"], first["prompt"] + first["rejected"]]
+            first["prompt"] + first["chosen"],
+            first["prompt"] + first["rejected"],
+        ]
         assert all(p[0][0] == sp.bos_id() and p[1][-1] == p[2][-1] == sp.eos_id() for p in pairs)
     assert np.all(IndexedDataset(str(tmp_path / "o" / "train")).sequence_lengths > 0)

@@ -19,8 +19,16 @@ from simpo_megatron.losses import get_loss
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs")
 ALL = sorted(glob.glob(os.path.join(CONFIGS, "*.yaml")))
-FAKE_DATA = ["--data-path", "/nonexistent/train_prefix", "--valid-data-path", "/nonexistent/valid_prefix",
-             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", "/nonexistent/tokenizer"]
+FAKE_DATA = [
+    "--data-path",
+    "/nonexistent/train_prefix",
+    "--valid-data-path",
+    "/nonexistent/valid_prefix",
+    "--tokenizer-type",
+    "HuggingFaceTokenizer",
+    "--tokenizer-model",
+    "/nonexistent/tokenizer",
+]
 FAKE_LOAD = ["--load", "/nonexistent/hf_model"]  # the reference of a reference-based loss
 
 # The SimPO repository's training_configs/*.yaml (princeton-nlp/SimPO), in this project's flags
@@ -28,23 +36,27 @@ FAKE_LOAD = ["--load", "/nonexistent/hf_model"]  # the reference of a reference-
 # bf16, cosine decay, warmup_ratio 0.1, one epoch, max_length 2048,
 # max_prompt_length 1800, 2 pairs x 16 accumulation steps x 4 processes = 128 pairs per step.
 PUBLISHED = {
-    "llama3-8b-instruct.yaml": dict(source="training_configs/llama-3-8b-instruct-simpo-v2.yaml",
-                                    beta=10.0, gamma_beta_ratio=0.3, lr=1e-6),
-    "llama3.1-8b-instruct.yaml": dict(source="training_configs/llama-3-8b-instruct-simpo-v2.yaml",
-                                      beta=10.0, gamma_beta_ratio=0.3, lr=1e-6),
-    "mistral-7b-instruct.yaml": dict(source="training_configs/mistral-7b-instruct-simpo.yaml",
-                                     beta=2.5, gamma_beta_ratio=0.1, lr=5e-7),
-    "gemma2-9b-it.yaml": dict(source="training_configs/gemma-2-9b-it-simpo.yaml",
-                              beta=10.0, gamma_beta_ratio=0.5, lr=8e-7),
+    "llama3-8b-instruct.yaml": dict(
+        source="training_configs/llama-3-8b-instruct-simpo-v2.yaml", beta=10.0, gamma_beta_ratio=0.3, lr=1e-6
+    ),
+    "llama3.1-8b-instruct.yaml": dict(
+        source="training_configs/llama-3-8b-instruct-simpo-v2.yaml", beta=10.0, gamma_beta_ratio=0.3, lr=1e-6
+    ),
+    "mistral-7b-instruct.yaml": dict(
+        source="training_configs/mistral-7b-instruct-simpo.yaml", beta=2.5, gamma_beta_ratio=0.1, lr=5e-7
+    ),
+    "gemma2-9b-it.yaml": dict(
+        source="training_configs/gemma-2-9b-it-simpo.yaml", beta=10.0, gamma_beta_ratio=0.5, lr=8e-7
+    ),
 }
 # The DPO baselines: the SimPO repository's README.md table "For DPO, the best hyperparameters
 # for each setting" (beta, learning rate; the row named here), on the setup of the SimPO recipe
 # of the same model and data (128 pairs per step, max_length 2048, cosine, warmup 0.1, one epoch).
 PUBLISHED_DPO = {
-    "llama3-8b-instruct-dpo.yaml": dict(row="Llama3-Instruct v0.2", simpo="llama3-8b-instruct.yaml",
-                                        beta=0.01, lr=3e-7),
-    "mistral-7b-instruct-dpo.yaml": dict(row="Mistral-Instruct", simpo="mistral-7b-instruct.yaml",
-                                         beta=0.01, lr=5e-7),
+    "llama3-8b-instruct-dpo.yaml": dict(
+        row="Llama3-Instruct v0.2", simpo="llama3-8b-instruct.yaml", beta=0.01, lr=3e-7
+    ),
+    "mistral-7b-instruct-dpo.yaml": dict(row="Mistral-Instruct", simpo="mistral-7b-instruct.yaml", beta=0.01, lr=5e-7),
 }
 PAPER = sorted(PUBLISHED)
 DPO = sorted(PUBLISHED_DPO)
@@ -52,33 +64,70 @@ DPO = sorted(PUBLISHED_DPO)
 # config.json of the Hugging Face models the recipes start from (the fields that matter).
 HF_CONFIGS = {
     "llama3-8b-instruct.yaml": {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-        "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
-        "rope_scaling": None, "tie_word_embeddings": False, "attention_bias": False,
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": None,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
     },
     "mistral-7b-instruct.yaml": {
-        "model_type": "mistral", "architectures": ["MistralForCausalLM"], "hidden_act": "silu",
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000,
-        "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 1000000.0,
-        "sliding_window": None, "tie_word_embeddings": False,
+        "model_type": "mistral",
+        "architectures": ["MistralForCausalLM"],
+        "hidden_act": "silu",
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 32000,
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
     },
 }
 HF_CONFIGS["llama3-8b-instruct-dpo.yaml"] = HF_CONFIGS["llama3-8b-instruct.yaml"]
 HF_CONFIGS["mistral-7b-instruct-dpo.yaml"] = HF_CONFIGS["mistral-7b-instruct.yaml"]
 HF_CONFIGS["llama3.1-8b-instruct.yaml"] = {
-    **HF_CONFIGS["llama3-8b-instruct.yaml"], "max_position_embeddings": 131072,
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192},
+    **HF_CONFIGS["llama3-8b-instruct.yaml"],
+    "max_position_embeddings": 131072,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
 }
 HF_CONFIGS["gemma2-9b-it.yaml"] = {
-    "model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"], "hidden_activation": "gelu_pytorch_tanh",
-    "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
-    "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000, "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "attn_logit_softcapping": 50.0,
-    "final_logit_softcapping": 30.0, "sliding_window": 4096, "query_pre_attn_scalar": 256,
+    "model_type": "gemma2",
+    "architectures": ["Gemma2ForCausalLM"],
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 3584,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 42,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 8,
+    "head_dim": 256,
+    "vocab_size": 256000,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "sliding_window": 4096,
+    "query_pre_attn_scalar": 256,
     "tie_word_embeddings": True,
 }
 
@@ -188,8 +237,16 @@ def test_dpo_recipes_carry_the_published_hyperparameters(name):
     # Everything else is the SimPO recipe of the same model and data: the model, the layout,
     # the batches and truncation, the optimizer and schedule, precision, seed, evaluation.
     simpo = recipe(published["simpo"], *FAKE_DATA, *FAKE_LOAD).to_flat()
-    loss_knobs = {"loss_type", "beta", "gamma_beta_ratio", "label_smoothing", "rdpo_alpha", "sft_weight",
-                  "average_log_prob", "lr"}
+    loss_knobs = {
+        "loss_type",
+        "beta",
+        "gamma_beta_ratio",
+        "label_smoothing",
+        "rdpo_alpha",
+        "sft_weight",
+        "average_log_prob",
+        "lr",
+    }
     differs = {k for k, v in cfg.to_flat().items() if simpo[k] != v}
     assert differs <= loss_knobs, differs - loss_knobs
     assert simpo["global_batch_size"] == 128 and (simpo["seq_length"], simpo["max_prompt_length"]) == (2048, 1800)
@@ -218,8 +275,14 @@ def test_gemma2_recipe_is_gemma2():
     config.json); the Transformer Engine layers, which cannot soft-cap, are refused at start."""
     cfg = recipe("gemma2-9b-it.yaml", *FAKE_DATA)
     cfg.validate(8 * model_parallel(cfg))
-    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads, cfg.model.num_query_groups,
-            cfg.model.kv_channels, cfg.model.vocab_size) == (42, 3584, 16, 8, 256, 256000)
+    assert (
+        cfg.model.num_layers,
+        cfg.model.hidden_size,
+        cfg.model.num_attention_heads,
+        cfg.model.num_query_groups,
+        cfg.model.kv_channels,
+        cfg.model.vocab_size,
+    ) == (42, 3584, 16, 8, 256, 256000)
     assert cfg.model.untie_embeddings_and_output_weights is False
     assert cfg.model.geglu and cfg.model.sandwich_norm and cfg.model.apply_layernorm_1p and cfg.model.scale_embeddings
     assert (cfg.model.attn_logit_softcapping, cfg.model.final_logit_softcapping) == (50.0, 30.0)
@@ -236,8 +299,16 @@ def test_llama31_recipe_scales_rope_by_8():
 
 
 def test_command_line_overrides_a_recipe():
-    cfg = recipe("llama3-8b-instruct.yaml", "--mock-data", "--beta", "2.5", "--gamma-beta-ratio", "0.55",
-                 "--tensor-model-parallel-size", "4")
+    cfg = recipe(
+        "llama3-8b-instruct.yaml",
+        "--mock-data",
+        "--beta",
+        "2.5",
+        "--gamma-beta-ratio",
+        "0.55",
+        "--tensor-model-parallel-size",
+        "4",
+    )
     assert (cfg.loss.beta, cfg.loss.gamma_beta_ratio, cfg.parallel.tensor_model_parallel_size) == (2.5, 0.55, 4)
     assert cfg.optimizer.lr == 1e-6
     cfg.validate(32)

@@ -77,8 +77,16 @@ def prefixes(tmp_path_factory) -> dict[str, str]:
     part.write_text("".join((data / "train.jsonl").read_text().splitlines(keepends=True)[:60]))
     out = {}
     for name, source in (("valid", data / "valid.jsonl"), ("part", part)):
-        argv = ["--input", str(source), "--output-prefix", str(root / "o" / name),
-                "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", SP_MODEL]
+        argv = [
+            "--input",
+            str(source),
+            "--output-prefix",
+            str(root / "o" / name),
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            SP_MODEL,
+        ]
         assert preprocess.main(argv) == 0
         out[name] = str(root / "o" / name)
     return out
@@ -239,11 +247,17 @@ def test_pair_count_of_the_prefix(tmp_path):
 
 
 KEY_CHANGES = [
-    ("data", "sha256:" + "d" * 64,
-     r"data files \(\.bin/\.idx\) sha256:aaaaaaaaaaaa… \(stored\) vs sha256:dddddddddddd… \(this run\)"),
-    ("weights", "megatron iteration 100, sha256:" + "e" * 64,
-     r"reference weights hf, sha256:bbbbbbbbbbbb… \(stored\) "
-     r"vs megatron iteration 100, sha256:eeeeeeeeeeee… \(this run\)"),
+    (
+        "data",
+        "sha256:" + "d" * 64,
+        r"data files \(\.bin/\.idx\) sha256:aaaaaaaaaaaa… \(stored\) vs sha256:dddddddddddd… \(this run\)",
+    ),
+    (
+        "weights",
+        "megatron iteration 100, sha256:" + "e" * 64,
+        r"reference weights hf, sha256:bbbbbbbbbbbb… \(stored\) "
+        r"vs megatron iteration 100, sha256:eeeeeeeeeeee… \(this run\)",
+    ),
     ("seq_length", 4096, r"sequence length 64 \(stored\) vs 4096 \(this run\)"),
     ("max_prompt_length", 32, r"maximum prompt length none \(stored\) vs 32 \(this run\)"),
     ("tokenizer", "f" * 64, r"tokenizer cccccccccccc… \(stored\) vs ffffffffffff… \(this run\)"),
@@ -281,7 +295,8 @@ def test_stale_files_keep_to_their_prefix(tmp_path):
     write(scores_path(str(tmp_path), "train.v2", KEY))  # another prefix whose name starts alike
     other = dataclasses.replace(KEY, precision="bf16")
     assert [os.path.basename(p) for p, _ in stale_files(str(tmp_path), "train", other)] == [
-        os.path.basename(scores_path(str(tmp_path), "train", KEY))]
+        os.path.basename(scores_path(str(tmp_path), "train", KEY))
+    ]
     # A file of another prefix with the same basename says so (its provenance).
     path = scores_path(str(tmp_path), "/a/train", KEY)
     write_reference_scores(path, KEY, *(scores()[f] for f in FIELDS), provenance={"prefix": "/a/train"})
@@ -424,8 +439,12 @@ def test_megatron_weights_fingerprint(tmp_path):
     starts processes of its own)."""
     script = tmp_path / "save.py"
     script.write_text(f"BIG = {BIG}\n" + SAVE_CHECKPOINTS)
-    subprocess.run([sys.executable, str(script), str(tmp_path)], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     root = str(tmp_path / "base")
     base = weights_fingerprint(root)
     assert base.startswith("megatron iteration 10, sha256:")
@@ -474,8 +493,14 @@ def table_for(prefix: str, tmp_path: Path, seq_length: int, max_prompt_length: i
     token counts of the pair truncated as the dataset truncates it."""
     pairs = raw_pairs(prefix)
     counts = np.array([truncation_lengths(*map(len, p), seq_length, max_prompt_length)[1:] for p in pairs])
-    key = ReferenceKey(data=data_fingerprint(prefix), weights="hf, sha256:" + "b" * 64, seq_length=seq_length,
-                       max_prompt_length=max_prompt_length, tokenizer="c" * 64, precision="fp32")
+    key = ReferenceKey(
+        data=data_fingerprint(prefix),
+        weights="hf, sha256:" + "b" * 64,
+        seq_length=seq_length,
+        max_prompt_length=max_prompt_length,
+        tokenizer="c" * 64,
+        precision="fp32",
+    )
     path = scores_path(str(tmp_path), prefix, key)
     ids = -(1000.0 * tag + np.arange(len(pairs)))
     write_reference_scores(path, key, ids, ids - 0.5, counts[:, 0], counts[:, 1])
@@ -509,8 +534,16 @@ def test_blend_of_two_prefixes(prefixes, tmp_path):
     for tag, name in enumerate(names):
         for i, pair in enumerate(raw_pairs(prefixes[name])):
             owners.setdefault(pair, set()).add(-(1000.0 * tag + i))
-    train, valid = build_pair_datasets(["0.7", prefixes["valid"], "0.3", prefixes["part"]], "90,10,0", None,
-                                       512, None, seed=3, train_samples=120, valid_samples=None)
+    train, valid = build_pair_datasets(
+        ["0.7", prefixes["valid"], "0.3", prefixes["part"]],
+        "90,10,0",
+        None,
+        512,
+        None,
+        seed=3,
+        train_samples=120,
+        valid_samples=None,
+    )
     for dataset in (train, valid):
         wrapped = WithReferenceScores(dataset, tables)
         seen_tags = set()

@@ -15,8 +15,11 @@ def _enter_and_leave():
 
     from simpo_megatron import runtime
 
-    originals = {"current_device": torch.cuda.current_device, "Stream": torch.cuda.Stream,
-                 "rng": tp_random._get_cuda_rng_state}
+    originals = {
+        "current_device": torch.cuda.current_device,
+        "Stream": torch.cuda.Stream,
+        "rng": tp_random._get_cuda_rng_state,
+    }
     before = (runtime.cpu_support_active(), _mode_stack_depth())
     runtime.initialize_distributed(runtime.ParallelLayout())
     during = {

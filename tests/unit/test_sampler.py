@@ -15,13 +15,8 @@ def micro_batches(n: int, total=12, consumed=0, mbs=1, gbs=4, rank=0, dp=1, **kw
 def global_batches(num: int, total=12, consumed=0, mbs=1, gbs=4, dp=1, **kwargs):
     """Per global batch, the micro-batches of every rank, rank by rank."""
     per_rank = gbs // (mbs * dp)
-    streams = [
-        micro_batches(num * per_rank, total, consumed, mbs, gbs, r, dp, **kwargs) for r in range(dp)
-    ]
-    return [
-        [mb for stream in streams for mb in stream[g * per_rank : (g + 1) * per_rank]]
-        for g in range(num)
-    ]
+    streams = [micro_batches(num * per_rank, total, consumed, mbs, gbs, r, dp, **kwargs) for r in range(dp)]
+    return [[mb for stream in streams for mb in stream[g * per_rank : (g + 1) * per_rank]] for g in range(num)]
 
 
 def flat(batches):
@@ -87,9 +82,7 @@ def test_resume_continues_the_uninterrupted_stream(stop_after, mbs, dp):
     per_rank = gbs // (mbs * dp)
     for rank in range(dp):
         whole = micro_batches(12 * per_rank, total, 0, mbs, gbs, rank, dp, seed=11)
-        resumed = micro_batches(
-            (12 - stop_after) * per_rank, total, stop_after * gbs, mbs, gbs, rank, dp, seed=11
-        )
+        resumed = micro_batches((12 - stop_after) * per_rank, total, stop_after * gbs, mbs, gbs, rank, dp, seed=11)
         assert resumed == whole[stop_after * per_rank :]
 
 
@@ -111,7 +104,9 @@ def test_bad_arguments_name_themselves(args, name):
         PairBatchSampler(*args)
 
 
-@pytest.mark.parametrize("total, mbs, gbs, dp", [(11, 1, 4, 2), (11, 2, 4, 2), (256, 2, 12, 2), (5, 4, 8, 1), (3, 1, 8, 4)])
+@pytest.mark.parametrize(
+    "total, mbs, gbs, dp", [(11, 1, 4, 2), (11, 2, 4, 2), (256, 2, 12, 2), (5, 4, 8, 1), (3, 1, 8, 4)]
+)
 def test_one_pass_sampler_yields_each_pair_once_and_the_same_steps_on_every_rank(total, mbs, gbs, dp):
     from simpo_megatron.data.sampler import OnePassBatchSampler
 
@@ -127,7 +122,9 @@ def test_one_pass_sampler_yields_each_pair_once_and_the_same_steps_on_every_rank
     full = total // gbs
     if full:
         for r in range(dp):
-            assert streams[r][: full * per_rank] == micro_batches(full * per_rank, total, 0, mbs, gbs, r, dp, shuffle=False)
+            assert streams[r][: full * per_rank] == micro_batches(
+                full * per_rank, total, 0, mbs, gbs, r, dp, shuffle=False
+            )
 
 
 def test_one_pass_sampler_checks_its_layout():

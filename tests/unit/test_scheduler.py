@@ -68,8 +68,14 @@ def _hf_lrs(style: str, lr: float, warmup_ratio: float, iters: int) -> list[floa
 )
 def test_schedule_matches_hugging_face(style, fraction, iters):
     cfg = SimPOConfig.from_flat(
-        mock_data=True, lr=3e-4, min_lr=0.0, lr_decay_style=style, lr_warmup_fraction=fraction,
-        train_iters=iters, global_batch_size=8, micro_batch_size=4,
+        mock_data=True,
+        lr=3e-4,
+        min_lr=0.0,
+        lr_decay_style=style,
+        lr_warmup_fraction=fraction,
+        train_iters=iters,
+        global_batch_size=8,
+        micro_batch_size=4,
     ).validate(1)
     ours, theirs = _megatron_lrs(cfg), _hf_lrs(style, cfg.optimizer.lr, fraction, iters)
     assert ours == pytest.approx(theirs, rel=1e-12, abs=1e-15)

@@ -18,8 +18,8 @@ import jinja2
 import pytest
 import sentencepiece
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
 from test_preprocess import SP_MODEL, expected_pair, read_pairs, run, write_jsonl
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from simpo_megatron.data.builder import read_sidecar
 from simpo_megatron.data.pair_encoding import PairEncoder, Prepared, Tokenized, split_pair
@@ -68,8 +68,20 @@ FAMILIES = {
     "qwen2": (QWEN2, {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, None),
     "gemma": (GEMMA, {"bos_token": "<s>", "eos_token": "</s>"}, "<end_of_turn>"),
 }
-BPE_SPECIALS = ["<unk>", "<s>", "</s>", "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                "<|eot_id|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<start_of_turn>", "<end_of_turn>"]
+BPE_SPECIALS = [
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|endoftext|>",
+    "<start_of_turn>",
+    "<end_of_turn>",
+]
 SP_CONTROLS = re.compile("(<s>|</s>)")
 
 USER1, ANSWER1 = "Sort ascending: 42 7 19", "7 19 42"
@@ -79,15 +91,36 @@ CONVERSATIONS = [
     {"prompt": [{"role": "user", "content": USER1}], "chosen": " 7 19 42", "rejected": "\n42 19 7"},
     # multi-turn (HH / UltraFeedback style): an earlier assistant turn inside the prompt, and the
     # responses as full conversations repeating the prompt turns
-    {"prompt": [{"role": "user", "content": USER1}, {"role": "assistant", "content": ANSWER1},
-                {"role": "user", "content": USER2}],
-     "chosen": [{"role": "user", "content": USER1}, {"role": "assistant", "content": ANSWER1},
-                {"role": "user", "content": USER2}, {"role": "assistant", "content": "42 19 7"}],
-     "rejected": [{"role": "user", "content": USER1}, {"role": "assistant", "content": ANSWER1},
-                  {"role": "user", "content": USER2}, {"role": "assistant", "content": "Sure: 7 19 42"}]},
+    {
+        "prompt": [
+            {"role": "user", "content": USER1},
+            {"role": "assistant", "content": ANSWER1},
+            {"role": "user", "content": USER2},
+        ],
+        "chosen": [
+            {"role": "user", "content": USER1},
+            {"role": "assistant", "content": ANSWER1},
+            {"role": "user", "content": USER2},
+            {"role": "assistant", "content": "42 19 7"},
+        ],
+        "rejected": [
+            {"role": "user", "content": USER1},
+            {"role": "assistant", "content": ANSWER1},
+            {"role": "user", "content": USER2},
+            {"role": "assistant", "content": "Sure: 7 19 42"},
+        ],
+    },
 ]
-CORPUS = [USER1, ANSWER1, USER2, "42 19 7", "Sure: 7 19 42", "You are a helpful assistant.", "[INST] [/INST]",
-          "user model system assistant"] * 20
+CORPUS = [
+    USER1,
+    ANSWER1,
+    USER2,
+    "42 19 7",
+    "Sure: 7 19 42",
+    "You are a helpful assistant.",
+    "[INST] [/INST]",
+    "user model system assistant",
+] * 20
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +129,12 @@ def bpe_file(tmp_path_factory) -> str:
     tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=BPE_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=BPE_SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS, trainer)
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
     tok.save(str(path))
@@ -110,9 +147,19 @@ def sp_model(tmp_path_factory) -> str:
     path = tmp_path_factory.mktemp("sp") / "sp.model"
     with open(path, "wb") as f:
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(CORPUS), model_writer=f, model_type="bpe", vocab_size=120,
-            character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n"], num_threads=1, minloglevel=2)
+            sentence_iterator=iter(CORPUS),
+            model_writer=f,
+            model_type="bpe",
+            vocab_size=120,
+            character_coverage=1.0,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n"],
+            num_threads=1,
+            minloglevel=2,
+        )
     return str(path)
 
 
@@ -127,12 +174,14 @@ def hf_dir(tmp_path: Path, bpe_file: str, family: str) -> str:
 
 def render(template: str, messages, add_generation_prompt: bool, specials: dict) -> str:
     """The template rendered by jinja2 directly, as transformers sets it up."""
+
     def raise_exception(message):
         raise jinja2.TemplateError(message)
 
     env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            raise_exception=raise_exception, **specials)
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, raise_exception=raise_exception, **specials
+    )
 
 
 def reference_texts(conversation, family: str) -> dict:
@@ -146,8 +195,8 @@ def reference_texts(conversation, family: str) -> dict:
     texts = {"prompt": prompt_text}
     for key in ("chosen", "rejected"):
         value = conversation[key]
-        reply = [{"role": "assistant", "content": value}] if isinstance(value, str) else value[len(turns):]
-        response = render(template, turns + reply, False, specials)[len(prompt_text):]
+        reply = [{"role": "assistant", "content": value}] if isinstance(value, str) else value[len(turns) :]
+        response = render(template, turns + reply, False, specials)[len(prompt_text) :]
         texts[key] = response.rstrip() if response.rstrip().endswith(specials["eos_token"]) else response
     return texts
 
@@ -177,8 +226,10 @@ def test_chat_template_families(tmp_path, bpe_file, sp_model, family, kind):
         encode, token_id = (lambda text: sp_encode(sp, text)), sp.piece_to_id
         template_file = tmp_path / "template.jinja"
         template_file.write_text(template)
-        assert run(tmp_path, path, "--chat-template", str(template_file),
-                   tokenizer=("SentencePieceTokenizer", sp_model)) == 0
+        assert (
+            run(tmp_path, path, "--chat-template", str(template_file), tokenizer=("SentencePieceTokenizer", sp_model))
+            == 0
+        )
     bos = token_id(specials["bos_token"]) if "bos_token" in specials else None
     eos = token_id(specials["eos_token"])
     stored = read_pairs(tmp_path / "o" / "out")
@@ -211,8 +262,11 @@ def test_matches_trl_tokenize_row(tmp_path, bpe_file):
     ]
     family_dir = hf_dir(tmp_path, bpe_file, "mistral")
     assert run(tmp_path, write_jsonl(tmp_path / "in.jsonl", pairs), tokenizer=("HuggingFaceTokenizer", family_dir)) == 0
-    fake = types.SimpleNamespace(processing_class=transformers.AutoTokenizer.from_pretrained(family_dir),
-                                 is_encoder_decoder=False, max_length=10**6)
+    fake = types.SimpleNamespace(
+        processing_class=transformers.AutoTokenizer.from_pretrained(family_dir),
+        is_encoder_decoder=False,
+        max_length=10**6,
+    )
     fake.build_tokenized_answer = types.MethodType(cpo.CPOTrainer.build_tokenized_answer, fake)
     prompt_lengths = []
     for pair, (prompt, chosen, rejected) in zip(pairs, read_pairs(tmp_path / "o" / "out"), strict=True):
@@ -249,33 +303,78 @@ def test_training_checks_the_sidecar_with_the_same_rule(tmp_path, bpe_file):
     _check_sidecars([prefix], build_tokenizer("HuggingFaceTokenizer", hf_dir(tmp_path, bpe_file, "gemma")))
     with pytest.raises(DataMismatchError, match="bos_id"):
         _check_sidecars([prefix], build_tokenizer("HuggingFaceTokenizer", hf_dir(tmp_path, bpe_file, "llama3")))
-    code = ("from simpo_megatron.data.tokenizers import build_tokenizer; "
-            f"print(build_tokenizer('HuggingFaceTokenizer', {mistral!r}).fingerprint)")
+    code = (
+        "from simpo_megatron.data.tokenizers import build_tokenizer; "
+        f"print(build_tokenizer('HuggingFaceTokenizer', {mistral!r}).fingerprint)"
+    )
     other_process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert other_process.stdout.strip() == read_sidecar(prefix)["tokenizer"]["fingerprint"]
 
 
-@pytest.mark.parametrize("chosen_full, rejected_full, expected", [
-    ([1, 2, 3, 4, 5], [1, 2, 3, 4, 6], ([1, 2, 3, 4], [5], [6], 0, 0)),  # no merge
-    ([1, 2, 3, 9, 5], [1, 2, 3, 8], ([1, 2, 3], [9, 5], [8], 2, 0)),  # both merged with the last token
-    ([1, 2, 3, 9, 5], [1, 2, 3, 4, 6], ([1, 2, 3], [9, 5], [4, 6], 1, 1)),  # one merged: the other shifts
-    ([1, 2, 7, 5], [1, 2, 3, 4, 6], ([1, 2], [7, 5], [3, 4, 6], 1, 2)),  # two prompt tokens merged
-    ([1, 5], [1, 5, 6], ([1, 5], [], [6], 2, 2)),  # a full text shorter than the prompt: chosen empty
-])
+@pytest.mark.parametrize(
+    "chosen_full, rejected_full, expected",
+    [
+        ([1, 2, 3, 4, 5], [1, 2, 3, 4, 6], ([1, 2, 3, 4], [5], [6], 0, 0)),  # no merge
+        ([1, 2, 3, 9, 5], [1, 2, 3, 8], ([1, 2, 3], [9, 5], [8], 2, 0)),  # both merged with the last token
+        ([1, 2, 3, 9, 5], [1, 2, 3, 4, 6], ([1, 2, 3], [9, 5], [4, 6], 1, 1)),  # one merged: the other shifts
+        ([1, 2, 7, 5], [1, 2, 3, 4, 6], ([1, 2], [7, 5], [3, 4, 6], 1, 2)),  # two prompt tokens merged
+        ([1, 5], [1, 5, 6], ([1, 5], [], [6], 2, 2)),  # a full text shorter than the prompt: chosen empty
+    ],
+)
 def test_split_pair(chosen_full, rejected_full, expected):
     """Prompt + response is always the full tokenization; the prompt ends at TRL's boundary or earlier."""
     assert split_pair([1, 2, 3, 4], chosen_full, rejected_full) == expected
 
 
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # Prompt endings and response starts that merge across the boundary, or do not: a newline after
 # a ChatML header, "▁8" + "8", a space before punctuation, repeated whitespace, special tokens.
-PROMPT_PARTS = ["Sort", " ascending:", " 42 7 19", "\nAnswer:", " 8", " x", "\n", "\n\n", " ", "  ", "é",
-                "<|im_start|>assistant\n", "<|im_end|>\n", "<s>", " [INST]", "sure,", "\t", " Ünï", " Su", " 4",
-                " asc"]
-RESPONSE_PARTS = ["8", " 8", "\n", "\n\n42", " 7 19 42", "42", "!", " ", "  yes", "é", "<end_of_turn>",
-                  "</s>", "Sure: 7", "\tok", "19", "re: 7", "2 19", "ending"]
+PROMPT_PARTS = [
+    "Sort",
+    " ascending:",
+    " 42 7 19",
+    "\nAnswer:",
+    " 8",
+    " x",
+    "\n",
+    "\n\n",
+    " ",
+    "  ",
+    "é",
+    "<|im_start|>assistant\n",
+    "<|im_end|>\n",
+    "<s>",
+    " [INST]",
+    "sure,",
+    "\t",
+    " Ünï",
+    " Su",
+    " 4",
+    " asc",
+]
+RESPONSE_PARTS = [
+    "8",
+    " 8",
+    "\n",
+    "\n\n42",
+    " 7 19 42",
+    "42",
+    "!",
+    " ",
+    "  yes",
+    "é",
+    "<end_of_turn>",
+    "</s>",
+    "Sure: 7",
+    "\tok",
+    "19",
+    "re: 7",
+    "2 19",
+    "ending",
+]
 
 
 # Responses that start with a word after a space, as plain-text pairs have them (" 42" after "Answer:").
@@ -286,8 +385,14 @@ def random_pairs(n: int, seed: int = 0) -> list[tuple[str, str, str]]:
     rng = __import__("random").Random(seed)
     part = lambda parts, lo, hi: "".join(rng.choice(parts) for _ in range(rng.randint(lo, hi)))  # noqa: E731
     pairs = [(part(PROMPT_PARTS, 1, 10), part(RESPONSE_PARTS, 1, 4), part(RESPONSE_PARTS, 1, 4)) for _ in range(n)]
-    starts = [(part(PROMPT_PARTS, 1, 10), rng.choice(WORD_STARTS) + part(RESPONSE_PARTS, 0, 2),
-               rng.choice(WORD_STARTS) + part(RESPONSE_PARTS, 0, 2)) for _ in range(n // 2)]
+    starts = [
+        (
+            part(PROMPT_PARTS, 1, 10),
+            rng.choice(WORD_STARTS) + part(RESPONSE_PARTS, 0, 2),
+            rng.choice(WORD_STARTS) + part(RESPONSE_PARTS, 0, 2),
+        )
+        for _ in range(n // 2)
+    ]
     return [pair for pair in pairs + starts if pair[1] != pair[2]]
 
 
@@ -295,9 +400,20 @@ def sp_variant(tmp_path: Path, name: str, **options) -> str:
     path = tmp_path / f"{name}.model"
     with open(path, "wb") as f:
         sentencepiece.SentencePieceTrainer.train(
-            sentence_iterator=iter(CORPUS + ["8 88 42 7 19 Ünï é"] * 5), model_writer=f, model_type="bpe",
-            vocab_size=120, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], num_threads=1, minloglevel=2, **options)
+            sentence_iterator=iter(CORPUS + ["8 88 42 7 19 Ünï é"] * 5),
+            model_writer=f,
+            model_type="bpe",
+            vocab_size=120,
+            character_coverage=1.0,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+            num_threads=1,
+            minloglevel=2,
+            **options,
+        )
     return str(path)
 
 
@@ -316,8 +432,12 @@ def bpe_trained(tmp_path: Path, name: str, pre_tokenizer) -> str:
     tok = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=BPE_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=420,
+        special_tokens=BPE_SPECIALS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(CORPUS + ["8 88 42 7 19 yes ending Answer: 42"] * 5, trainer)
     directory = tmp_path / name
     directory.mkdir()
@@ -336,20 +456,51 @@ def test_last_words_path_gives_the_ids_of_the_whole_text_rule(tmp_path, bpe_file
 
     kinds = {
         "bpe-gpt2": ("HuggingFaceTokenizer", hf_dir(tmp_path, bpe_file, "qwen2"), True),
-        "bpe-llama3": ("HuggingFaceTokenizer", bpe_variant(tmp_path, bpe_file, "llama3-split", pre_tokenizers.Sequence(
-            [pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
-             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])), True),
-        "bpe-space-with-previous": ("HuggingFaceTokenizer", bpe_trained(
-            tmp_path, "space-with-previous", pre_tokenizers.Sequence(
-                [pre_tokenizers.Split(" ", behavior="merged_with_previous"),
-                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])), True),
-        "bpe-no-pre-tokenizer": ("HuggingFaceTokenizer", bpe_variant(
-            tmp_path, bpe_file, "bare", pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)), False),
+        "bpe-llama3": (
+            "HuggingFaceTokenizer",
+            bpe_variant(
+                tmp_path,
+                bpe_file,
+                "llama3-split",
+                pre_tokenizers.Sequence(
+                    [
+                        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                    ]
+                ),
+            ),
+            True,
+        ),
+        "bpe-space-with-previous": (
+            "HuggingFaceTokenizer",
+            bpe_trained(
+                tmp_path,
+                "space-with-previous",
+                pre_tokenizers.Sequence(
+                    [
+                        pre_tokenizers.Split(" ", behavior="merged_with_previous"),
+                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+                    ]
+                ),
+            ),
+            True,
+        ),
+        "bpe-no-pre-tokenizer": (
+            "HuggingFaceTokenizer",
+            bpe_variant(tmp_path, bpe_file, "bare", pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)),
+            False,
+        ),
         "sp": ("SentencePieceTokenizer", sp_model, True),
-        "sp-keeps-whitespace": ("SentencePieceTokenizer", sp_variant(
-            tmp_path, "llama2", remove_extra_whitespaces=False), True),
-        "sp-no-word-split": ("SentencePieceTokenizer",
-                             sp_variant(tmp_path, "nosplit", split_by_whitespace=False), False),
+        "sp-keeps-whitespace": (
+            "SentencePieceTokenizer",
+            sp_variant(tmp_path, "llama2", remove_extra_whitespaces=False),
+            True,
+        ),
+        "sp-no-word-split": (
+            "SentencePieceTokenizer",
+            sp_variant(tmp_path, "nosplit", split_by_whitespace=False),
+            False,
+        ),
     }
     pairs = random_pairs(1000)
     for name, (kind, model, splits) in kinds.items():
@@ -382,8 +533,11 @@ def _spec_by_protobuf(serialized: bytes) -> SentencePieceSpec:
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(serialized)
     whole = (proto.SentencePiece.CONTROL, proto.SentencePiece.USER_DEFINED)
-    return SentencePieceSpec(proto.trainer_spec.split_by_whitespace, proto.trainer_spec.treat_whitespace_as_suffix,
-                             tuple(p.piece for p in proto.pieces if p.type in whole))
+    return SentencePieceSpec(
+        proto.trainer_spec.split_by_whitespace,
+        proto.trainer_spec.treat_whitespace_as_suffix,
+        tuple(p.piece for p in proto.pieces if p.type in whole),
+    )
 
 
 def test_sentencepiece_spec_reads_as_protobuf_does(tmp_path, sp_model):
@@ -391,11 +545,14 @@ def test_sentencepiece_spec_reads_as_protobuf_does(tmp_path, sp_model):
     pytest.importorskip("google.protobuf")
     from sentencepiece import sentencepiece_model_pb2
 
-    models = {"example": SP_MODEL, "sp": sp_model,
-              "no-word-split": sp_variant(tmp_path, "nosplit", split_by_whitespace=False),
-              "suffix": sp_variant(tmp_path, "suffix", treat_whitespace_as_suffix=True),
-              "keeps-whitespace": sp_variant(tmp_path, "ws", remove_extra_whitespaces=False),
-              "controls": sp_variant(tmp_path, "controls", control_symbols=["<ctl>", "<|im_end|>"])}
+    models = {
+        "example": SP_MODEL,
+        "sp": sp_model,
+        "no-word-split": sp_variant(tmp_path, "nosplit", split_by_whitespace=False),
+        "suffix": sp_variant(tmp_path, "suffix", treat_whitespace_as_suffix=True),
+        "keeps-whitespace": sp_variant(tmp_path, "ws", remove_extra_whitespaces=False),
+        "controls": sp_variant(tmp_path, "controls", control_symbols=["<ctl>", "<|im_end|>"]),
+    }
     seen = set()
     for name, path in models.items():
         serialized = sentencepiece.SentencePieceProcessor(model_file=path).serialized_model_proto()
@@ -406,8 +563,12 @@ def test_sentencepiece_spec_reads_as_protobuf_does(tmp_path, sp_model):
         assert tokenizer.splits_at_spaces == (spec.split_by_whitespace and not spec.treat_whitespace_as_suffix)
         seen.add((spec.split_by_whitespace, spec.treat_whitespace_as_suffix))
     assert seen == {(True, False), (False, False), (True, True)}  # every flag value met
-    assert "<ctl>" in read_sentencepiece_spec(
-        sentencepiece.SentencePieceProcessor(model_file=models["controls"]).serialized_model_proto()).added_pieces
+    assert (
+        "<ctl>"
+        in read_sentencepiece_spec(
+            sentencepiece.SentencePieceProcessor(model_file=models["controls"]).serialized_model_proto()
+        ).added_pieces
+    )
 
     # Layouts a trainer does not write but the format allows: a long piece (two-byte length), a type
     # without a score, an unknown field, the type before the text, a trainer spec given twice (merged).

@@ -38,13 +38,16 @@ class _Scheduler:
         self.increments.append(increment)
 
 
-@pytest.mark.parametrize("fp16, finite_grads, returns, applied", [
-    (False, True, (True, 1.5, None), True),
-    # Every gradient finite, the norm overflowed: the optimizer still applied the update.
-    (False, True, (True, math.inf, None), True),
-    (False, False, None, False),  # non-finite gradients: the optimizer does not run
-    (True, True, (False, None, None), False),  # fp16: the loss scaler found an overflow
-])
+@pytest.mark.parametrize(
+    "fp16, finite_grads, returns, applied",
+    [
+        (False, True, (True, 1.5, None), True),
+        # Every gradient finite, the norm overflowed: the optimizer still applied the update.
+        (False, True, (True, math.inf, None), True),
+        (False, False, None, False),  # non-finite gradients: the optimizer does not run
+        (True, True, (False, None, None), False),  # fp16: the loss scaler found an overflow
+    ],
+)
 def test_skipped_means_no_update(monkeypatch, fp16, finite_grads, returns, applied):
     cfg = tiny_config(fp16=fp16, global_batch_size=4)
     monkeypatch.setattr(trainer, "run_schedule", lambda *args, **kwargs: [])

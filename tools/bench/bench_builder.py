@@ -109,16 +109,21 @@ def main() -> None:
                     with open(f"{meg_prefix}.{ext}", "rb") as a, open(f"{cpp_prefix}.{ext}", "rb") as b:
                         assert a.read() == b.read(), f"outputs differ ({ext})"
                 tokens = sum(len(s) for p in pairs for s in p)
-                print(json.dumps({
-                    "bench": "builder",
-                    "case": f"{length_name}/{input_name}",
-                    "pairs": args.pairs,
-                    "tokens": tokens,
-                    "dtype": np.dtype(dtype).name,
-                    "megatron_pairs_per_s": round(args.pairs / megatron_s),
-                    "cpp_pairs_per_s": round(args.pairs / cpp_s),
-                    "ratio": round(megatron_s / cpp_s, 1),
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "bench": "builder",
+                            "case": f"{length_name}/{input_name}",
+                            "pairs": args.pairs,
+                            "tokens": tokens,
+                            "dtype": np.dtype(dtype).name,
+                            "megatron_pairs_per_s": round(args.pairs / megatron_s),
+                            "cpp_pairs_per_s": round(args.pairs / cpp_s),
+                            "ratio": round(megatron_s / cpp_s, 1),
+                        }
+                    ),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,14 @@ def _measure(cp: int, seq_length: int, steps: int, warmup: int, threads: int) ->
     initialize_distributed(ParallelLayout(context_parallel_size=cp), seed=cfg.optimizer.seed)
     data = build_datasets(cfg)
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
-    stream = micro_batches(data.train, cfg, data.pad_id, 0, parallel_state.get_data_parallel_rank(),
-                           parallel_state.get_data_parallel_world_size())
+    stream = micro_batches(
+        data.train,
+        cfg,
+        data.pad_id,
+        0,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     saved = _SavedTensors()
     with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
@@ -116,12 +122,18 @@ def main(argv=None) -> int:
             print(json.dumps(line), flush=True)
         results[cp] = ranks
     one, two = results[1][0], max(results[2], key=lambda r: r["activation_mib"])
-    print(json.dumps({
-        "bench": "context_parallel", "case": "ratio",
-        "cp2_over_cp1_activation": round(two["activation_mib"] / one["activation_mib"], 3),
-        "cp2_over_cp1_step_peak_rss": round(two["step_peak_rss_mib"] / max(one["step_peak_rss_mib"], 1e-9), 3),
-        "cp2_over_cp1_step_time": round(two["median_step_s"] / one["median_step_s"], 3),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "context_parallel",
+                "case": "ratio",
+                "cp2_over_cp1_activation": round(two["activation_mib"] / one["activation_mib"], 3),
+                "cp2_over_cp1_step_peak_rss": round(two["step_peak_rss_mib"] / max(one["step_peak_rss_mib"], 1e-9), 3),
+                "cp2_over_cp1_step_time": round(two["median_step_s"] / one["median_step_s"], 3),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

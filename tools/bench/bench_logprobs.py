@@ -125,7 +125,9 @@ def _head_case(method: str, tokens: int, hidden: int, vocab: int, chunk: int, dt
     return {
         "bench": "logprob_head_from_hidden",
         "case": method,
-        "tokens": tokens, "hidden": hidden, "vocab": vocab,
+        "tokens": tokens,
+        "hidden": hidden,
+        "vocab": vocab,
         "chunk": chunk if method == "chunked_head" else None,
         "dtype": dtype_name,
         **_measure(prepare, compute, repeats),
@@ -152,11 +154,19 @@ def main(argv=None) -> int:
         naive = run_distributed(_head_case, 1, "naive_linear_log_softmax", *head, timeout=3600)[0]
         print(json.dumps(chunked), flush=True)
         print(json.dumps(naive), flush=True)
-        print(json.dumps({
-            "bench": "logprob_head_from_hidden", "case": "ratio",
-            "ours_over_naive_peak_memory": round(chunked["peak_extra_mib"] / max(naive["peak_extra_mib"], 1e-9), 3),
-            "ours_over_naive_time": round(chunked["median_s"] / naive["median_s"], 3),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "bench": "logprob_head_from_hidden",
+                    "case": "ratio",
+                    "ours_over_naive_peak_memory": round(
+                        chunked["peak_extra_mib"] / max(naive["peak_extra_mib"], 1e-9), 3
+                    ),
+                    "ours_over_naive_time": round(chunked["median_s"] / naive["median_s"], 3),
+                }
+            ),
+            flush=True,
+        )
         if args.only == "head":
             return 0
     shape = (args.seq, args.batch, args.vocab, args.dtype, args.repeats)
@@ -164,11 +174,17 @@ def main(argv=None) -> int:
     naive = run_distributed(_case, 1, "naive_log_softmax", *shape)[0]
     print(json.dumps(ours), flush=True)
     print(json.dumps(naive), flush=True)
-    print(json.dumps({
-        "bench": "logprob_head", "case": "ratio",
-        "naive_over_ours_time": round(naive["median_s"] / ours["median_s"], 3),
-        "naive_over_ours_peak_memory": round(naive["peak_extra_mib"] / max(ours["peak_extra_mib"], 1e-9), 3),
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "logprob_head",
+                "case": "ratio",
+                "naive_over_ours_time": round(naive["median_s"] / ours["median_s"], 3),
+                "naive_over_ours_peak_memory": round(naive["peak_extra_mib"] / max(ours["peak_extra_mib"], 1e-9), 3),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 

@@ -29,9 +29,17 @@ except ImportError:  # not installed: run from this checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 MODEL_1B = dict(
-    num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32, num_query_groups=8,
-    vocab_size=128256, make_vocab_size_divisible_by=128, untie_embeddings_and_output_weights=False,
-    rotary_base=500000, seq_length=2048, max_position_embeddings=2048,
+    num_layers=16,
+    hidden_size=2048,
+    ffn_hidden_size=8192,
+    num_attention_heads=32,
+    num_query_groups=8,
+    vocab_size=128256,
+    make_vocab_size_divisible_by=128,
+    untie_embeddings_and_output_weights=False,
+    rotary_base=500000,
+    seq_length=2048,
+    max_position_embeddings=2048,
 )
 # Dense bf16 peak of one GPU, by name fragment (NVIDIA data sheets, SXM parts).
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}
@@ -44,10 +52,16 @@ def model_flops(cfg, sequence_lengths: list[int]) -> float:
     q_size = (cfg.model.kv_channels or h // heads) * heads
     gated = 1.5 if cfg.model.swiglu else 1.0
     tokens = sum(sequence_lengths)
-    per_token = 12 * layers * h * h * (
-        (1 + groups / heads) * q_size / h
-        + cfg.derived_ffn_hidden_size() / h * gated
-        + cfg.padded_vocab_size() / (2 * layers * h)
+    per_token = (
+        12
+        * layers
+        * h
+        * h
+        * (
+            (1 + groups / heads) * q_size / h
+            + cfg.derived_ffn_hidden_size() / h * gated
+            + cfg.padded_vocab_size() / (2 * layers * h)
+        )
     )
     attention = 12 * layers * q_size * sum(s * s for s in sequence_lengths)
     return per_token * tokens + attention
@@ -77,9 +91,17 @@ def _measure(steps: int, warmup: int, gbs: int, mbs: int, chunk: int, peak_overr
 
     te = importlib.util.find_spec("transformer_engine") is not None
     cfg = SimPOConfig(
-        **MODEL_1B, micro_batch_size=mbs, global_batch_size=gbs, bf16=True, packing=True,
-        logprob_chunk_size=chunk, transformer_impl="transformer_engine" if te else "local",
-        lr=1e-6, clip_grad=1.0, train_iters=warmup + steps, mock_data=True,
+        **MODEL_1B,
+        micro_batch_size=mbs,
+        global_batch_size=gbs,
+        bf16=True,
+        packing=True,
+        logprob_chunk_size=chunk,
+        transformer_impl="transformer_engine" if te else "local",
+        lr=1e-6,
+        clip_grad=1.0,
+        train_iters=warmup + steps,
+        mock_data=True,
     )
     cfg.validate(1)
     initialize_distributed(ParallelLayout(), seed=cfg.optimizer.seed)
@@ -102,9 +124,15 @@ def _measure(steps: int, warmup: int, gbs: int, mbs: int, chunk: int, peak_overr
     peak = _peak_tflops(peak_override)
     achieved = flops / seconds / 1e12
     return {
-        "bench": "mfu", "device": torch.cuda.get_device_name(), "transformer_impl": cfg.model.transformer_impl,
-        "model": "llama-1b-shape", "global_batch_size": gbs, "micro_batch_size": mbs, "seq_length": cfg.data.seq_length,
-        "logprob_chunk_size": chunk, "steps": steps,
+        "bench": "mfu",
+        "device": torch.cuda.get_device_name(),
+        "transformer_impl": cfg.model.transformer_impl,
+        "model": "llama-1b-shape",
+        "global_batch_size": gbs,
+        "micro_batch_size": mbs,
+        "seq_length": cfg.data.seq_length,
+        "logprob_chunk_size": chunk,
+        "steps": steps,
         "step_s": round(seconds / steps, 4),
         "real_tokens_per_s": round(tokens / seconds, 1),
         "packing_efficiency": round(tokens / slots, 4),
@@ -132,8 +160,15 @@ def main(argv=None) -> int:
     from simpo_megatron.testing import run_distributed
 
     result = run_distributed(
-        _measure, 1, args.steps, args.warmup, args.global_batch_size, args.micro_batch_size,
-        args.logprob_chunk_size, args.peak_tflops, timeout=3600,
+        _measure,
+        1,
+        args.steps,
+        args.warmup,
+        args.global_batch_size,
+        args.micro_batch_size,
+        args.logprob_chunk_size,
+        args.peak_tflops,
+        timeout=3600,
     )[0]
     print(json.dumps(result), flush=True)
     return 0

@@ -50,8 +50,7 @@ def long_pairs(n: int) -> list[str]:
     def text(words: int) -> str:
         return " ".join(rng.choice(WORDS) for _ in range(words))
 
-    return [json.dumps({"prompt": text(150), "chosen": " " + text(100), "rejected": " " + text(100)})
-            for _ in range(n)]
+    return [json.dumps({"prompt": text(150), "chosen": " " + text(100), "rejected": " " + text(100)}) for _ in range(n)]
 
 
 def sentencepiece_baseline(path: str) -> None:
@@ -89,8 +88,17 @@ def main() -> None:
         return
 
     help_times = [seconds([sys.executable, TOOL, "--help"])[0] for _ in range(args.rounds)]
-    print(json.dumps({"bench": "preprocess", "case": "startup", "command": "--help",
-                      "seconds": round(statistics.median(help_times), 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "preprocess",
+                "case": "startup",
+                "command": "--help",
+                "seconds": round(statistics.median(help_times), 3),
+            }
+        ),
+        flush=True,
+    )
     makers = {"example": example_pairs, "long": lambda n: long_pairs(max(1, n // 10))}
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
@@ -99,10 +107,20 @@ def main() -> None:
                 f.write("\n".join(makers[case](args.pairs)) + "\n")
             baseline = [sys.executable, os.path.abspath(__file__), "--sentencepiece-baseline", path]
             tools = {
-                workers: [sys.executable, TOOL, "--input", path,
-                          "--output-prefix", os.path.join(tmp, f"{case}-{workers}"),
-                          "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", TOKENIZER,
-                          "--workers", str(workers)]
+                workers: [
+                    sys.executable,
+                    TOOL,
+                    "--input",
+                    path,
+                    "--output-prefix",
+                    os.path.join(tmp, f"{case}-{workers}"),
+                    "--tokenizer-type",
+                    "SentencePieceTokenizer",
+                    "--tokenizer-model",
+                    TOKENIZER,
+                    "--workers",
+                    str(workers),
+                ]
                 for workers in (1, 2)
             }
             times: dict[object, list[tuple[float, float]]] = {"baseline": [], 1: [], 2: []}
@@ -119,24 +137,33 @@ def main() -> None:
                     meta = json.load(f)
                 tool_s = statistics.median(wall for wall, _ in times[workers])
                 base_s = statistics.median(wall for wall, _ in times["baseline"])
-                print(json.dumps({
-                    "bench": "preprocess",
-                    "case": case,
-                    "workers": workers,
-                    "pairs": meta["num_pairs"],
-                    "tokens": meta["num_tokens"],
-                    "boundary_merges": meta["boundary_merges"]["responses"],
-                    "seconds": round(tool_s, 2),
-                    "pairs_per_s": round(meta["num_pairs"] / tool_s),
-                    "cpu_seconds": round(statistics.median(cpu for _, cpu in times[workers]), 2),
-                    "sentencepiece_seconds": round(base_s, 2),
-                    "sentencepiece_cpu_seconds": round(statistics.median(cpu for _, cpu in times["baseline"]), 2),
-                    "ratio_vs_sentencepiece": round(statistics.median(
-                        b[0] / t[0] for b, t in zip(times["baseline"], times[workers])), 2),
-                    "cpu_ratio_vs_sentencepiece": round(statistics.median(
-                        b[1] / t[1] for b, t in zip(times["baseline"], times[workers])), 2),
-                    "cpus": len(os.sched_getaffinity(0)),
-                }), flush=True)
+                print(
+                    json.dumps(
+                        {
+                            "bench": "preprocess",
+                            "case": case,
+                            "workers": workers,
+                            "pairs": meta["num_pairs"],
+                            "tokens": meta["num_tokens"],
+                            "boundary_merges": meta["boundary_merges"]["responses"],
+                            "seconds": round(tool_s, 2),
+                            "pairs_per_s": round(meta["num_pairs"] / tool_s),
+                            "cpu_seconds": round(statistics.median(cpu for _, cpu in times[workers]), 2),
+                            "sentencepiece_seconds": round(base_s, 2),
+                            "sentencepiece_cpu_seconds": round(
+                                statistics.median(cpu for _, cpu in times["baseline"]), 2
+                            ),
+                            "ratio_vs_sentencepiece": round(
+                                statistics.median(b[0] / t[0] for b, t in zip(times["baseline"], times[workers])), 2
+                            ),
+                            "cpu_ratio_vs_sentencepiece": round(
+                                statistics.median(b[1] / t[1] for b, t in zip(times["baseline"], times[workers])), 2
+                            ),
+                            "cpus": len(os.sched_getaffinity(0)),
+                        }
+                    ),
+                    flush=True,
+                )
             assert outputs[0] == outputs[1], "1 and 2 workers wrote different data"
 
 

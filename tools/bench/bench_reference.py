@@ -61,8 +61,13 @@ def lm_forward_step(data_iterator, model):
     from functools import partial
 
     batch = next(data_iterator)
-    output = model(batch.tokens, batch.position_ids, attention_mask=None, labels=batch.labels,
-                   packed_seq_params=None if batch.packed is None else batch.packed.seq_params())
+    output = model(
+        batch.tokens,
+        batch.position_ids,
+        attention_mask=None,
+        labels=batch.labels,
+        packed_seq_params=None if batch.packed is None else batch.packed.seq_params(),
+    )
     return output, partial(lm_loss_func, batch.loss_mask)
 
 
@@ -86,9 +91,13 @@ def lm_step(cfg, state, batches) -> float:
         m.zero_grad_buffer()
     state.optimizer.zero_grad()
     outputs = get_forward_backward_func()(
-        forward_step_func=lm_forward_step, data_iterator=iter(batches), model=state.model[0],
-        num_microbatches=len(batches), seq_length=max(b.width for b in batches),
-        micro_batch_size=batches[0].rows, forward_only=False,
+        forward_step_func=lm_forward_step,
+        data_iterator=iter(batches),
+        model=state.model[0],
+        num_microbatches=len(batches),
+        seq_length=max(b.width for b in batches),
+        micro_batch_size=batches[0].rows,
+        forward_only=False,
     )
     if _grads_are_finite(state.model):
         ok, _, _ = state.optimizer.step()
@@ -114,8 +123,9 @@ def _measure(rounds: int, steps: int, threads: int) -> list[dict]:
     packed = tiny_config(**{**MODEL, "seq_length": UF_SEQ}, packing=True)
     packed.validate(1)
     padded = dataclasses.replace(packed, data=dataclasses.replace(packed.data, packing=False))  # to the longest
-    dpo = dataclasses.replace(packed, loss=dataclasses.replace(packed.loss, loss_type="dpo", beta=0.1,
-                                                               gamma_beta_ratio=0.0))
+    dpo = dataclasses.replace(
+        packed, loss=dataclasses.replace(packed.loss, loss_type="dpo", beta=0.1, gamma_beta_ratio=0.0)
+    )
     initialize_distributed(ParallelLayout(), seed=packed.optimizer.seed)
     # One model for every case: the weights drift from case to case, the work does not.
     state = setup_model_and_optimizer(packed, packed.padded_vocab_size())
@@ -141,6 +151,7 @@ def _measure(rounds: int, steps: int, threads: int) -> list[dict]:
     def train(cfg, batches, name):
         def run(i):
             skipped[name] += train_step(cfg, state, batches[i])["skipped"]
+
         return run
 
     # A step case times one global batch; a pass case scores every pair of the round.
@@ -166,7 +177,7 @@ def _measure(rounds: int, steps: int, threads: int) -> list[dict]:
 
     def rotated(names, k):
         names = list(names)
-        return names[k % len(names):] + names[: k % len(names)]
+        return names[k % len(names) :] + names[: k % len(names)]
 
     for r in range(rounds + 1):  # round 0 warms every case up
         for i in range(steps):  # the step cases take turns on each global batch
@@ -176,20 +187,27 @@ def _measure(rounds: int, steps: int, threads: int) -> list[dict]:
             timed(name, pass_cases[name], keep=r > 0)
 
     def round_totals(series: list[float]) -> list[float]:
-        return [sum(series[j:j + steps]) for j in range(0, len(series), steps)] if len(series) > rounds else series
+        return [sum(series[j : j + steps]) for j in range(0, len(series), steps)] if len(series) > rounds else series
 
     n = len(pairs)
     real_tokens = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs)
     rows = []
     for name in wall:
         seconds = statistics.median(round_totals(wall[name]))
-        rows.append({
-            "bench": BENCH, "case": name, "threads": threads, "rounds": rounds, "pairs_per_round": n,
-            "median_round_s": round(seconds, 4), "pairs_per_s": round(n / seconds, 3),
-            "pairs_per_cpu_s": round(n / statistics.median(round_totals(cpu[name])), 3),
-            "real_tokens_per_s": round(real_tokens / seconds, 1),
-            **({"skipped_steps": skipped[name]} if name in skipped else {}),
-        })
+        rows.append(
+            {
+                "bench": BENCH,
+                "case": name,
+                "threads": threads,
+                "rounds": rounds,
+                "pairs_per_round": n,
+                "median_round_s": round(seconds, 4),
+                "pairs_per_s": round(n / seconds, 3),
+                "pairs_per_cpu_s": round(n / statistics.median(round_totals(cpu[name])), 3),
+                "real_tokens_per_s": round(real_tokens / seconds, 1),
+                **({"skipped_steps": skipped[name]} if name in skipped else {}),
+            }
+        )
     for case, a, b, goal, sense in COMPARISONS:
         ratio = {}
         for key, series in (("wall", wall), ("cpu", cpu)):
@@ -201,8 +219,13 @@ def _measure(rounds: int, steps: int, threads: int) -> list[dict]:
                 num, den = round_totals(num), round_totals(den)
             paired = [x / y for x, y in zip(num, den, strict=True)]
             ratio[f"median_of_ratios_{key}"] = round(statistics.median(paired), 3)
-        row = {"bench": BENCH, "case": case, "compares": f"{a} / {b}",
-               "measure": "pairs/s" if case in RATES else "step time", **ratio}
+        row = {
+            "bench": BENCH,
+            "case": case,
+            "compares": f"{a} / {b}",
+            "measure": "pairs/s" if case in RATES else "step time",
+            **ratio,
+        }
         if goal is not None:
             # Judged on CPU time paired in time: on one thread it is the work itself, which a
             # neighbour's load moves far less than the wall clock.
@@ -216,10 +239,18 @@ def _measure(rounds: int, steps: int, threads: int) -> list[dict]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10, help="Measured rounds (one warm-up round more).")
-    parser.add_argument("--steps", type=int, default=3,
-                        help="Global batches of 8 pairs a round (each step case runs each; the passes score all).")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="Torch threads (1: the process's CPU time is the work, whatever the neighbours do).")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=3,
+        help="Global batches of 8 pairs a round (each step case runs each; the passes score all).",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="Torch threads (1: the process's CPU time is the work, whatever the neighbours do).",
+    )
     parser.add_argument("--quick", action="store_true", help="A smoke run: 1 round of 1 step.")
     args = parser.parse_args(argv)
     if args.quick:

@@ -35,8 +35,15 @@ except ImportError:  # not installed: run from this checkout
 from simpo_megatron.testing import run_distributed, tiny_config  # noqa: E402
 
 MODEL = dict(
-    num_layers=4, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8, num_query_groups=4,
-    vocab_size=8192, seq_length=256, micro_batch_size=4, global_batch_size=8,
+    num_layers=4,
+    hidden_size=256,
+    ffn_hidden_size=704,
+    num_attention_heads=8,
+    num_query_groups=4,
+    vocab_size=8192,
+    seq_length=256,
+    micro_batch_size=4,
+    global_batch_size=8,
 )
 
 
@@ -57,8 +64,12 @@ def _measure(tp: int, steps: int, warmup: int, threads: int) -> dict | None:
     data = build_datasets(cfg)
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
     stream = micro_batches(
-        data.train, cfg, data.pad_id, 0,
-        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+        data.train,
+        cfg,
+        data.pad_id,
+        0,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
     )
     n_mb = cfg.num_micro_batches(world)
     times = []
@@ -102,11 +113,13 @@ def ultrafeedback_pairs(num_pairs: int, vocab: int, seed: int = 0) -> list[dict]
         if p + max(c, r) > UF_SEQ:
             continue
         ids = lambda n: rng.integers(3, vocab, n).astype(np.int64)  # noqa: E731
-        pairs.append({
-            "prompt": np.concatenate([[1], ids(p - 1)]).astype(np.int64),
-            "chosen": np.concatenate([ids(c - 1), [2]]).astype(np.int64),
-            "rejected": np.concatenate([ids(r - 1), [2]]).astype(np.int64),
-        })
+        pairs.append(
+            {
+                "prompt": np.concatenate([[1], ids(p - 1)]).astype(np.int64),
+                "chosen": np.concatenate([ids(c - 1), [2]]).astype(np.int64),
+                "rejected": np.concatenate([ids(r - 1), [2]]).astype(np.int64),
+            }
+        )
     return pairs
 
 
@@ -144,8 +157,11 @@ def _measure_workload(case: str, steps: int, warmup: int, threads: int) -> dict:
             micro += len(batches)
     total = sum(times)
     return {
-        "bench": "train_step_ultrafeedback", "case": case, "seq_length": UF_SEQ,
-        "threads": threads, "steps": steps,
+        "bench": "train_step_ultrafeedback",
+        "case": case,
+        "seq_length": UF_SEQ,
+        "threads": threads,
+        "steps": steps,
         "median_step_s": round(sorted(times)[len(times) // 2], 4),
         "pairs_per_s": round(cfg.data.global_batch_size * steps / total, 3),
         "real_tokens_per_s": round(tokens / total, 1),
@@ -177,17 +193,31 @@ def _measure_trl(steps: int, warmup: int, threads: int) -> dict:
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
     text = lambda ids: " ".join(f"w{i}" for i in ids)  # noqa: E731
     # TRL adds BOS to the prompt and EOS to the responses itself.
-    dataset = Dataset.from_list([
-        {"prompt": text(p["prompt"][1:]), "chosen": " " + text(p["chosen"][:-1]),
-         "rejected": " " + text(p["rejected"][:-1])}
-        for p in pairs
-    ])
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab, hidden_size=MODEL["hidden_size"], intermediate_size=MODEL["ffn_hidden_size"],
-        num_hidden_layers=MODEL["num_layers"], num_attention_heads=MODEL["num_attention_heads"],
-        num_key_value_heads=MODEL["num_query_groups"], max_position_embeddings=UF_SEQ,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-    ))
+    dataset = Dataset.from_list(
+        [
+            {
+                "prompt": text(p["prompt"][1:]),
+                "chosen": " " + text(p["chosen"][:-1]),
+                "rejected": " " + text(p["rejected"][:-1]),
+            }
+            for p in pairs
+        ]
+    )
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=MODEL["hidden_size"],
+            intermediate_size=MODEL["ffn_hidden_size"],
+            num_hidden_layers=MODEL["num_layers"],
+            num_attention_heads=MODEL["num_attention_heads"],
+            num_key_value_heads=MODEL["num_query_groups"],
+            max_position_embeddings=UF_SEQ,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        )
+    )
     times: list[float] = []
     cpu: list[float] = []
 
@@ -202,14 +232,28 @@ def _measure_trl(steps: int, warmup: int, threads: int) -> dict:
     mbs = MODEL["micro_batch_size"]
     with tempfile.TemporaryDirectory() as out:
         args = CPOConfig(
-            output_dir=out, loss_type="simpo", cpo_alpha=0.0, beta=2.0, simpo_gamma=1.0,
-            per_device_train_batch_size=mbs, gradient_accumulation_steps=MODEL["global_batch_size"] // mbs,
-            max_steps=warmup + steps, max_length=UF_SEQ, learning_rate=1e-4, report_to=[],
-            logging_steps=1000, save_strategy="no", use_cpu=True, dataloader_num_workers=0,
-            disable_dropout=True, seed=0, data_seed=0,
+            output_dir=out,
+            loss_type="simpo",
+            cpo_alpha=0.0,
+            beta=2.0,
+            simpo_gamma=1.0,
+            per_device_train_batch_size=mbs,
+            gradient_accumulation_steps=MODEL["global_batch_size"] // mbs,
+            max_steps=warmup + steps,
+            max_length=UF_SEQ,
+            learning_rate=1e-4,
+            report_to=[],
+            logging_steps=1000,
+            save_strategy="no",
+            use_cpu=True,
+            dataloader_num_workers=0,
+            disable_dropout=True,
+            seed=0,
+            data_seed=0,
         )
-        trainer = CPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                             callbacks=[Timer()])
+        trainer = CPOTrainer(
+            model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=[Timer()]
+        )
         for row, p in zip(trainer.train_dataset, pairs, strict=True):  # TRL trains on these very tokens
             for side in ("chosen", "rejected"):
                 if row[f"{side}_input_ids"] != p["prompt"].tolist() + p[side].tolist():
@@ -217,10 +261,13 @@ def _measure_trl(steps: int, warmup: int, threads: int) -> dict:
         trainer.train()
     measured = times[warmup:]
     total = sum(measured)
-    real = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs[warmup * 8:])
+    real = sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in pairs[warmup * 8 :])
     return {
-        "bench": "train_step_ultrafeedback", "case": "trl_cpo_simpo", "seq_length": UF_SEQ,
-        "threads": threads, "steps": steps,
+        "bench": "train_step_ultrafeedback",
+        "case": "trl_cpo_simpo",
+        "seq_length": UF_SEQ,
+        "threads": threads,
+        "steps": steps,
         "median_step_s": round(sorted(measured)[len(measured) // 2], 4),
         "pairs_per_s": round(MODEL["global_batch_size"] * steps / total, 3),
         "real_tokens_per_s": round(real / total, 1),
@@ -230,8 +277,10 @@ def _measure_trl(steps: int, warmup: int, threads: int) -> dict:
 
 def _ultrafeedback(args) -> int:
     cores = os.cpu_count() or 1
-    results = {case: run_distributed(_measure_workload, 1, case, args.steps, args.warmup, cores, timeout=3600)[0]
-               for case in UF_CASES}
+    results = {
+        case: run_distributed(_measure_workload, 1, case, args.steps, args.warmup, cores, timeout=3600)[0]
+        for case in UF_CASES
+    }
     for r in results.values():
         print(json.dumps(r), flush=True)
     # On a shared machine wall time swings with the neighbours' load; CPU time (all threads of
@@ -268,8 +317,16 @@ def main(argv=None) -> int:
     two = run_distributed(_measure, 2, 2, args.steps, args.warmup, max(1, cores // 2))[0]
     print(json.dumps(one), flush=True)
     print(json.dumps(two), flush=True)
-    print(json.dumps({"bench": "train_step", "case": "ratio", "tp2_over_tp1_tokens_per_s":
-                      round(two["tokens_per_s"] / one["tokens_per_s"], 3)}), flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "train_step",
+                "case": "ratio",
+                "tp2_over_tp1_tokens_per_s": round(two["tokens_per_s"] / one["tokens_per_s"], 3),
+            }
+        ),
+        flush=True,
+    )
     return 0
 
 
