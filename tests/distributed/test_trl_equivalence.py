@@ -72,6 +72,35 @@ METRICS = (
 )
 
 
+# TRL's side of the run settings both equivalence tests share: one global batch a step, read in
+# our sampler's order, the optimizer and schedule of _config, fp32 on the CPU, no dropout.
+TRL_TRAINING_ARGS = dict(
+    max_length=SEQ,
+    per_device_train_batch_size=GLOBAL_BATCH,
+    gradient_accumulation_steps=1,
+    max_steps=STEPS,
+    learning_rate=LR,
+    lr_scheduler_type="linear",
+    warmup_steps=WARMUP,
+    weight_decay=WEIGHT_DECAY,
+    adam_beta1=0.9,
+    adam_beta2=0.999,
+    adam_epsilon=ADAM_EPS,
+    max_grad_norm=CLIP,
+    optim="adamw_torch",
+    train_sampling_strategy="sequential",
+    logging_steps=1,
+    report_to=[],
+    save_strategy="no",
+    use_cpu=True,
+    bf16=False,
+    fp16=False,
+    dataloader_num_workers=0,
+    disable_dropout=True,
+    seed=0,
+)
+
+
 def _trl():
     """TRL's CPOConfig and CPOTrainer; without TRL (or transformers) the tests fail, never skip."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # CPO lives in trl.experimental in TRL 1.x
@@ -284,29 +313,7 @@ def _run_trl(hf_dir: str, pairs: list[dict], stream: list[list[dict]], out: str)
         simpo_gamma=BETA * GAMMA_BETA_RATIO,
         label_smoothing=LABEL_SMOOTHING,
         cpo_alpha=SFT_WEIGHT,
-        max_length=SEQ,
-        per_device_train_batch_size=GLOBAL_BATCH,
-        gradient_accumulation_steps=1,
-        max_steps=STEPS,
-        learning_rate=LR,
-        lr_scheduler_type="linear",
-        warmup_steps=WARMUP,
-        weight_decay=WEIGHT_DECAY,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        adam_epsilon=ADAM_EPS,
-        max_grad_norm=CLIP,
-        optim="adamw_torch",
-        train_sampling_strategy="sequential",
-        logging_steps=1,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        bf16=False,
-        fp16=False,
-        dataloader_num_workers=0,
-        disable_dropout=True,
-        seed=0,
+        **TRL_TRAINING_ARGS,
     )
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
