@@ -4,6 +4,10 @@
 torch.distributed the way torchrun would (RANK, WORLD_SIZE, MASTER_ADDR/PORT), call
 ``fn(*args)`` and send its return value back; it returns the values in rank order and
 re-raises the first failure with the worker's traceback.
+
+Workers are forked from a forkserver that has imported torch and megatron-core once, so each
+group starts in a fresh process without paying those imports again (most of a tiny test's
+time on a small machine). ``SIMPO_TEST_START_METHOD=spawn`` starts them the slow, plain way.
 """
 
 from __future__ import annotations
@@ -68,12 +72,35 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
             pass
 
 
+# Imported once by the forkserver; only third-party modules, so the workers import this
+# package from the parent's sys.path as spawn would.
+_PRELOAD = [
+    "torch",
+    "torch.distributed",
+    "megatron.core.parallel_state",
+    "megatron.core.models.gpt",
+    "megatron.core.optimizer",
+    "megatron.core.distributed",
+    "megatron.core.pipeline_parallel",
+    "megatron.core.dist_checkpointing",
+    "transformers",
+]
+
+
+def _context():
+    method = os.environ.get("SIMPO_TEST_START_METHOD", "forkserver")
+    ctx = mp.get_context(method)
+    if method == "forkserver":
+        ctx.set_forkserver_preload(_PRELOAD)
+    return ctx
+
+
 def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600) -> list[Any]:
-    """Run ``fn(*args)`` on ``world_size`` spawned processes; return their results by rank."""
+    """Run ``fn(*args)`` on ``world_size`` fresh processes; return their results by rank."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     procs = [
         ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=False)
