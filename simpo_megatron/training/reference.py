@@ -56,9 +56,10 @@ def precision(cfg: SimPOConfig) -> str:
 
 def reference_weights(cfg: SimPOConfig, start: Start | None = None) -> str:
     """The reference model's weights: ``--ref-load``; else the weights the run's first iteration
-    started from (recorded in a resumed run's checkpoint); else what ``--load`` names."""
-    recorded = start.reference if start is not None and start.iteration > 0 else None
-    return cfg.checkpoint.ref_load or recorded or cfg.checkpoint.load
+    started from (recorded in a resumed run's checkpoint; at iteration 0 those just loaded, a
+    checkpoint by its iteration directory); else what ``--load`` names."""
+    started = None if start is None else start.reference if start.iteration > 0 else start.weights
+    return cfg.checkpoint.ref_load or started or cfg.checkpoint.load
 
 
 def with_reference_scores(cfg: SimPOConfig, state, data: DataSetup, start: Start) -> DataSetup:
@@ -81,7 +82,7 @@ def with_reference_scores(cfg: SimPOConfig, state, data: DataSetup, start: Start
             print_rank_last(f"reference scores of {prefix}: {path}")
     if missing:
         # The model holds the reference when the run starts from those very weights.
-        holds_reference = start.source != "fresh" and start.iteration == 0 and start.path == weights
+        holds_reference = start.iteration == 0 and start.weights is not None and start.weights == weights
         with contextlib.nullcontext() if holds_reference else reference_loaded(cfg, state, weights):
             for prefix, key, directory in missing:
                 for stale, why in stale_files(directory, prefix, key):
@@ -224,7 +225,7 @@ def score_ahead(cfg: SimPOConfig) -> None:
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
     weights = reference_weights(cfg)
     load_reference(cfg, state, weights)
-    with_reference_scores(cfg, state, data, Start("reference", weights))
+    with_reference_scores(cfg, state, data, Start("reference", weights, weights=weights))
 
 
 def main(argv: list[str] | None = None) -> int:
