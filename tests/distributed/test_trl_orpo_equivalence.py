@@ -7,9 +7,9 @@ decay, clipping, warmup and linear decay, fp32). TRL's ORPOTrainer minimizes
 the chosen sequences of its batch, prompt included; ours is the odds-ratio loss plus the
 token-level SFT term with weight 1, over the prompt too with ``--sft-on-prompt``. TRL runs the
 global batch as one micro-batch on one process; ours runs on one process (2 micro-batches), on
-TP=2 and on CP=2 (the packed layout's prompt mask is checked in ``tests/unit/test_batch.py``). Compared per step: the loss, the NLL (our ``sft_loss``), the log-odds metrics,
-rewards, margins, accuracies, the averaged log-probs and the gradient norm; after the last step
-every weight.
+TP=2 and on CP=2 (the packed layout's prompt mask is checked in ``tests/unit/test_batch.py``).
+Compared per step: the loss, the NLL (our ``sft_loss``), the log-odds metrics, rewards, margins,
+accuracies, the averaged log-probs and the gradient norm; after the last step every weight.
 """
 
 from __future__ import annotations
