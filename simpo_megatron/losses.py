@@ -19,9 +19,11 @@ The entries and the TRL 1.16 code each one equals:
 - ``ipo``: IPO (Azar et al., 2023) on length-averaged log-ratios, ``DPOTrainer(loss_type="ipo")``.
 - ``dpo-norm``: DPO on length-averaged log-ratios, ``DPOTrainer(loss_type="sigmoid_norm")``.
 - ``orpo``: ORPO's odds-ratio term (Hong et al., 2024) on averaged log-probs, TRL's
-  ``ORPOTrainer.odds_ratio_loss``; ORPO's NLL term is the token-level SFT term with weight 1
-  (TRL 1.16's ORPOTrainer takes that NLL over the prompt tokens too; ours covers the chosen
-  response only, as the SimPO repository's and TRL's CPO SFT terms do).
+  ``ORPOTrainer.odds_ratio_loss``; ORPO's NLL term is the token-level SFT term with weight 1.
+  TRL 1.16's ORPOTrainer takes that NLL over prompt + chosen: ``--sft-on-prompt`` makes the
+  SFT term do so, and ``--loss-type orpo --sft-weight 1 --sft-on-prompt`` is TRL's ORPO.
+  Without it the term covers the chosen response only, as the SimPO repository's and TRL's
+  CPO SFT terms do.
 
 CPO (Xu et al., 2024) and SLiC-HF (Zhao et al., 2023) need no entry: CPO is ``sigmoid`` with
 ``average_log_prob=False``, ``gamma_beta_ratio=0`` and the token-level SFT term (TRL's
@@ -397,7 +399,8 @@ LOSSES: dict[str, PreferenceLoss] = {
         PreferenceLoss(
             "orpo",
             orpo_loss,
-            "ORPO's odds ratio on averaged log-probs, reference-free; ORPO is this plus --sft-weight 1.",
+            "ORPO's odds ratio on averaged log-probs, reference-free; "
+            "ORPO (TRL's) is this plus --sft-weight 1 --sft-on-prompt.",
             ("beta", "sft_weight"),
             needs_reference=False,
             logged_logps="mean",

@@ -247,6 +247,12 @@ class LossConfig:
         "--average-log-prob says).",
         ("token", "pair"),
     )
+    sft_on_prompt: bool = _opt(
+        False,
+        "The token-level SFT term covers the prompt tokens of each chosen sequence too, as TRL's "
+        "ORPOTrainer takes its NLL over prompt + chosen (ORPO as TRL: --loss-type orpo --sft-weight 1 "
+        "--sft-on-prompt).",
+    )
     average_log_prob: bool = _opt(True, "Length-normalized log-probs (SimPO); --no-average-log-prob sums.")
 
     @property

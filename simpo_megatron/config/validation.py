@@ -138,6 +138,11 @@ def _check_loss(loss: LossConfig) -> None:
         check_loss_args(loss.loss_type, name=flag, **{k: getattr(loss, k) for k in KNOBS})
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if loss.sft_on_prompt and not loss.token_sft:
+        raise ConfigError(
+            "--sft-on-prompt extends the token-level SFT term: it needs --sft-weight > 0 and "
+            f"--sft-loss-form token, got --sft-weight {loss.sft_weight} --sft-loss-form {loss.sft_loss_form}"
+        )
 
 
 def _check_optimizer(opt: OptimizerConfig) -> None:

@@ -231,7 +231,8 @@ def load_checkpoint(
     load_rng: bool = True,
     finetune: bool = False,
 ) -> int:
-    """Load the newest checkpoint under ``root`` into ``state``; returns its iteration.
+    """Load the newest checkpoint under ``root`` (a ``--save`` root, or one of its iteration
+    directories) into ``state``; returns its iteration.
 
     ``finetune`` loads the weights only and starts at iteration 0. Optimizer and RNG states
     are skipped when asked; the RNG states are also skipped (with a note) when they were saved
@@ -239,12 +240,19 @@ def load_checkpoint(
     keeps those it was seeded with.
     """
     iteration = read_tracker(root)
-    if iteration is None:
+    if iteration is not None:
+        ckpt = checkpoint_dir(root, iteration)
+        if not os.path.isdir(ckpt):
+            raise CheckpointError(
+                f"{os.path.join(root, TRACKER_FILE)} names iteration {iteration}, but {ckpt} is missing"
+            )
+    elif os.path.isfile(os.path.join(root, "metadata.json")):  # an iteration directory
+        ckpt = root
+    else:
         raise CheckpointError(f"no checkpoint under {root!r}: {TRACKER_FILE} is missing")
-    ckpt = checkpoint_dir(root, iteration)
-    if not os.path.isdir(ckpt):
-        raise CheckpointError(f"{os.path.join(root, TRACKER_FILE)} names iteration {iteration}, but {ckpt} is missing")
     common = dist_checkpointing.load_common_state_dict(ckpt)
+    if iteration is None:
+        iteration = common["iteration"]
     saved_vocab, vocab = common.get("padded_vocab_size"), _padded_vocab_size(state.model)
     if saved_vocab != vocab:
         # dist_checkpointing would load the overlapping rows silently: refuse instead.
@@ -347,6 +355,8 @@ def saved_config(root: str) -> dict:
 class Start:
     """How a run began: ``source`` is "checkpoint" (``path`` loaded at ``iteration``),
     "hf" (the Hugging Face model at ``path``, iteration 0) or "fresh" (initialized weights).
+    ``weights``: the weights loaded, by a path that keeps naming them: the HF directory, or the
+    checkpoint's iteration directory (a root's tracker moves on when the run saves into it).
     ``reference``: the weights the run's first iteration started from, as the checkpoint
     records them (a reference-based loss's default reference; None when not recorded)."""
 
@@ -354,6 +364,7 @@ class Start:
     path: str | None = None
     iteration: int = 0
     reference: str | None = None
+    weights: str | None = None
 
 
 class Checkpointer:
@@ -376,7 +387,7 @@ class Checkpointer:
         so that ``--save`` and ``--load`` can name the same directory from the first run on).
         """
         start = self._start(state)
-        self.config_dict[START_WEIGHTS_KEY] = start.reference if start.iteration > 0 else start.path
+        self.config_dict[START_WEIGHTS_KEY] = start.reference if start.iteration > 0 else start.weights
         return start
 
     def _start(self, state) -> Start:
@@ -389,7 +400,7 @@ class Checkpointer:
             if self.save_dir and dist.get_rank() == 0:
                 save_hf_config(load, self.save_dir)  # export's default config and tokenizer
             print_rank_last(f"loaded the Hugging Face model {load}")
-            return Start("hf", load)
+            return Start("hf", load, weights=load)
         if load and read_tracker(load) is not None:
             return self._load(load, state)
         if load:
@@ -398,12 +409,12 @@ class Checkpointer:
 
     def _load(self, root: str, state) -> Start:
         ckpt = self.cfg.checkpoint
-        load_checkpoint(
+        loaded = load_checkpoint(
             root, state, load_optim=not ckpt.no_load_optim, load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune
         )
         print_rank_last(f"loaded {root} at iteration {state.iteration}")
         recorded = saved_config(root).get(START_WEIGHTS_KEY) if state.iteration > 0 else None
-        return Start("checkpoint", root, state.iteration, reference=recorded)
+        return Start("checkpoint", root, state.iteration, reference=recorded, weights=checkpoint_dir(root, loaded))
 
     def save_if_due(self, state) -> str | None:
         """Save at every ``--save-interval`` iterations; the checkpoint directory, or None."""

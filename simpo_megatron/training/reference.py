@@ -56,9 +56,10 @@ def precision(cfg: SimPOConfig) -> str:
 
 def reference_weights(cfg: SimPOConfig, start: Start | None = None) -> str:
     """The reference model's weights: ``--ref-load``; else the weights the run's first iteration
-    started from (recorded in a resumed run's checkpoint); else what ``--load`` names."""
-    recorded = start.reference if start is not None and start.iteration > 0 else None
-    return cfg.checkpoint.ref_load or recorded or cfg.checkpoint.load
+    started from (recorded in a resumed run's checkpoint; at iteration 0 those just loaded, a
+    checkpoint by its iteration directory); else what ``--load`` names."""
+    started = None if start is None else start.reference if start.iteration > 0 else start.weights
+    return cfg.checkpoint.ref_load or started or cfg.checkpoint.load
 
 
 def with_reference_scores(cfg: SimPOConfig, state, data: DataSetup, start: Start) -> DataSetup:
@@ -81,7 +82,7 @@ def with_reference_scores(cfg: SimPOConfig, state, data: DataSetup, start: Start
             print_rank_last(f"reference scores of {prefix}: {path}")
     if missing:
         # The model holds the reference when the run starts from those very weights.
-        holds_reference = start.source != "fresh" and start.iteration == 0 and start.path == weights
+        holds_reference = start.iteration == 0 and start.weights is not None and start.weights == weights
         with contextlib.nullcontext() if holds_reference else reference_loaded(cfg, state, weights):
             for prefix, key, directory in missing:
                 for stale, why in stale_files(directory, prefix, key):
@@ -131,15 +132,24 @@ def scoring_order(samples) -> list[int]:
     return sorted(range(len(samples)), key=lambda i: (-longest[i], i))
 
 
+def scores_packed(cfg: SimPOConfig) -> bool:
+    """Whether the reference pass packs its micro-batches: when the run packs, and always on the
+    local layers, whose attention runs a packed (THD) row whatever the run's own layout. A pair's
+    scores are per-sequence sums, the same packed or padded up to fp32 rounding; packed, the pass
+    spends nothing on padding."""
+    return cfg.data.packing or cfg.model.transformer_impl == "local"
+
+
 def _micro_batches(cfg: SimPOConfig, dataset, pairs: range, pad_id: int):
-    """This rank's pairs as ``(micro-batch, pair indices)``, laid out as the run lays them out.
+    """This rank's pairs as ``(micro-batch, pair indices)``: packed rows of up to
+    ``2 x --micro-batch-size x --seq-length`` tokens (``scores_packed``), else padded micro-batches.
 
     A pair's scores do not depend on its micro-batch's other pairs, so padded micro-batches take
     the pairs longest first (``scoring_order``): each is padded to about its own pairs' length.
     """
     samples = [dataset[i] for i in pairs]
     mbs = cfg.data.micro_batch_size
-    if not cfg.data.packing:
+    if not scores_packed(cfg):
         layout = BatchLayout(pad_id, cfg.data.seq_length, pad_multiple(cfg), pairs=mbs, filler=dataset[0])
         order = scoring_order(samples)
         for begin in range(0, len(order), mbs):
@@ -147,7 +157,10 @@ def _micro_batches(cfg: SimPOConfig, dataset, pairs: range, pad_id: int):
             yield collate([samples[i] for i in group], layout), [pairs[i] for i in group]
         return
     chunks = _cp_chunks(cfg)
-    layout = BatchLayout(pad_id, pad_to_multiple_of=pad_multiple(cfg), packed=True, sequence_multiple_of=chunks)
+    # A row's width splits over CP chunks (and TP ranks under sequence parallelism) as a padded one.
+    par = cfg.parallel
+    multiple = pad_multiple(cfg) or chunks * (par.tensor_model_parallel_size if par.sequence_parallel else 1)
+    layout = BatchLayout(pad_id, pad_to_multiple_of=multiple, packed=True, sequence_multiple_of=chunks)
     sizes = [pair_tokens(s, chunks) for s in samples]
     for bin_ in pack_first_fit(sizes, 2 * mbs * cfg.data.seq_length):
         yield collate([samples[i] for i in bin_], layout), [pairs[i] for i in bin_]
@@ -224,7 +237,7 @@ def score_ahead(cfg: SimPOConfig) -> None:
     state = setup_model_and_optimizer(cfg, cfg.padded_vocab_size())
     weights = reference_weights(cfg)
     load_reference(cfg, state, weights)
-    with_reference_scores(cfg, state, data, Start("reference", weights))
+    with_reference_scores(cfg, state, data, Start("reference", weights, weights=weights))
 
 
 def main(argv: list[str] | None = None) -> int:

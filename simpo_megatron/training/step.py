@@ -71,11 +71,35 @@ def chosen_response_mask(
     return loss_mask * keep[:, None]
 
 
-def chosen_token_count(batch: MicroBatch) -> torch.Tensor:
-    """Chosen-response tokens of a micro-batch, padding pairs left out."""
+def sequence_label_mask(loss_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """1 at every label of a sequence, prompt and response: each row (or packed segment) up to
+    its last response label. ``loss_mask`` is 1 on the response labels only; a sequence without
+    one (padding) gets none. Whole, unsplit sequences only (before any context-parallel split)."""
+    index = torch.arange(loss_mask.shape[-1], device=loss_mask.device).expand_as(loss_mask)
+    last = torch.where(loss_mask > 0, index, -1)
+    if segment_ids is None:
+        return (index <= last.amax(-1, keepdim=True)).to(loss_mask.dtype)
+    segments = segment_ids.long()
+    per_segment = torch.full((int(segments.max()) + 1,), -1, dtype=last.dtype, device=last.device)
+    per_segment = per_segment.scatter_reduce(0, segments.flatten(), last.flatten(), "amax")
+    return (index <= per_segment[segments]).to(loss_mask.dtype)
+
+
+def sft_token_mask(batch: MicroBatch, on_prompt: bool) -> torch.Tensor:
+    """The labels the token-level SFT term may cover: the responses' (``loss_mask``), or with
+    ``on_prompt`` the prompts' too, as TRL's ORPOTrainer takes its NLL over prompt + chosen."""
+    if not on_prompt:
+        return batch.loss_mask
+    return sequence_label_mask(batch.loss_mask, None if batch.packed is None else batch.packed.segment_ids)
+
+
+def chosen_token_count(batch: MicroBatch, on_prompt: bool = False) -> torch.Tensor:
+    """Tokens of a micro-batch's chosen sequences the SFT term covers (the responses', or with
+    ``on_prompt`` the prompts' too), padding pairs left out."""
+    mask = sft_token_mask(batch, on_prompt)
     if batch.packed is not None:
-        return chosen_response_mask(batch.loss_mask, batch.num_pairs, segment_ids=batch.packed.segment_ids).sum()
-    return chosen_response_mask(batch.loss_mask, batch.rows // 2, pair_weights=batch.pair_weights).sum()
+        return chosen_response_mask(mask, batch.num_pairs, segment_ids=batch.packed.segment_ids).sum()
+    return chosen_response_mask(mask, batch.rows // 2, pair_weights=batch.pair_weights).sum()
 
 
 def loss_func(
@@ -89,6 +113,7 @@ def loss_func(
     head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     segments: tuple[torch.Tensor, int] | None = None,
     reference: ReferenceScores | None = None,
+    sft_mask: torch.Tensor | None = None,
 ):
     """The preference loss of one micro-batch from the last stage's vocab-parallel logits ``[2m, s, V/tp]``.
 
@@ -103,7 +128,8 @@ def loss_func(
     states of the chunked head). ``segments = (segment_ids, m)`` for a packed micro-batch of
     ``m`` pairs: each token's sequence, ``k`` for pair k's chosen response, ``m + k`` for its
     rejected one, ``2m`` for padding. ``reference``: the reference model's scores of the pairs,
-    for a reference-based ``--loss-type``.
+    for a reference-based ``--loss-type``. ``sft_mask``: the labels the token-level SFT term
+    covers (``--sft-on-prompt``: see ``sft_token_mask``); default ``loss_mask``.
     """
     cp_group = _context_parallel_group()
     token_logps, policy = policy_scores(vocab_size, labels, loss_mask, output_tensor, head, segments, cp_group)
@@ -129,7 +155,10 @@ def loss_func(
     metrics = {}
     if settings.token_sft:
         chosen_mask = chosen_response_mask(
-            loss_mask, num_pairs, segment_ids=None if segments is None else segments[0], pair_weights=weights
+            loss_mask if sft_mask is None else sft_mask,
+            num_pairs,
+            segment_ids=None if segments is None else segments[0],
+            pair_weights=weights,
         )
         if sft_token_scale is None:
             chosen_tokens = sum_over_group(chosen_mask.sum(), cp_group).item()
@@ -229,6 +258,7 @@ def forward_step(
     tokens, position_ids, labels, loss_mask = batch.tokens, batch.position_ids, batch.labels, batch.loss_mask
     packed = batch.packed  # a packed micro-batch: one THD row, attention per sequence
     segment_ids = None if packed is None else packed.segment_ids
+    sft_mask = sft_token_mask(batch, on_prompt=True) if settings.token_sft and settings.sft_on_prompt else None
     cp_group = _context_parallel_group()
     if cp_group is not None:
         if packed is None:
@@ -248,6 +278,8 @@ def forward_step(
         tokens, position_ids, labels, loss_mask = (split(t) for t in (tokens, position_ids, labels, loss_mask))
         if segment_ids is not None:
             segment_ids = split(segment_ids)
+        if sft_mask is not None:
+            sft_mask = split(sft_mask)
     segments = None if segment_ids is None else (segment_ids, batch.num_pairs)
     output = model(
         tokens,
@@ -271,6 +303,7 @@ def forward_step(
         head=_chunked_head(model, vocab_size),
         segments=segments,
         reference=batch.reference,
+        sft_mask=sft_mask,
     )
 
 

@@ -161,7 +161,7 @@ def run_schedule(
 
 
 def global_sft_token_scale(cfg: SimPOConfig, batches: list[MicroBatch]) -> float | None:
-    """Global pairs / chosen-response tokens of the global batch (None without the token-level SFT term).
+    """Global pairs / chosen tokens the SFT term covers in the global batch (None without the token-level SFT term).
 
     The token-level SFT term is a mean over all chosen tokens of the global batch; the count is
     all-reduced over the data-parallel group before the schedule runs (see ``sft_token_nll_sum``).
@@ -171,7 +171,7 @@ def global_sft_token_scale(cfg: SimPOConfig, batches: list[MicroBatch]) -> float
     counts = torch.zeros(2, dtype=torch.float64)
     for b in batches:
         counts[0] += b.num_pairs if b.pair_weights is None else float(b.pair_weights.sum())
-        counts[1] += float(chosen_token_count(b))
+        counts[1] += float(chosen_token_count(b, cfg.loss.sft_on_prompt))
     if torch.cuda.is_available():
         counts = counts.cuda()
     torch.distributed.all_reduce(counts, group=parallel_state.get_data_parallel_group())

@@ -16,7 +16,9 @@ One tiny random Llama (``make_hf_dir``) and eight preprocessed pairs (``make_pai
 - a score file with one payload byte flipped: ``loop.main`` stops before training with exit
   code 2 and a message naming the file, no traceback;
 - ``simpo-score-reference`` (``cli.score_reference``) ahead of training, then training with the
-  same flags: the training run scores nothing.
+  same flags: the training run scores nothing;
+- ``--load`` = ``--save``, a checkpoint root: fine-tuned from its iteration, then resumed after
+  the root moved on; both score with the weights of the iteration it started from.
 On two processes (DP=2: each rank scores half of the pairs, one writes), the resume again.
 """
 
@@ -141,7 +143,10 @@ def _resume(root: str, hf_dir: str, prefix: str, tp: int, mbs: int) -> dict:
 
 
 def _one_process(root: str, hf_dir: str, other_dir: str, prefix: str) -> dict:
+    from simpo_megatron.checkpoint_format import read_tracker
     from simpo_megatron.cli import score_reference
+    from simpo_megatron.config.sections import ModelConfig
+    from simpo_megatron.training.checkpointing import START_WEIGHTS_KEY, saved_config
     from simpo_megatron.training.loop import main
 
     _, tp, mbs = LAYOUTS["one_process"]
@@ -169,6 +174,19 @@ def _one_process(root: str, hf_dir: str, other_dir: str, prefix: str) -> dict:
         _cfg(other_dir, prefix, os.path.join(root, "other"), os.path.join(root, "scores_other"), train_iters=1)
     )
     out["stream"] = _stream(_cfg(hf_dir, prefix, os.path.join(root, "stream"), scores))
+
+    # --load and --save one checkpoint root (a copy of the uninterrupted run's, at iteration N):
+    # fine-tuned from it for one step, then resumed for one more, each scoring into its own
+    # directory. The root's tracker moves on; the reference must stay iteration N's weights.
+    same = os.path.join(root, "same_root")
+    shutil.copytree(os.path.join(root, "one_process", "uninterrupted"), same)
+    # A checkpoint --load takes the model's shape from the flags: the HF model's, as recorded.
+    shape = {k: v for k, v in saved_config(same).items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
+    for name, extra in (("same_root_first", {"finetune": True, "train_iters": 1}), ("same_root_resumed", {})):
+        scores_dir = os.path.join(root, f"scores_{name}")
+        out[name] = _pretrain(_cfg(hf_dir, prefix, same, scores_dir, load=same, **{**shape, "train_iters": 2, **extra}))
+    out["same_root_recorded"] = saved_config(same).get(START_WEIGHTS_KEY)
+    out["same_root_newest"] = read_tracker(same)
 
     # The entry points, with their flags in a --config file. main() and score_reference() tear
     # the process group down; the later ones start their own world of one on a free port.
@@ -348,6 +366,24 @@ def test_ref_load_is_the_reference_and_load_the_start(runs):
         expected = BETA * (with_ref_load[f"logps/{key}"] - table[batch, column].mean())
         assert with_ref_load[f"rewards/{key}"] == pytest.approx(expected, abs=1e-5)
         assert abs(plain[f"rewards/{key}"]) < 1e-5 < abs(with_ref_load[f"rewards/{key}"])
+
+
+def test_a_reference_taken_from_a_checkpoint_root_is_its_iteration_directory(runs):
+    """A run whose --load is its own --save root records the iteration it started from, so a
+    resume after the root moved on scores with the same weights (the same key, the same numbers)."""
+    root = runs["root"]
+    for name in ("same_root_first", "same_root_resumed"):
+        assert not isinstance(runs[name][0], str), runs[name][0]  # no traceback
+        assert SCORED in runs[name][1]
+    assert runs["same_root_newest"] == 2  # the root itself now names other weights
+    assert runs["same_root_recorded"] == str(root / "same_root" / f"iter_{N:07d}")
+    (first,) = glob.glob(str(root / "scores_same_root_first" / "*.refscores"))
+    (resumed,) = glob.glob(str(root / "scores_same_root_resumed" / "*.refscores"))
+    assert os.path.basename(first) == os.path.basename(resumed)
+    np.testing.assert_array_equal(_table(resumed), _table(first))
+    # ... and those are the trained weights' scores, not the HF start's.
+    (hf,) = glob.glob(str(root / "one_process" / "scores_uninterrupted" / "*.refscores"))
+    assert np.abs(_table(first)[:, :2] - _table(hf)[:, :2]).max() > 1e-3
 
 
 def test_a_corrupted_score_file_stops_the_run_with_a_clear_error(runs):

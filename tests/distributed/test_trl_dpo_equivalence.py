@@ -51,12 +51,8 @@ LAYOUTS = {
         "cp2": (1, 1, 2, False, {"context_parallel_size": 2}),
     },
 }
-# Every layout for DPO; IPO and length-normalized DPO on one process and on TP=2.
-RUNS = {
-    "dpo": [n for layouts in LAYOUTS.values() for n in layouts],
-    "ipo": ["tp1_2mb", "tp2"],
-    "dpo-norm": ["tp1_packed", "tp2"],
-}
+# Every loss on every layout: each world's process group runs them all in turn.
+RUNS = {loss: [n for layouts in LAYOUTS.values() for n in layouts] for loss in TRL_LOSS}
 METRICS = (
     "loss",
     "rewards/chosen",

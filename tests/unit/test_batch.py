@@ -139,3 +139,29 @@ def test_layout_errors_name_the_argument():
         BatchLayout(PAD, seq_length=8, pairs=2)
     with pytest.raises(ValueError, match="do not fit"):
         collate(PAIRS, BatchLayout(PAD, seq_length=16, pairs=2, filler=PAIRS[0]))
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_sft_on_prompt_covers_every_label_of_each_chosen_sequence(packed):
+    """With --sft-on-prompt the SFT term's labels are the prompt's and the response's (all but a
+    sequence's first token, as TRL's ORPO NLL), on the chosen rows only, never on padding."""
+    from simpo_megatron.training.step import chosen_response_mask, chosen_token_count, sft_token_mask
+
+    layout = BatchLayout(seq_length=16, pad_id=PAD, pad_to_multiple_of=8, packed=packed, sequence_multiple_of=4)
+    batch = collate(PAIRS, layout)
+    mask = sft_token_mask(batch, on_prompt=True)
+    assert torch.equal(sft_token_mask(batch, on_prompt=False), batch.loss_mask)
+    # Every label the mask covers is a token of its own sequence; none is padding.
+    covered = batch.labels[mask > 0]
+    assert (covered != PAD).all()
+    if packed:
+        segments = batch.packed.segment_ids
+        chosen = chosen_response_mask(mask, len(PAIRS), segment_ids=segments)
+        per_sequence = [int(mask[segments == k].sum()) for k in range(2 * len(PAIRS))]
+    else:
+        chosen = chosen_response_mask(mask, len(PAIRS))
+        per_sequence = mask.sum(1).int().tolist()
+    lengths = [len(s["prompt"]) + len(s[side]) - 1 for side in ("chosen", "rejected") for s in PAIRS]
+    assert per_sequence == lengths
+    assert chosen.sum() == chosen_token_count(batch, on_prompt=True) == sum(lengths[: len(PAIRS)])
+    assert chosen_token_count(batch) == sum(len(s["chosen"]) for s in PAIRS)

@@ -515,6 +515,12 @@ def test_simpo_knob_errors_name_the_flag(overrides, flag, detail):
     assert not re.search(r"(?<!-)\b(loss_type|label_smoothing|sft_weight)\b", message), message
 
 
+@pytest.mark.parametrize("overrides", [dict(sft_weight=0.0), dict(sft_weight=1.0, sft_loss_form="pair")])
+def test_sft_on_prompt_needs_the_token_level_sft_term(overrides):
+    check_error(base(loss_type="orpo", sft_on_prompt=True, **overrides), 1, "--sft-on-prompt", "--sft-weight > 0")
+    base(loss_type="orpo", sft_weight=1.0, sft_on_prompt=True).validate(1)
+
+
 def test_label_smoothing_with_hinge_names_loss_type_too():
     check_error(base(loss_type="hinge", label_smoothing=0.1), 1, "--label-smoothing", "--loss-type")
 

@@ -4,9 +4,10 @@ The workload of ``bench_train.py --workload ultrafeedback`` (its tiny Llama at `
 512, 8 pairs a step as micro-batches of 4, long-tailed UltraFeedback-like pairs), on one
 process (a gloo world of 1). Three comparisons, each on the same pairs:
 
-- ``reference_pass``: the pairs/s of the reference pass (``score_dataset``, forward only,
-  packed, and padded to the longest) against a packed SimPO ``train_step`` on the same pairs
-  (and the padded pass against a SimPO step padded to the longest, the same layout);
+- ``reference_pass``: the pairs/s of the reference pass (``score_dataset``, forward only) of a
+  packed run and of a padded one (which scores packed on the local layers) against a packed
+  SimPO ``train_step`` on the same pairs (and the padded run's pass against a SimPO step
+  padded to the longest);
 - ``dpo_step``: a packed DPO step (the pairs carrying their reference scores) against a packed
   SimPO step;
 - ``simpo_vs_lm``: a packed SimPO step against a plain language-model step on the same packed
