@@ -62,6 +62,8 @@ for _variant, (_changes, _name) in VARIANTS.items():
 def _baseline(name: str) -> str:
     """The CP=1 run that ``name`` is compared with: the one of its loss variant."""
     return BASELINE + name[name.index("+") :] if "+" in name else BASELINE
+
+
 # Resume runs (world 2): (name, checkpoint to load, TP, PP, CP); each trains a second step.
 RESUMES = {
     "cp1_then_dp2": (BASELINE, 1, 1, 1),

@@ -147,7 +147,7 @@ def test_pipeline_stages_train_the_tied_matrix_like_one_stage(runs, model, name)
     for key in METRICS:
         assert mine[key] == pytest.approx(base[key], rel=1e-5, abs=1e-6), key
 
-    (weight, grad), = copies[f"{model}/{BASELINE}"].values()
+    ((weight, grad),) = copies[f"{model}/{BASELINE}"].values()
     stages = copies[f"{model}/{name}"]
     assert set(stages) == {"first", "last"}
     assert grad.abs().max() > 0
