@@ -44,15 +44,18 @@ BASELINE = "tp1pp1dp1_4mb"
 # packed) against its own single-process run, named "LAYOUT+VARIANT". Summed log-probs at a small
 # beta keep the sigmoid away from saturation.
 VARIANTS = {
-    "summed_smoothed": ({"average_log_prob": False, "beta": 0.1, "label_smoothing": 0.2}, ("tp2", "pp2_packed", "dp2_distopt")),
+    "summed_smoothed": (
+        {"average_log_prob": False, "beta": 0.1, "label_smoothing": 0.2},
+        ("tp2", "pp2_packed", "dp2_distopt"),
+    ),
     "hinge": ({"loss_type": "hinge"}, ("tp2_packed", "pp2", "dp2_distopt_packed")),
 }
 for _variant, (_changes, _names) in VARIANTS.items():
     for _layouts in BY_WORLD.values():
         for _name in [BASELINE, *_names]:
             if _name in _layouts:
-                _tp, _pp, _mbs, _distopt, _vpp, *_extra = _layouts[_name]
-                _layouts[f"{_name}+{_variant}"] = (_tp, _pp, _mbs, _distopt, _vpp, {**(_extra[0] if _extra else {}), **_changes})
+                *_fields, _extra = (*_layouts[_name], {})[:6]
+                _layouts[f"{_name}+{_variant}"] = (*_fields, {**_extra, **_changes})
 
 
 def _baseline(name: str) -> str:
@@ -154,3 +157,11 @@ def test_same_loss_metrics_gradients_and_update(runs, name):
     for key in params:
         assert not torch.equal(reference[key], base[key]), f"{key} did not move"
         torch.testing.assert_close(mine[key], base[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_loss_variants_change_the_run(runs):
+    """Each variant's flags reach the loss: its single-process run differs from the default one."""
+    metrics = runs[0]
+    base, summed, hinge = (metrics[f"{BASELINE}{v}"] for v in ("", "+summed_smoothed", "+hinge"))
+    assert summed["logps/chosen"] < 5 * base["logps/chosen"] < 0  # sums over the response tokens
+    assert hinge["loss"] != pytest.approx(base["loss"], rel=1e-3)
