@@ -40,6 +40,27 @@ for _layouts in BY_WORLD.values():
         if _name != "tp1pp1dp1_1mb":
             _layouts[f"{_name}_packed"] = (_tp, _pp, 2, _distopt, _vpp, {**(_extra[0] if _extra else {}), **PACKED})
 BASELINE = "tp1pp1dp1_4mb"
+# The loss variants, each through TP=2, PP=2 and DP=2 with the distributed optimizer (padded and
+# packed) against its own single-process run, named "LAYOUT+VARIANT". Summed log-probs at a small
+# beta keep the sigmoid away from saturation.
+VARIANTS = {
+    "summed_smoothed": (
+        {"average_log_prob": False, "beta": 0.1, "label_smoothing": 0.2},
+        ("tp2", "pp2_packed", "dp2_distopt"),
+    ),
+    "hinge": ({"loss_type": "hinge"}, ("tp2_packed", "pp2", "dp2_distopt_packed")),
+}
+for _variant, (_changes, _names) in VARIANTS.items():
+    for _layouts in BY_WORLD.values():
+        for _name in [BASELINE, *_names]:
+            if _name in _layouts:
+                *_fields, _extra = (*_layouts[_name], {})[:6]
+                _layouts[f"{_name}+{_variant}"] = (*_fields, {**_extra, **_changes})
+
+
+def _baseline(name: str) -> str:
+    """The single-process run that ``name`` is compared with: the one of its loss variant."""
+    return BASELINE + name[name.index("+") :] if "+" in name else BASELINE
 
 
 def _config(tp, pp, mbs, **kw):
@@ -117,13 +138,14 @@ METRICS = (
 )
 
 
-@pytest.mark.parametrize("name", [n for layouts in BY_WORLD.values() for n in layouts if n != BASELINE])
+@pytest.mark.parametrize("name", [n for layouts in BY_WORLD.values() for n in layouts if n != _baseline(n)])
 def test_same_loss_metrics_gradients_and_update(runs, name):
     metrics, tensors, reference = runs
-    base, mine = tensors[BASELINE], tensors[name]
-    assert metrics[BASELINE]["num_pairs"] == 4
+    baseline = _baseline(name)
+    base, mine = tensors[baseline], tensors[name]
+    assert metrics[baseline]["num_pairs"] == 4
     for key in METRICS:
-        assert metrics[name][key] == pytest.approx(metrics[BASELINE][key], rel=1e-5, abs=1e-6), key
+        assert metrics[name][key] == pytest.approx(metrics[baseline][key], rel=1e-5, abs=1e-6), key
 
     params = [k for k in base if not k.startswith("optimizer.")]
     first_moments = [k for k in base if k.startswith("optimizer.state.exp_avg.")]
@@ -135,3 +157,11 @@ def test_same_loss_metrics_gradients_and_update(runs, name):
     for key in params:
         assert not torch.equal(reference[key], base[key]), f"{key} did not move"
         torch.testing.assert_close(mine[key], base[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_the_loss_variants_change_the_run(runs):
+    """Each variant's flags reach the loss: its single-process run differs from the default one."""
+    metrics = runs[0]
+    base, summed, hinge = (metrics[f"{BASELINE}{v}"] for v in ("", "+summed_smoothed", "+hinge"))
+    assert summed["logps/chosen"] < 5 * base["logps/chosen"] < 0  # sums over the response tokens
+    assert hinge["loss"] != pytest.approx(base["loss"], rel=1e-3)
