@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,6 +224,31 @@ def _restore_adam_steps(inner) -> None:
                 inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
+@contextmanager
+def _keeping_adam_steps(o: DistributedOptimizer):
+    """Load fully reshardable state into ``o`` although it holds torch Adam's per-param "step".
+
+    megatron-core's fully reshardable loader leaves "step" out of each param's loaded state
+    (the group's "step" carries it), then copies every state entry the param holds: without
+    Apex or TE that includes "step", a KeyError. Hand it the param's own step back (a no-op
+    copy); ``_restore_adam_steps`` then sets the saved value.
+    """
+    set_states = o._set_main_param_and_optimizer_states
+
+    def set_states_with_step(model_param, tensors):
+        group_index, group_order = o.model_param_group_index_map[model_param]
+        own = o.optimizer.state[o.optimizer.param_groups[group_index]["params"][group_order]]
+        if "step" in own and "step" not in tensors:
+            tensors = {**tensors, "step": own["step"]}
+        set_states(model_param, tensors)
+
+    o._set_main_param_and_optimizer_states = set_states_with_step
+    try:
+        yield
+    finally:
+        del o._set_main_param_and_optimizer_states
+
+
 def load_checkpoint(
     root: str,
     state,
@@ -309,7 +335,10 @@ def load_checkpoint(
     if load_optim:
         # In fp32 the distributed optimizer's main params are views of the weights: copy into
         # them outside autograd, as any load.
-        with torch.no_grad():
+        with torch.no_grad(), ExitStack() as stack:
+            for o in optimizers:
+                if isinstance(o, DistributedOptimizer):
+                    stack.enter_context(_keeping_adam_steps(o))
             state.optimizer.load_state_dict(loaded["optimizer"])
         for o in optimizers:
             if isinstance(o, DistributedOptimizer):

@@ -39,21 +39,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
+from safetensors.torch import load_file, save_file
 
-transformers = pytest.importorskip("transformers")
-from safetensors.torch import load_file, save_file  # noqa: E402
-
-from simpo_megatron.data.batch import MicroBatch  # noqa: E402
-from simpo_megatron.hf import HFConversionError  # noqa: E402
-from simpo_megatron.hf.config_mapping import (  # noqa: E402
+from simpo_megatron.data.batch import MicroBatch
+from simpo_megatron.hf import HFConversionError
+from simpo_megatron.hf.config_mapping import (
     hf_config_to_overrides,
     model_config_dict,
     model_config_from_dict,
     to_hf_config,
 )
-from simpo_megatron.hf.tensor_mapping import hf_to_megatron, megatron_to_hf  # noqa: E402
-from simpo_megatron.testing import run_distributed, tiny_config  # noqa: E402
-from simpo_megatron.training.hf_checkpoint import main as convert_main  # noqa: E402
+from simpo_megatron.hf.tensor_mapping import hf_to_megatron, megatron_to_hf
+from simpo_megatron.testing import run_distributed, tiny_config
+from simpo_megatron.training.hf_checkpoint import main as convert_main
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 

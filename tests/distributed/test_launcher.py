@@ -148,6 +148,36 @@ printf '%s\\n' "$(basename "$0")" "$@" > "$STUB_LOG.$(basename "$0").${SLURM_NOD
 """
 
 
+# A stand-in srun: records its flags, refuses a flag it does not know and task counts that do
+# not add up (as srun does), then runs the command once per task with that task's SLURM_NODEID,
+# SLURM_PROCID and SLURM_LOCALID, recording each task's node.
+SRUN = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$STUB_LOG.srun"
+nodes=1; per_node=1; ntasks=""
+while [[ "$1" == -* ]]; do
+    case "$1" in
+        --nodes=*) nodes=${1#*=} ;;
+        --ntasks-per-node=*) per_node=${1#*=} ;;
+        --ntasks=*) ntasks=${1#*=} ;;
+        --cpus-per-task=* | --kill-on-bad-exit=*) ;;
+        *) echo "srun: unrecognized option '$1'" >&2; exit 2 ;;
+    esac
+    shift
+done
+if (( nodes > SLURM_NNODES )); then echo "srun: --nodes=$nodes exceeds the allocation's $SLURM_NNODES" >&2; exit 2; fi
+if [[ -n $ntasks ]] && (( ntasks != nodes * per_node )); then
+    echo "srun: --ntasks=$ntasks does not match --nodes=$nodes x --ntasks-per-node=$per_node" >&2; exit 2
+fi
+: > "$STUB_LOG.srun.tasks"
+for node in $(seq 0 $((nodes - 1))); do
+    for local in $(seq 0 $((per_node - 1))); do
+        echo "$node" >> "$STUB_LOG.srun.tasks"
+        SLURM_NODEID=$node SLURM_PROCID=$((node * per_node + local)) SLURM_LOCALID=$local "$@" || exit 1
+    done
+done
+"""
+
+
 def _stub_bin(tmp_path, *names, srun=False) -> str:
     """A directory of stand-in commands that record their arguments (srun runs its command)."""
     bin_dir = tmp_path / "bin"
@@ -156,12 +186,7 @@ def _stub_bin(tmp_path, *names, srun=False) -> str:
         (bin_dir / name).write_text(STUB)
         (bin_dir / name).chmod(0o755)
     if srun:
-        # One task per node: run the task's command once per node with its SLURM_NODEID.
-        (bin_dir / "srun").write_text(
-            "#!/usr/bin/env bash\n"
-            'while [[ "$1" == --* ]]; do shift; done\n'
-            'for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node "$@" || exit 1; done\n'
-        )
+        (bin_dir / "srun").write_text(SRUN)
         (bin_dir / "srun").chmod(0o755)
         # A long host list, as a large allocation has: a reader that stops after the first line
         # leaves scontrol writing into a closed pipe (SIGPIPE, exit 141 under pipefail).
@@ -258,6 +283,7 @@ def test_slurm_script_starts_one_launcher_per_node(tmp_path):
         "SLURM_NNODES": "2",
         "SLURM_JOB_ID": "41",
         "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_CPUS_ON_NODE": "96",
         "SLURM_SUBMIT_DIR": REPO,
         "CKPT_DIR": str(tmp_path / "ckpt"),
         "HF_MODEL": "/models/llama",
@@ -272,6 +298,9 @@ def test_slurm_script_starts_one_launcher_per_node(tmp_path):
         timeout=60,
     )
     assert proc.returncode == 0, proc.stderr
+    srun = (tmp_path / "log.srun").read_text().splitlines()
+    assert srun[:5] == ["--nodes=2", "--ntasks-per-node=1", "--ntasks=2", "--cpus-per-task=96", "--kill-on-bad-exit=1"]
+    assert (tmp_path / "log.srun.tasks").read_text().split() == ["0", "1"]  # one launcher per node
     for node in ("0", "1"):
         argv = _recorded(tmp_path, "torchrun", node)
         assert argv[:10] == [
@@ -290,3 +319,18 @@ def test_slurm_script_starts_one_launcher_per_node(tmp_path):
         assert flags[flags.index("--data-path") + 1 :][:4] == ["0.7", "/data/a", "0.3", "/data/b"]
         assert "--valid-data-path" not in flags and flags[-2:] == ["--train-iters", "5"]
         assert flags[flags.index("--load") + 1] == "/models/llama"
+
+
+def test_srun_stand_in_refuses_what_srun_refuses(tmp_path):
+    """The stand-in's checks can fail: the Slurm script's srun line passes them for a reason."""
+    srun = os.path.join(_stub_bin(tmp_path, srun=True), "srun")
+    env = {"PATH": "/usr/bin:/bin", "STUB_LOG": str(tmp_path / "log"), "SLURM_NNODES": "2"}
+    for flags, error in [
+        (["--nodes=2", "--ntasks-per-node=1", "--ntasks=3"], "does not match"),
+        (["--nodes=3"], "exceeds the allocation"),
+        (["--gres=gpu:8"], "unrecognized option"),
+    ]:
+        proc = subprocess.run([srun, *flags, "true"], env=env, capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and error in proc.stderr, (flags, proc.stderr)
+    proc = subprocess.run([srun, "--nodes=2", "--ntasks-per-node=2", "true"], env=env, capture_output=True, timeout=30)
+    assert proc.returncode == 0 and (tmp_path / "log.srun.tasks").read_text().split() == ["0", "0", "1", "1"]

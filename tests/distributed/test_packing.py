@@ -2,7 +2,9 @@
 
 The layout test compares packed and unpacked gradients and updates on every layout; this one
 covers what it does not: a step where one rank gets an empty micro-batch (its loss must still
-be connected to the graph for backward), evaluation with packing, and exact resume.
+be connected to the graph for backward), and exact resume. Evaluation is padded whatever
+--packing says, so the evaluation after the step compares the weights that the packed and the
+unpacked step left, not two evaluation paths.
 """
 
 import pytest
@@ -57,7 +59,7 @@ def results(tmp_path_factory):
     return run_distributed(_worker, 2, str(tmp_path_factory.mktemp("packing")))
 
 
-def test_a_rank_with_an_empty_micro_batch_trains_and_evaluates_like_unpacked(results):
+def test_a_rank_with_an_empty_micro_batch_trains_like_unpacked(results):
     assert [r["plan"] for r in results] == [[1, 1, 2, 0], [1, 1, 1, 1]]
     packed, unpacked = results[-1]["packed"], results[-1]["unpacked"]
     for phase in ("train", "valid"):

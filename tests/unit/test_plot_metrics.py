@@ -8,10 +8,6 @@ import sys
 import types
 from pathlib import Path
 
-import pytest
-
-pytest.importorskip("matplotlib")
-
 REPO = Path(__file__).resolve().parents[2]
 
 

@@ -173,7 +173,8 @@ def test_huggingface_ids_equal_tokenizers(tmp_path, hf_dir):
 
 
 def test_chat_template_matches_transformers(hf_dir):
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     reference = transformers.PreTrainedTokenizerFast.from_pretrained(hf_dir)
     ours = build_tokenizer("HuggingFaceTokenizer", hf_dir)
     messages = [
@@ -313,7 +314,7 @@ def test_file_level_errors(tmp_path, capsys):
 
 
 def test_json_array_parquet_and_renamed_keys_match_jsonl(tmp_path):
-    pa = pytest.importorskip("pyarrow")
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     renamed = [

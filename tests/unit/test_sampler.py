@@ -28,7 +28,8 @@ def test_each_epoch_is_a_fresh_permutation_deterministic_per_seed():
     epochs = [stream[0:12], stream[12:24], stream[24:36]]
     for epoch in epochs:
         assert sorted(epoch) == list(range(12))
-    assert epochs[0] != epochs[1] != epochs[2]
+    # Every pair of epochs differs (a chained != would leave epoch 0 against epoch 2 unchecked).
+    assert epochs[0] != epochs[1] and epochs[1] != epochs[2] and epochs[0] != epochs[2]
     assert stream == flat(micro_batches(36, total=12, gbs=4, seed=7))
     assert stream != flat(micro_batches(36, total=12, gbs=4, seed=8))
 

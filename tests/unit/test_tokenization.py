@@ -253,8 +253,10 @@ def test_chat_template_families(tmp_path, bpe_file, sp_model, family, kind):
 
 def test_matches_trl_tokenize_row(tmp_path, bpe_file):
     """Our stored sequences equal TRL's CPOTrainer.tokenize_row on the same tokenizer and texts."""
-    transformers = pytest.importorskip("transformers")
-    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    # Imported here (TRL is slow to import), and not skipped: a moved module fails the test.
+    import transformers
+    from trl.experimental.cpo import cpo_trainer as cpo
+
     pairs = [
         {"prompt": "Sort ascending: 42 7 19\nAnswer:", "chosen": " 7 19 42", "rejected": " 42 19 7"},
         {"prompt": "Sort descending: ", "chosen": "42 19 7", "rejected": " 7 19 42"},  # " " + "42" merge
@@ -542,7 +544,6 @@ def _spec_by_protobuf(serialized: bytes) -> SentencePieceSpec:
 
 def test_sentencepiece_spec_reads_as_protobuf_does(tmp_path, sp_model):
     """The model's word-split flags and whole-matched pieces, read without protobuf, are protobuf's."""
-    pytest.importorskip("google.protobuf")
     from sentencepiece import sentencepiece_model_pb2
 
     models = {
