@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -56,11 +57,15 @@ def junit_cases(path: str) -> list[dict]:
 
 
 def _run(cmd: list[str], timeout: float, log: str) -> tuple[int, str]:
+    """Run ``cmd`` with its output in ``log``; past ``timeout`` its whole process group (the
+    processes it spawned on the GPUs too) is killed and the code is 124."""
     with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=timeout, text=True)
-            code = proc.returncode
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             code = 124
     return code, open(log).read()
 
