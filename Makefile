@@ -6,7 +6,7 @@ PIP := $(PYTHON) -m pip
 # The CPU build of torch that the test machines carry; set TORCH_SPEC= to keep an existing torch.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup example lint test bench
+.PHONY: setup example lint test bench gpu-check
 
 setup:
 	$(if $(TORCH_SPEC),$(PIP) install -q "$(TORCH_SPEC)")
@@ -29,3 +29,8 @@ bench: setup
 	$(PYTHON) tools/bench/bench_logprobs.py
 	$(PYTHON) tools/bench/bench_builder.py
 	$(PYTHON) tools/bench/bench_preprocess.py
+
+# On a GPU machine with the [gpu] extra installed (no set-up: it keeps the CUDA torch there):
+# tests/gpu and the MFU benchmark, one screen of results; without a GPU it says so and exits 0.
+gpu-check:
+	$(PYTHON) tools/gpu_check.py

@@ -317,7 +317,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LoggingConfig:
-    """Console, metrics and TensorBoard output, and evaluation on the validation data."""
+    """Console, metrics, TensorBoard and Weights & Biases output, and evaluation on the validation data."""
 
     log_interval: int = _opt(10, "Print metrics every this many iterations (averaged over them, as Megatron-LM).")
     health_check_window: int = _opt(
@@ -328,6 +328,13 @@ class LoggingConfig:
     )
     tensorboard_dir: str | None = _opt(None, "Write TensorBoard events here.")
     metrics_file: str | None = _opt(None, "Metrics JSONL (default: SAVE/metrics.jsonl when --save is set).")
+    wandb_project: str | None = _opt(
+        None, "Log the metrics and the config to this Weights & Biases project (needs the wandb extra)."
+    )
+    wandb_exp_name: str | None = _opt(None, "The W&B run's name (default: one W&B makes up).")
+    wandb_save_dir: str | None = _opt(
+        None, "Where W&B keeps its local files (default: SAVE/wandb with --save, else $WANDB_DIR or ./wandb)."
+    )
     eval_interval: int | None = _opt(None, "Evaluate every this many iterations.")
     eval_iters: int = _opt(
         10,

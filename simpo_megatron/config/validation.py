@@ -11,6 +11,7 @@ pairs, run where the data is read.)
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 
 from simpo_megatron.config.sections import (
     SECTIONS,
@@ -168,6 +169,14 @@ def _check_logging(log: LoggingConfig) -> None:
         raise ConfigError(f"--health-check-window must be >= 0, got {log.health_check_window}")
     if log.eval_iters < 1 and log.eval_iters != -1:
         raise ConfigError(f"--eval-iters must be >= 1, or -1 for the whole validation set; got {log.eval_iters}")
+    if log.wandb_project is None:
+        for name in ("wandb_exp_name", "wandb_save_dir"):
+            if getattr(log, name) is not None:
+                raise ConfigError(f"{flag(name)} needs --wandb-project (W&B logging is on only with a project)")
+    elif importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            "--wandb-project needs the wandb package, which is not installed: pip install 'simpo-megatron[wandb]'"
+        )
 
 
 # ------------------------------------------------------------------ sections together

@@ -1,4 +1,4 @@
-"""What a run reports: a console line, a JSONL file, and TensorBoard when asked for.
+"""What a run reports: a console line, a JSONL file, and TensorBoard and Weights & Biases when asked for.
 
 ``MetricsProcessor`` is the one object the training loop hands each step's and each
 evaluation's results to. It keeps the log window (Megatron-LM's averages over the iterations
@@ -10,6 +10,7 @@ ranks).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -25,10 +26,27 @@ class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many consecutive non-finite updates)."""
 
 
-class MetricsWriter:
-    """Appends one JSON object per record to ``jsonl_path``; mirrors scalars to TensorBoard."""
+def start_wandb_run(cfg):
+    """A Weights & Biases run for ``cfg`` with its whole config logged once, or None without
+    --wandb-project. Local files go to --wandb-save-dir, else SAVE/wandb as Megatron-LM does."""
+    log = cfg.logging
+    if log.wandb_project is None:
+        return None
+    try:
+        import wandb
+    except ImportError as e:
+        raise RuntimeError("--wandb-project needs the wandb package: pip install 'simpo-megatron[wandb]'") from e
+    save_dir = log.wandb_save_dir or (os.path.join(cfg.checkpoint.save, "wandb") if cfg.checkpoint.save else None)
+    if save_dir:
+        os.makedirs(save_dir, exist_ok=True)
+    return wandb.init(project=log.wandb_project, name=log.wandb_exp_name, dir=save_dir, config=dataclasses.asdict(cfg))
 
-    def __init__(self, jsonl_path: str | None, tensorboard_dir: str | None = None):
+
+class MetricsWriter:
+    """Appends one JSON object per record to ``jsonl_path``; mirrors scalars to TensorBoard and to
+    a W&B run (as ``split/key`` at step ``iteration``)."""
+
+    def __init__(self, jsonl_path: str | None, tensorboard_dir: str | None = None, wandb_run=None):
         self.jsonl_path = jsonl_path
         self._file = None
         if jsonl_path:
@@ -43,6 +61,7 @@ class MetricsWriter:
                     "--tensorboard-dir needs the tensorboard package: pip install 'simpo-megatron[tensorboard]'"
                 ) from e
             self._tb = SummaryWriter(log_dir=tensorboard_dir)
+        self._wandb = wandb_run
 
     def write(self, split: str, iteration: int, values: dict[str, Any]) -> None:
         """Append one record; non-finite numbers become null (strict JSON has no NaN)."""
@@ -50,16 +69,20 @@ class MetricsWriter:
         record = {"split": split, "iteration": iteration, **values}
         if self._file is not None:
             self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        scalars = {f"{split}/{k}": v for k, v in values.items() if isinstance(v, (int, float)) and v is not None}
         if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and value is not None:
-                    self._tb.add_scalar(f"{split}/{key}", value, iteration)
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, iteration)
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=iteration)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 class LogWindow:
@@ -178,7 +201,9 @@ class MetricsProcessor:
         self.cfg = cfg
         save = cfg.checkpoint.save
         self.metrics_file = cfg.logging.metrics_file or (os.path.join(save, "metrics.jsonl") if save else None)
-        self.writer = MetricsWriter(self.metrics_file, cfg.logging.tensorboard_dir) if writes else None
+        self.writer = (
+            MetricsWriter(self.metrics_file, cfg.logging.tensorboard_dir, start_wandb_run(cfg)) if writes else None
+        )
         self.group = data_parallel_group
         self.window = LogWindow()
         self.health = HealthMonitor(cfg.logging.health_check_window, cfg.loss.average_log_prob)

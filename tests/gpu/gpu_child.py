@@ -1,8 +1,9 @@
 """GPU tests: each case runs in a child process that sees the GPUs the suite hides (tests/conftest.py).
 
-``probe()`` asks a child what it has (CUDA, compute capability, Transformer Engine) once;
-tests skip with its answer as the reason. ``run_case(name)`` runs ``cases.py NAME`` on the GPU
-and returns the JSON it prints last.
+``probe()`` asks a child what it has (CUDA, compute capability, GPU count, Transformer Engine)
+once; tests skip with its answer as the reason. ``case(group, name)`` runs ``cases.py GROUP``
+on the GPUs once (every case of the group in one child) and returns case ``name``'s findings,
+failing with the child's traceback where the case raised.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _last_json(stdout: str) -> dict:
 
 @functools.cache
 def probe() -> dict:
-    """What the GPU child sees: {"cuda": bool, "capability": [major, minor], "te": None | error}."""
+    """What the GPU child sees: {"cuda", "capability": [major, minor], "gpus", "te": None | error}."""
     proc = subprocess.run(
         [sys.executable, str(CASES), "probe"], env=gpu_env(), capture_output=True, text=True, timeout=300
     )
@@ -47,7 +48,7 @@ def probe() -> dict:
     return _last_json(proc.stdout)
 
 
-def skip_reason(te: bool = False, fp8: bool = False) -> str | None:
+def skip_reason(te: bool = False, fp8: bool = False, gpus: int = 1) -> str | None:
     info = probe()
     if not info["cuda"]:
         return "needs a CUDA GPU: torch.cuda.is_available() is False" + (
@@ -58,12 +59,39 @@ def skip_reason(te: bool = False, fp8: bool = False) -> str | None:
     major, minor = info["capability"]
     if fp8 and (major, minor) < (8, 9):
         return f"FP8 needs compute capability 8.9 or newer; this GPU is {major}.{minor}"
+    if info["gpus"] < gpus:
+        return f"needs {gpus} GPUs; {info['gpus']} visible"
     return None
 
 
-def run_case(name: str, timeout: float = 600) -> dict:
-    proc = subprocess.run(
-        [sys.executable, str(CASES), name], env=gpu_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
-    assert proc.returncode == 0, f"case {name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+@functools.cache
+def run_case(group: str, timeout: float = 480) -> dict:
+    """``cases.py GROUP``'s findings, once per session; a child that fails or hangs reports
+    ``{"all": {"error": ...}}`` (so the group's tests fail fast, each with the reason)."""
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(CASES), group],
+            env=gpu_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+        )
+    except subprocess.TimeoutExpired:
+        return {"all": {"error": f"cases.py {group} did not finish in {timeout} s"}}
+    if proc.returncode != 0:
+        return {
+            "all": {
+                "error": f"cases.py {group} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+            }
+        }
     return _last_json(proc.stdout)
+
+
+def case(group: str, name: str) -> dict:
+    """Case ``name`` of ``group``'s findings (a group-wide error stands for each of its cases)."""
+    results = run_case(group)
+    result = results.get(name, results.get("all"))
+    assert result is not None, f"{group} reported no case {name!r}: {sorted(results)}"
+    assert "error" not in result, f"case {name} raised:\n{result['error']}"
+    return result

@@ -1,17 +1,29 @@
-"""The tiny model trained on one GPU through the real training step: local layers in bf16,
-Transformer Engine layers, and TE with FP8 (delayed scaling, E4M3 forward / E5M2 backward).
+"""The tiny model on GPUs through the real training step (tests/gpu/cases.py has the cases).
 
-Each case runs in a child process that sees the GPU (tests/gpu/gpu_child.py). On one repeated
-global batch, 6 steps: no step skipped, every metric finite, every parameter gets a non-zero
-gradient, the loss falls, the QKV weights change, and the log-prob head and the losses run in
-fp32 whatever the model's dtype. Skipped, with the reason, without CUDA, without Transformer
-Engine (TE cases), or on a GPU older than compute capability 8.9 (FP8).
+Training (one GPU): local layers in bf16, Transformer Engine layers, and TE with FP8 (delayed
+scaling, E4M3 forward / E5M2 backward), 6 steps on one repeated global batch: no step skipped,
+every metric finite, every parameter gets a non-zero gradient, the loss falls, the QKV weights
+change, and the log-prob head and the losses run in fp32 whatever the model's dtype.
+
+Equivalence, on the same weights, one forward and backward: TE against local layers, padded and
+packed (THD); TE packed against padded; one FP8 step's loss against the bf16 step's; on two
+GPUs, the chunked log-prob head with sequence parallelism against without (TP=2), and
+context parallelism 2 against 1 on TE. Bounds: cases.py's docstring.
+
+Each test is skipped, with the reason, without CUDA, Transformer Engine, an FP8-capable GPU
+(compute capability 8.9) or a second GPU. Each records its figure (``record_property``), which
+``tools/gpu_check.py`` prints.
 """
 
 import pytest
-from gpu_child import run_case, skip_reason
+from gpu_child import case, skip_reason
 
 pytestmark = pytest.mark.gpu
+
+
+def _skip_unless(**needs):
+    reason = skip_reason(**needs)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
 def _check_training(result: dict) -> None:
@@ -30,23 +42,67 @@ def _check_training(result: dict) -> None:
     assert dtypes["token_logps"] == dtypes["seq_logps"] == dtypes["losses"] == ["torch.float32"], dtypes
 
 
-@pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
-def test_local_layers_bf16():
-    result = run_case("local")
+def _training_figure(result: dict) -> str:
+    return f"loss {result['steps'][0]['loss']:.4g} -> {result['steps'][-1]['loss']:.4g} in {len(result['steps'])} steps"
+
+
+def _check_within_bounds(result: dict, record_property) -> None:
+    """Every difference within its bound; the figure says each with its bound."""
+    figure = ", ".join(f"{k} {v:.2e} (<= {result['bound'][k]:.2e})" for k, v in result["diff"].items())
+    record_property("figure", figure)
+    over = {k: v for k, v in result["diff"].items() if not v <= result["bound"][k]}
+    assert not over, f"differences over their bounds: {figure}; details: {result}"
+
+
+@_skip_unless()
+def test_local_layers_bf16(record_property):
+    result = case("single", "local")
+    record_property("figure", _training_figure(result))
     _check_training(result)
     assert result["te_modules"] == 0 and result["fp8"] is None
 
 
-@pytest.mark.skipif(skip_reason(te=True) is not None, reason=skip_reason(te=True) or "")
-def test_transformer_engine_layers_bf16():
-    result = run_case("te")
+@_skip_unless(te=True)
+def test_transformer_engine_layers_bf16(record_property):
+    result = case("single", "te")
+    record_property("figure", _training_figure(result))
     _check_training(result)
     assert result["te_modules"] > 0 and result["fp8"] is None
 
 
-@pytest.mark.skipif(skip_reason(te=True, fp8=True) is not None, reason=skip_reason(te=True, fp8=True) or "")
-def test_transformer_engine_fp8():
-    result = run_case("fp8")
+@_skip_unless(te=True, fp8=True)
+def test_transformer_engine_fp8(record_property):
+    result = case("single", "fp8")
+    record_property("figure", _training_figure(result))
     _check_training(result)
     assert result["fp8"] == "hybrid" and "delayed" in result["fp8_recipe"].lower()
     assert result["fp8_modules"], "no Transformer Engine module ran in FP8"
+
+
+@_skip_unless(te=True)
+@pytest.mark.parametrize("batches", ["padded", "packed"])
+def test_te_matches_local_layers(batches, record_property):
+    _check_within_bounds(case("single", f"te_vs_local_{batches}"), record_property)
+
+
+@_skip_unless(te=True)
+def test_te_packed_matches_padded(record_property):
+    result = case("single", "te_packed_vs_padded")
+    assert result["num_micro_batches"]["packed"] >= 1
+    _check_within_bounds(result, record_property)
+
+
+@_skip_unless(te=True, fp8=True)
+def test_fp8_step_loss_near_bf16(record_property):
+    _check_within_bounds(case("single", "fp8_vs_bf16"), record_property)
+
+
+@_skip_unless(te=True, gpus=2)
+def test_chunked_head_with_sequence_parallel_matches_without(record_property):
+    _check_within_bounds(case("sp", "chunked_head_sp"), record_property)
+
+
+@_skip_unless(te=True, gpus=2)
+@pytest.mark.parametrize("batches", ["padded", "packed"])
+def test_te_context_parallel_2_matches_1(batches, record_property):
+    _check_within_bounds(case("cp", f"cp2_{batches}"), record_property)
