@@ -122,6 +122,27 @@ class ModelConfig:
         "chunks of this many tokens, so the full-vocabulary logits of a micro-batch never exist at "
         "once (0: off).",
     )
+    recompute_granularity: str | None = _opt(
+        None,
+        "Activation recompute: 'full' keeps only each recomputed layer's input and reruns the layer "
+        "in backward (needs --recompute-method); 'selective' reruns the --recompute-modules of every "
+        "layer (default: none).",
+        (None, "full", "selective"),
+    )
+    recompute_method: str | None = _opt(
+        None,
+        "Which layers full recompute covers: 'uniform' splits each model chunk's layers into groups "
+        "of --recompute-num-layers and keeps one input per group; 'block' recomputes the first "
+        "--recompute-num-layers layers of each model chunk and stores the rest.",
+        (None, "uniform", "block"),
+    )
+    recompute_num_layers: int | None = _opt(
+        None, "Layers per recompute group (uniform) or recomputed layers per model chunk (block)."
+    )
+    recompute_modules: list[str] = _list_opt(
+        "Submodules that selective recompute reruns, megatron-core's names: core_attn, mlp, layernorm; "
+        "moe, moe_act, shared_experts with experts (default: core_attn)."
+    )
 
     # Settings of how the model is trained or run, not of the function it computes.
     NOT_ARCHITECTURE = (
@@ -139,6 +160,10 @@ class ModelConfig:
         "fp8_amax_compute_algo",
         "fp8_param_gather",
         "logprob_chunk_size",
+        "recompute_granularity",
+        "recompute_method",
+        "recompute_num_layers",
+        "recompute_modules",
     )
 
     @classmethod
