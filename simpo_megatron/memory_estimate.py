@@ -199,7 +199,7 @@ def _stage_activations(cfg: SimPOConfig, world_size: int, stage: int) -> tuple[i
 
 def estimate_stage(cfg: SimPOConfig, world_size: int, stage: int) -> MemoryEstimate:
     """The estimate for one rank of pipeline stage ``stage``; ``cfg`` validated for ``world_size``."""
-    m, par = cfg.model, cfg.parallel
+    par = cfg.parallel
     params = stage_parameters(cfg, stage)
     e = _dtype_bytes(cfg)
     half = e < 4
@@ -253,7 +253,9 @@ def _remedies(cfg: SimPOConfig) -> list[tuple[str, dict]]:
     out.append((f"--tensor-model-parallel-size {2 * tp}", dict(tensor_model_parallel_size=2 * tp)))
     out.append((f"--pipeline-model-parallel-size {2 * pp}", dict(pipeline_model_parallel_size=2 * pp)))
     if data.micro_batch_size > 1:
-        out.append((f"--micro-batch-size {data.micro_batch_size // 2}", dict(micro_batch_size=data.micro_batch_size // 2)))
+        out.append(
+            (f"--micro-batch-size {data.micro_batch_size // 2}", dict(micro_batch_size=data.micro_batch_size // 2))
+        )
     return out
 
 
@@ -292,3 +294,25 @@ def memory_warning(cfg: SimPOConfig, world_size: int, device_bytes: int) -> str 
         return head + "; no single change of recompute, distributed optimizer, TP/PP or micro-batch size helps"
     listed = "; ".join(f"{flags} ({gib:.1f} GiB)" for flags, gib in changes)
     return f"{head}. Would fit: {listed}" if fits else f"{head}. Would help (none fits alone): {listed}"
+
+
+def startup_report(cfg: SimPOConfig, world_size: int, device_bytes: int | None) -> str:
+    """The estimate line printed at the start of training, with the warning when it does not
+    fit ``device_bytes`` (--gpu-memory-gb, else the CUDA device's memory; None: no check)."""
+    lines = [estimate_memory(cfg, world_size).format()]
+    if device_bytes is not None:
+        warning = memory_warning(cfg, world_size, device_bytes)
+        if warning:
+            lines.append(warning)
+    return "\n".join(lines)
+
+
+def device_budget(cfg: SimPOConfig) -> int | None:
+    """Bytes of GPU memory per rank: --gpu-memory-gb, else the CUDA device's, else None."""
+    if cfg.memory.gpu_memory_gb is not None:
+        return int(cfg.memory.gpu_memory_gb * GIB)
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return None

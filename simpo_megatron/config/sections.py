@@ -2,7 +2,8 @@
 
 One frozen dataclass per concern: ``model`` (architecture and numerics), ``parallel``,
 ``data`` (batches, sequences, datasets, tokenizer), ``loss`` (the SimPO knobs), ``optimizer``
-(optimizer, schedule, iterations), ``checkpoint`` and ``logging`` (logging and evaluation).
+(optimizer, schedule, iterations), ``checkpoint``, ``logging`` (logging and evaluation) and
+``memory`` (the memory budget).
 Every field is a command-line flag named as in Megatron-LM (``hidden_size`` is
 ``--hidden-size``); its metadata holds the help text and, for a closed set of values, the
 choices: a tuple, or a function that reads them from the module that owns them (the loss
@@ -356,6 +357,17 @@ class LoggingConfig:
     eval_only: bool = _opt(False, "Evaluate the loaded checkpoint and exit.")
 
 
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The per-GPU memory budget the start-up memory estimate is checked against."""
+
+    gpu_memory_gb: float | None = _opt(
+        None,
+        "GPU memory per rank in GB (GiB); when the memory estimate exceeds 90%% of it, warn before the "
+        "first step, naming the flags that would make the run fit (default: the CUDA device's memory).",
+    )
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
@@ -364,6 +376,7 @@ SECTIONS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "memory": MemoryConfig,
 }
 
 
@@ -393,6 +406,7 @@ class SimPOConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any] | None = None, **kwargs: Any) -> SimPOConfig:

@@ -38,6 +38,8 @@ def validate(cfg: SimPOConfig, world_size: int) -> SimPOConfig:
     _check_optimizer(cfg.optimizer)
     _check_checkpoint(cfg.checkpoint)
     _check_logging(cfg.logging)
+    if cfg.memory.gpu_memory_gb is not None and cfg.memory.gpu_memory_gb <= 0:
+        raise ConfigError(f"--gpu-memory-gb must be > 0, got {cfg.memory.gpu_memory_gb}")
     _check_layout(cfg, world_size)
     _check_recompute(cfg)
     _check_features(cfg)
@@ -271,9 +273,7 @@ def _check_recompute(cfg: SimPOConfig) -> None:
         model.num_layers // cfg.parallel.pipeline_model_parallel_size
     )
     if not 1 <= num_layers <= per_chunk:
-        raise ConfigError(
-            f"--recompute-num-layers ({num_layers}) must be in [1, layers per model chunk ({per_chunk})]"
-        )
+        raise ConfigError(f"--recompute-num-layers ({num_layers}) must be in [1, layers per model chunk ({per_chunk})]")
     if method == "uniform" and per_chunk % num_layers != 0:
         raise ConfigError(
             f"--recompute-method uniform needs the layers per model chunk ({per_chunk}) to be divisible "
