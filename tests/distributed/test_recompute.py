@@ -20,12 +20,12 @@ MODES = {
     "full_block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
     "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"]),
 }
-# name: (config fields, the recompute modes compared with "off"); two of the three modes each.
+# name: (config fields, the recompute modes compared with "off"); each mode on two layouts.
 LAYOUTS = {
-    "tp2": (dict(tensor_model_parallel_size=2), ("full_uniform", "selective")),
-    "pp2": (dict(pipeline_model_parallel_size=2, micro_batch_size=1), ("full_block", "selective")),
-    "dp2_packed": (dict(packing=True, micro_batch_size=1), ("full_uniform", "full_block")),
-    "cp2": (dict(context_parallel_size=2, seq_length=36), ("full_block", "selective")),
+    "tp2": (dict(tensor_model_parallel_size=2), ("selective",)),
+    "pp2": (dict(pipeline_model_parallel_size=2, micro_batch_size=1), ("full_block",)),
+    "dp2_packed": (dict(packing=True, micro_batch_size=1), ("full_uniform",)),
+    "cp2": (dict(context_parallel_size=2, seq_length=36), ("full_uniform", "full_block", "selective")),
 }
 
 
