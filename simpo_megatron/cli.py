@@ -7,7 +7,9 @@
 - ``simpo-score-reference`` (``score_reference``): the reference model's scores for a
   reference-based loss (DPO, IPO, ...), computed ahead of training;
 - ``simpo-convert`` (``convert``): checkpoint conversion between Hugging Face and Megatron,
-  ``tools/convert_hf_checkpoint.py``.
+  ``tools/convert_hf_checkpoint.py``;
+- ``simpo-estimate-memory`` (``estimate_memory``): the per-GPU memory estimate of a run, from
+  the training flags / YAML and ``--world-size``, without a GPU or weights.
 
 Each imports what it needs only when called, so ``--help`` of the data tool loads no megatron-core.
 """
@@ -47,6 +49,40 @@ def score_reference(argv: Sequence[str] | None = None) -> int:
     from simpo_megatron.training.reference import main as score
 
     return score(argv)
+
+
+def estimate_memory(argv: Sequence[str] | None = None) -> int:
+    """``simpo-estimate-memory --world-size N [training flags]``: print the memory estimate of the
+    run (and the flags that would make it fit --gpu-memory-gb); the process's exit code."""
+    import argparse
+
+    quiet_import_notices()
+    from simpo_megatron.config import ConfigError, load_config
+    from simpo_megatron.memory_estimate import device_budget, startup_report
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--world-size", type=int, default=None)
+    known, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    if "-h" in rest or "--help" in rest:
+        print("usage: simpo-estimate-memory [--world-size N] [--config FILE.yaml] [training flags]")
+        print("  --world-size N  GPUs of the run (default: TP x PP x CP, one data-parallel rank)")
+        return 0
+    try:
+        cfg = load_config(rest)
+        if not cfg.data.data_path and not cfg.data.mock_data:
+            # The data does not change the estimate, and is not read: a name stands in for it.
+            cfg = cfg.replace(**({"data_path": ["DATA"]} if cfg.data.tokenizer_model else {"mock_data": True}))
+        if cfg.model.vocab_size is None or cfg.checkpoint.load:
+            from simpo_megatron.training.loop import resolve_config
+
+            cfg, _ = resolve_config(cfg)  # the vocabulary (tokenizer) and an HF --load's shape
+        world_size = known.world_size or cfg.parallel.model_parallel_size
+        cfg.validate(world_size)
+        print(startup_report(cfg, world_size, device_budget(cfg)))
+    except (ConfigError, OSError) as e:  # a bad flag, a missing --config file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def main(argv: Sequence[str] | None = None, example_root: str | None = None) -> int:

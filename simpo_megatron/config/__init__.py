@@ -2,7 +2,7 @@
 
 - ``sections``: one frozen dataclass per concern (``ModelConfig``, ``ParallelConfig``,
   ``DataConfig``, ``LossConfig``, ``OptimizerConfig``, ``CheckpointConfig``,
-  ``LoggingConfig``) and ``SimPOConfig``, which holds one of each.
+  ``LoggingConfig``, ``MemoryConfig``) and ``SimPOConfig``, which holds one of each.
 - ``loader``: Megatron-LM-named flags (``build_parser``), ``--config FILE.yaml``
   (``read_yaml``), both into a SimPOConfig (``load_config``).
 - ``validation``: every rule the settings obey, checked once at start
@@ -17,6 +17,7 @@ from simpo_megatron.config.sections import (
     DataConfig,
     LoggingConfig,
     LossConfig,
+    MemoryConfig,
     ModelConfig,
     OptimizerConfig,
     ParallelConfig,
@@ -32,6 +33,7 @@ __all__ = [
     "DataConfig",
     "LoggingConfig",
     "LossConfig",
+    "MemoryConfig",
     "ModelConfig",
     "OptimizerConfig",
     "ParallelConfig",

@@ -2,7 +2,8 @@
 
 One frozen dataclass per concern: ``model`` (architecture and numerics), ``parallel``,
 ``data`` (batches, sequences, datasets, tokenizer), ``loss`` (the SimPO knobs), ``optimizer``
-(optimizer, schedule, iterations), ``checkpoint`` and ``logging`` (logging and evaluation).
+(optimizer, schedule, iterations), ``checkpoint``, ``logging`` (logging and evaluation) and
+``memory`` (the memory budget).
 Every field is a command-line flag named as in Megatron-LM (``hidden_size`` is
 ``--hidden-size``); its metadata holds the help text and, for a closed set of values, the
 choices: a tuple, or a function that reads them from the module that owns them (the loss
@@ -122,6 +123,27 @@ class ModelConfig:
         "chunks of this many tokens, so the full-vocabulary logits of a micro-batch never exist at "
         "once (0: off).",
     )
+    recompute_granularity: str | None = _opt(
+        None,
+        "Activation recompute: 'full' keeps only each recomputed layer's input and reruns the layer "
+        "in backward (needs --recompute-method); 'selective' reruns the --recompute-modules of every "
+        "layer (default: none).",
+        (None, "full", "selective"),
+    )
+    recompute_method: str | None = _opt(
+        None,
+        "Which layers full recompute covers: 'uniform' splits each model chunk's layers into groups "
+        "of --recompute-num-layers and keeps one input per group; 'block' recomputes the first "
+        "--recompute-num-layers layers of each model chunk and stores the rest.",
+        (None, "uniform", "block"),
+    )
+    recompute_num_layers: int | None = _opt(
+        None, "Layers per recompute group (uniform) or recomputed layers per model chunk (block)."
+    )
+    recompute_modules: list[str] = _list_opt(
+        "Submodules that selective recompute reruns, megatron-core's names: core_attn, mlp, layernorm; "
+        "moe, moe_act, shared_experts with experts (default: core_attn)."
+    )
 
     # Settings of how the model is trained or run, not of the function it computes.
     NOT_ARCHITECTURE = (
@@ -139,6 +161,10 @@ class ModelConfig:
         "fp8_amax_compute_algo",
         "fp8_param_gather",
         "logprob_chunk_size",
+        "recompute_granularity",
+        "recompute_method",
+        "recompute_num_layers",
+        "recompute_modules",
     )
 
     @classmethod
@@ -344,6 +370,17 @@ class LoggingConfig:
     eval_only: bool = _opt(False, "Evaluate the loaded checkpoint and exit.")
 
 
+@dataclass(frozen=True)
+class MemoryConfig:
+    """The per-GPU memory budget the start-up memory estimate is checked against."""
+
+    gpu_memory_gb: float | None = _opt(
+        None,
+        "GPU memory per rank in GB (GiB); when the memory estimate exceeds 90%% of it, warn before the "
+        "first step, naming the flags that would make the run fit (default: the CUDA device's memory).",
+    )
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "parallel": ParallelConfig,
@@ -352,6 +389,7 @@ SECTIONS: dict[str, type] = {
     "optimizer": OptimizerConfig,
     "checkpoint": CheckpointConfig,
     "logging": LoggingConfig,
+    "memory": MemoryConfig,
 }
 
 
@@ -381,6 +419,7 @@ class SimPOConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any] | None = None, **kwargs: Any) -> SimPOConfig:

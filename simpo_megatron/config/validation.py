@@ -39,7 +39,10 @@ def validate(cfg: SimPOConfig, world_size: int) -> SimPOConfig:
     _check_optimizer(cfg.optimizer)
     _check_checkpoint(cfg.checkpoint)
     _check_logging(cfg.logging)
+    if cfg.memory.gpu_memory_gb is not None and cfg.memory.gpu_memory_gb <= 0:
+        raise ConfigError(f"--gpu-memory-gb must be > 0, got {cfg.memory.gpu_memory_gb}")
     _check_layout(cfg, world_size)
+    _check_recompute(cfg)
     _check_features(cfg)
     return cfg
 
@@ -230,6 +233,65 @@ def _check_layout(cfg: SimPOConfig, world_size: int) -> None:
         raise ConfigError(
             f"--seq-length ({data.seq_length}) must be divisible by --tensor-model-parallel-size "
             f"({tp}) x --context-parallel-size ({cp}) with --sequence-parallel"
+        )
+
+
+# megatron-core's selective recompute modules; mla_up_proj is left out (no multi-latent attention here).
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm", "moe", "moe_act", "shared_experts")
+_EXPERT_MODULES = ("moe", "moe_act", "shared_experts")
+
+
+def _check_recompute(cfg: SimPOConfig) -> None:
+    """Activation recompute as Megatron-LM accepts it, and what megatron-core's block needs."""
+    model = cfg.model
+    granularity, method, num_layers, modules = (
+        model.recompute_granularity,
+        model.recompute_method,
+        model.recompute_num_layers,
+        model.recompute_modules,
+    )
+    if granularity is None:
+        for name in ("recompute_method", "recompute_num_layers"):
+            if getattr(model, name) is not None:
+                raise ConfigError(f"{flag(name)} needs --recompute-granularity full")
+        if modules:
+            raise ConfigError("--recompute-modules needs --recompute-granularity selective")
+        return
+    if granularity == "selective":
+        if method is not None or num_layers is not None:
+            raise ConfigError(
+                "--recompute-granularity selective recomputes the --recompute-modules of every layer: "
+                "--recompute-method and --recompute-num-layers are for --recompute-granularity full"
+            )
+        unknown = [m for m in modules if m not in RECOMPUTE_MODULES]
+        if unknown:
+            raise ConfigError(f"--recompute-modules must be among {', '.join(RECOMPUTE_MODULES)}, got {unknown}")
+        if not getattr(model, "num_experts", None) and any(m in _EXPERT_MODULES for m in modules):
+            raise ConfigError("--recompute-modules moe, moe_act and shared_experts need a mixture-of-experts model")
+        if "layernorm" in modules and model.transformer_impl == "local":
+            raise ConfigError(
+                "--recompute-modules layernorm needs --transformer-impl transformer_engine: megatron-core "
+                "0.16.1 recomputes the norms through Transformer Engine's FP8 state"
+            )
+        if model.fp8_format is not None and model.fp8_recipe == "delayed" and "layernorm" in modules:
+            raise ConfigError("--recompute-modules layernorm does not support --fp8-recipe delayed (megatron-core)")
+        return
+    if modules:
+        raise ConfigError("--recompute-modules is for --recompute-granularity selective")
+    if method is None:
+        raise ConfigError("--recompute-granularity full needs --recompute-method uniform or block")
+    if num_layers is None:
+        raise ConfigError(f"--recompute-method {method} needs --recompute-num-layers")
+    # Each model chunk (a pipeline stage, or a virtual one) is a transformer block of its own.
+    per_chunk = cfg.parallel.num_layers_per_virtual_pipeline_stage or (
+        model.num_layers // cfg.parallel.pipeline_model_parallel_size
+    )
+    if not 1 <= num_layers <= per_chunk:
+        raise ConfigError(f"--recompute-num-layers ({num_layers}) must be in [1, layers per model chunk ({per_chunk})]")
+    if method == "uniform" and per_chunk % num_layers != 0:
+        raise ConfigError(
+            f"--recompute-method uniform needs the layers per model chunk ({per_chunk}) to be divisible "
+            f"by --recompute-num-layers ({num_layers})"
         )
 
 

@@ -181,6 +181,10 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout = ParallelLayout
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
+        recompute_granularity=cfg.recompute_granularity,
+        recompute_method=cfg.recompute_method,
+        recompute_num_layers=cfg.recompute_num_layers,
+        recompute_modules=list(cfg.recompute_modules) or None,  # None: megatron-core's default, core_attn
         cuda_graph_scope=[],  # megatron-core 0.16.1's default, "full", is deprecated and warns
         **pipeline_communication_settings(layout),  # by the process group's backend
         **fp8_config_kwargs(cfg),

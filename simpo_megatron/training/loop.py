@@ -29,6 +29,7 @@ from simpo_megatron.data.provider import (
 from simpo_megatron.data.reference_scores import ReferenceScoresError
 from simpo_megatron.hf import HFConversionError, hf_model_overrides, is_hf_checkpoint
 from simpo_megatron.mathutil import ceil_div
+from simpo_megatron.memory_estimate import device_budget, startup_report
 from simpo_megatron.model.fp8 import FP8UnavailableError, TransformerEngineUnavailableError, check_transformer_engine
 from simpo_megatron.runtime import destroy_distributed, initialize_distributed
 from simpo_megatron.training.checkpointing import Checkpointer, CheckpointError
@@ -172,6 +173,8 @@ def pretrain(cfg: SimPOConfig) -> dict:
     notice = precision_notice(cfg, torch.cuda.is_available())
     if notice:
         print_rank_last(notice)
+    if dist.get_rank() == 0:
+        print(startup_report(cfg, world_size, device_budget(cfg)), flush=True)
     data = _as_config_error(build_datasets, cfg, tokenizer)
     if not cfg.logging.eval_only:
         _check_training_data(cfg, len(data.train))

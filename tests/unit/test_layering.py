@@ -17,11 +17,13 @@ LAYERS = {
     "logprobs": 0,
     "runtime": 0,
     "mathutil": 0,
+    "saved_tensors": 0,
     # config reads its choices from data (tokenizer types) and losses (the loss registry).
     "config": 1,
     "hf": 1,
     "data": 1,
     "model": 2,
+    "memory_estimate": 2,  # from the config alone; printed by training, run by cli
     "training": 3,
     "cli": 4,
     "example": 4,
