@@ -103,10 +103,11 @@ echo "SimPO: $NNODES nodes x $GPUS_PER_NODE GPUs, master $MASTER_ADDR:$MASTER_PO
 # srun runs in the background so that this shell can pass the time-limit warning on (a trap
 # runs only once the command in the foreground ends).
 stop_requested=0
+srun_pid=
 on_term() {
     stop_requested=1
     echo "SimPO: SIGTERM (the time limit is near): the run saves a checkpoint and stops"
-    kill -TERM "$srun_pid" 2>/dev/null || true
+    if [ -n "$srun_pid" ]; then kill -TERM "$srun_pid" 2>/dev/null || true; fi
 }
 trap on_term TERM
 # shellcheck disable=SC2016
@@ -114,6 +115,7 @@ srun --nodes="$NNODES" --ntasks-per-node=1 --ntasks="$NNODES" \
     --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 \
     bash -c 'export NODE_RANK=$SLURM_NODEID; exec bash examples/pretrain_simpo.sh "$@"' simpo "${ARGS[@]}" &
 srun_pid=$!
+if [ "$stop_requested" -eq 1 ]; then kill -TERM "$srun_pid" 2>/dev/null || true; fi  # it came first
 status=0
 # `wait` returns early when the trap runs: wait again until srun has ended.
 while true; do
