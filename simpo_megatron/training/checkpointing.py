@@ -369,10 +369,11 @@ class Checkpointer:
     def start(self, state) -> Start:
         """Load what the run starts from into ``state``, and say what it was.
 
-        In order: ``--save`` holds a checkpoint: resume from it (a restarted or requeued job
-        finds its own last checkpoint, whatever ``--load`` names; ``--load`` is what the run
-        first started from, and its ``--no-load-optim``, ``--no-load-rng`` and ``--finetune``
-        apply only when it names the same directory); ``--load`` names a Hugging Face
+        In order: ``--save`` holds a checkpoint (and this is no ``--eval-only`` run): resume
+        from it (a restarted or requeued job finds its own last checkpoint, whatever ``--load``
+        names; ``--load`` is what the run first started from, and its ``--no-load-optim``,
+        ``--no-load-rng`` and ``--finetune`` apply only when it names the same directory);
+        ``--load`` names a Hugging Face
         model: load its weights as a fresh start (and keep its config and tokenizer in
         ``SAVE/hf_config`` for export); ``--load`` holds a checkpoint: load it (as
         ``--no-load-optim``, ``--no-load-rng`` and ``--finetune`` say); otherwise start from
@@ -387,7 +388,7 @@ class Checkpointer:
 
     def _start(self, state) -> Start:
         load = self.cfg.checkpoint.load
-        if self.save_dir and read_tracker(self.save_dir) is not None:
+        if self.save_dir and not self.cfg.logging.eval_only and read_tracker(self.save_dir) is not None:
             own = bool(load) and _same_directory(load, self.save_dir)
             if load and not own:
                 print_rank_last(f"resuming from --save {self.save_dir} (its newest checkpoint), not --load {load}")

@@ -200,6 +200,12 @@ def test_load_equal_to_save_keeps_the_load_flags(tmp_path, loads):
     assert loads == [(save, {"load_optim": True, "load_rng": False, "finetune": False})]
 
 
+def test_eval_only_evaluates_load_not_save(tmp_path, loads):
+    save, other = _with_tracker(tmp_path / "save"), _with_tracker(tmp_path / "other")
+    checkpointing.Checkpointer(tiny_config(save=save, load=other, eval_only=True)).start(SimpleNamespace(iteration=0))
+    assert [root for root, _ in loads] == [other]
+
+
 def test_an_empty_save_starts_from_load(tmp_path, loads):
     other = _with_tracker(tmp_path / "other")
     cfg = tiny_config(save=str(tmp_path / "save"), load=other, finetune=True)
