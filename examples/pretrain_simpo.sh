@@ -17,6 +17,9 @@
 #   NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   multi-node rendezvous (default: one node)
 #   OUTPUT_DIR     where the example writes its checkpoint and metrics (default: runs/tiny)
 #   PYTHON         the interpreter for `-m torch.distributed.run` when torchrun is not on PATH
+#   MAX_RESTARTS   torchrun --max-restarts: after a worker fails, restart all of this node's
+#                  workers up to this many times (default 0); each restart resumes from the
+#                  newest checkpoint in --save
 set -euo pipefail
 own_run=0
 for arg in "$@"; do
@@ -50,7 +53,11 @@ if command -v torchrun >/dev/null 2>&1; then
 else
     TORCHRUN=("${PYTHON:-python3}" -m torch.distributed.run)
 fi
-exec "${TORCHRUN[@]}" --nproc-per-node "$GPUS_PER_NODE" "${RENDEZVOUS[@]}" "$0" "$@"
+RESTARTS=()
+if [ -n "${MAX_RESTARTS:-}" ]; then
+    RESTARTS=(--max-restarts "$MAX_RESTARTS")
+fi
+exec "${TORCHRUN[@]}" --nproc-per-node "$GPUS_PER_NODE" "${RENDEZVOUS[@]}" ${RESTARTS[@]+"${RESTARTS[@]}"} "$0" "$@"
 '''
 import os
 import sys

@@ -255,10 +255,8 @@ def initialize_distributed(
                 _ENV_SET.append(name)
         if use_cuda:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout, **_attempt_store(timeout))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=layout.tensor_model_parallel_size,
@@ -267,6 +265,19 @@ def initialize_distributed(
             context_parallel_size=layout.context_parallel_size,
         )
     set_seed(seed)
+
+
+def _attempt_store(timeout: datetime.timedelta) -> dict:
+    """Under torchrun, a store whose keys are this attempt's own (init_process_group's arguments).
+
+    torchrun keeps one TCP store across ``--max-restarts``: without a prefix, a restarted worker
+    group would read the addresses its dead predecessors published there and fail to connect.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timeout))
+    return {"store": dist.PrefixStore(f"attempt_{attempt}/", store), "rank": rank, "world_size": world_size}
 
 
 def set_seed(seed: int) -> None:

@@ -21,6 +21,15 @@
 #                 python tools/convert_hf_checkpoint.py import --hf-dir "$HF_MODEL" --output DIR
 #                 --tensor-model-parallel-size 2 (a large model converts faster that way than
 #                 within the job's start-up). A requeued or resubmitted job resumes from CKPT_DIR.
+#   MAX_RESTARTS  torchrun restarts of a node's workers after one fails (default 1); each resumes
+#                 from the newest checkpoint in CKPT_DIR
+#   REQUEUE       1 (default): when the time-limit warning stopped the run, requeue the job,
+#                 which resumes from CKPT_DIR; 0: just end
+#
+# Unattended: 120 s before --time runs out Slurm sends SIGTERM to this script (--signal below),
+# which passes it to srun and so to torchrun and the training processes: they save a checkpoint
+# at the end of the current iteration and exit (torchrun waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+# seconds for them), and the job requeues itself. Keep the warning longer than a save takes.
 #
 #SBATCH --job-name=simpo-llama3-8b-instruct
 #SBATCH --nodes=2
@@ -30,6 +39,7 @@
 #SBATCH --time=04:00:00
 #SBATCH --output=%x-%j.out
 #SBATCH --requeue
+#SBATCH --signal=B:TERM@120
 
 set -euo pipefail
 
@@ -56,6 +66,9 @@ MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 NNODES=$SLURM_NNODES
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
 export MASTER_ADDR MASTER_PORT NNODES GPUS_PER_NODE
+export MAX_RESTARTS=${MAX_RESTARTS:-1}
+# How long torchrun lets the workers save after SIGTERM before it kills them (its default: 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-110}
 
 # As Megatron-LM's examples: one CUDA work queue, so that communication and compute kernels
 # are issued in order (needed to overlap tensor-parallel communication).
@@ -87,9 +100,34 @@ echo "SimPO: $NNODES nodes x $GPUS_PER_NODE GPUs, master $MASTER_ADDR:$MASTER_PO
 
 # One task per node; each gets every CPU of its node (torchrun's workers share them).
 # The single quotes are deliberate: SLURM_NODEID is expanded by each task, on its own node.
+# srun runs in the background so that this shell can pass the time-limit warning on (a trap
+# runs only once the command in the foreground ends).
+stop_requested=0
+srun_pid=
+on_term() {
+    stop_requested=1
+    echo "SimPO: SIGTERM (the time limit is near): the run saves a checkpoint and stops"
+    if [ -n "$srun_pid" ]; then kill -TERM "$srun_pid" 2>/dev/null || true; fi
+}
+trap on_term TERM
 # shellcheck disable=SC2016
 srun --nodes="$NNODES" --ntasks-per-node=1 --ntasks="$NNODES" \
     --cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --kill-on-bad-exit=1 \
-    bash -c 'export NODE_RANK=$SLURM_NODEID; exec bash examples/pretrain_simpo.sh "$@"' simpo "${ARGS[@]}"
+    bash -c 'export NODE_RANK=$SLURM_NODEID; exec bash examples/pretrain_simpo.sh "$@"' simpo "${ARGS[@]}" &
+srun_pid=$!
+if [ "$stop_requested" -eq 1 ]; then kill -TERM "$srun_pid" 2>/dev/null || true; fi  # it came first
+status=0
+# `wait` returns early when the trap runs: wait again until srun has ended.
+while true; do
+    wait "$srun_pid" && status=0 || status=$?
+    kill -0 "$srun_pid" 2>/dev/null || break
+done
+trap - TERM
+if [ "$stop_requested" -eq 1 ] && [ "${REQUEUE:-1}" -eq 1 ]; then
+    echo "SimPO: requeueing job $SLURM_JOB_ID; it resumes from $CKPT_DIR"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+[ "$status" -eq 0 ] || exit "$status"
 
 echo "metrics: $CKPT_DIR/metrics.jsonl (plot: python tools/plot_metrics.py --metrics $CKPT_DIR/metrics.jsonl --output simpo.png)"

@@ -339,6 +339,23 @@ class CheckpointConfig:
         "Save distributed-optimizer state so that it loads on any TP/PP/DP layout "
         "(gathers it at save time); by default it reshards over data-parallel ranks only.",
     )
+    keep_last_checkpoints: int | None = _opt(
+        None,
+        "Keep only the newest this many checkpoints in --save, deleting older ones once a new one "
+        "is complete (default: keep all).",
+    )
+    keep_checkpoint_every: int | None = _opt(
+        None, "With --keep-last-checkpoints, also keep the checkpoints of every this many iterations."
+    )
+    exit_interval: int | None = _opt(None, "Save and exit when the iteration is a multiple of this.")
+    exit_duration_in_mins: float | None = _opt(
+        None, "Save and exit once this many minutes have passed since the run started (set-up included)."
+    )
+    exit_signal_handler: bool = _opt(
+        True,
+        "On SIGTERM or SIGINT, save at the end of the current iteration and exit; "
+        "--no-exit-signal-handler leaves the signals' default action (the process ends at once).",
+    )
 
 
 @dataclass(frozen=True)

@@ -164,6 +164,16 @@ def _check_optimizer(opt: OptimizerConfig) -> None:
 def _check_checkpoint(ckpt: CheckpointConfig) -> None:
     if ckpt.save_interval is not None and ckpt.save_interval < 1:
         raise ConfigError(f"--save-interval must be >= 1, got {ckpt.save_interval}")
+    for name in ("keep_last_checkpoints", "keep_checkpoint_every", "exit_interval"):
+        value = getattr(ckpt, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag(name)} must be >= 1, got {value}")
+    if ckpt.exit_duration_in_mins is not None and ckpt.exit_duration_in_mins <= 0:
+        raise ConfigError(f"--exit-duration-in-mins must be > 0, got {ckpt.exit_duration_in_mins}")
+    if ckpt.keep_checkpoint_every is not None and ckpt.keep_last_checkpoints is None:
+        raise ConfigError("--keep-checkpoint-every needs --keep-last-checkpoints (without it every checkpoint is kept)")
+    if ckpt.keep_last_checkpoints is not None and not ckpt.save:
+        raise ConfigError("--keep-last-checkpoints needs --save")
 
 
 def _check_logging(log: LoggingConfig) -> None:

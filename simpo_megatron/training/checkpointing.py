@@ -44,6 +44,7 @@ from simpo_megatron.checkpoint_format import (  # noqa: F401 - public API of thi
 from simpo_megatron.fsutil import atomic_write_text, publish
 from simpo_megatron.hf import is_hf_checkpoint, load_hf_weights, save_hf_config
 from simpo_megatron.training.monitor import print_rank_last
+from simpo_megatron.training.retention import prune_checkpoints
 
 
 def _check_model_shapes(ckpt: str, sharded: dict) -> None:
@@ -403,12 +404,16 @@ class Checkpointer:
         self.cfg = cfg
         self.save_dir = cfg.checkpoint.save
         self.config_dict = config_to_dict(cfg)
+        self._resumed_from: int | None = None  # never deleted by retention
 
     def start(self, state) -> Start:
         """Load what the run starts from into ``state``, and say what it was.
 
-        In order: ``--load`` names a Hugging Face model and ``--save`` holds a checkpoint:
-        resume from it (a run that started from the HF model); ``--load`` names a Hugging Face
+        In order: ``--save`` holds a checkpoint (and this is no ``--eval-only`` run): resume
+        from it (a restarted or requeued job finds its own last checkpoint, whatever ``--load``
+        names; ``--load`` is what the run first started from, and its ``--no-load-optim``,
+        ``--no-load-rng`` and ``--finetune`` apply only when it names the same directory);
+        ``--load`` names a Hugging Face
         model: load its weights as a fresh start (and keep its config and tokenizer in
         ``SAVE/hf_config`` for export); ``--load`` holds a checkpoint: load it (as
         ``--no-load-optim``, ``--no-load-rng`` and ``--finetune`` say); otherwise start from
@@ -417,13 +422,18 @@ class Checkpointer:
         """
         start = self._start(state)
         self.config_dict[START_WEIGHTS_KEY] = start.reference if start.iteration > 0 else start.weights
+        if start.source == "checkpoint" and _same_directory(start.path, self.save_dir):
+            self._resumed_from = start.iteration
         return start
 
     def _start(self, state) -> Start:
         load = self.cfg.checkpoint.load
+        if self.save_dir and not self.cfg.logging.eval_only and read_tracker(self.save_dir) is not None:
+            own = bool(load) and _same_directory(load, self.save_dir)
+            if load and not own:
+                print_rank_last(f"resuming from --save {self.save_dir} (its newest checkpoint), not --load {load}")
+            return self._load(self.save_dir, state, resume=not own)
         if load and is_hf_checkpoint(load):
-            if self.save_dir and read_tracker(self.save_dir) is not None:
-                return self._load(self.save_dir, state)
             load_hf_weights(load, state.model, self.cfg)
             state.optimizer.reload_model_params()  # mixed-precision optimizers' fp32 copies
             if self.save_dir and dist.get_rank() == 0:
@@ -436,11 +446,16 @@ class Checkpointer:
             print_rank_last(f"no checkpoint in --load {load}: training from scratch")
         return Start("fresh")
 
-    def _load(self, root: str, state) -> Start:
+    def _load(self, root: str, state, resume: bool = False) -> Start:
+        """Load ``root``'s newest checkpoint; ``resume``: all of it (the run's own --save), else
+        as --no-load-optim, --no-load-rng and --finetune say."""
         ckpt = self.cfg.checkpoint
-        loaded = load_checkpoint(
-            root, state, load_optim=not ckpt.no_load_optim, load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune
-        )
+        if resume:
+            loaded = load_checkpoint(root, state)
+        else:
+            loaded = load_checkpoint(
+                root, state, load_optim=not ckpt.no_load_optim, load_rng=not ckpt.no_load_rng, finetune=ckpt.finetune
+            )
         print_rank_last(f"loaded {root} at iteration {state.iteration}")
         recorded = saved_config(root).get(START_WEIGHTS_KEY) if state.iteration > 0 else None
         return Start("checkpoint", root, state.iteration, reference=recorded, weights=checkpoint_dir(root, loaded))
@@ -461,9 +476,31 @@ class Checkpointer:
         return path
 
     def _save(self, state) -> str:
-        return save_checkpoint(
+        path = save_checkpoint(
             self.save_dir,
             state,
             self.config_dict,
             optim_fully_reshardable=self.cfg.checkpoint.dist_ckpt_optim_fully_reshardable,
         )
+        self.after_save()
+        return path
+
+    def after_save(self) -> list[int]:
+        """Apply ``--keep-last-checkpoints`` once a save is complete (its tracker written), on rank 0.
+
+        Called after every save; returns the iterations deleted (on rank 0; [] elsewhere).
+        """
+        keep_last = self.cfg.checkpoint.keep_last_checkpoints
+        if not keep_last or dist.get_rank() != 0:
+            return []
+        protected = {self._resumed_from} if self._resumed_from is not None else set()
+        deleted = prune_checkpoints(self.save_dir, keep_last, self.cfg.checkpoint.keep_checkpoint_every, protected)
+        if deleted:
+            print(f"deleted checkpoints of iterations {deleted} (--keep-last-checkpoints {keep_last})", flush=True)
+        return deleted
+
+
+def _same_directory(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    return os.path.realpath(a) == os.path.realpath(b)

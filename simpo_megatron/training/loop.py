@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -41,31 +40,8 @@ from simpo_megatron.training.monitor import (
     print_rank_last,
 )
 from simpo_megatron.training.reference import with_reference_scores
+from simpo_megatron.training.run_control import RunControl
 from simpo_megatron.training.trainer import TrainState, eval_step, setup_model_and_optimizer, train_step
-
-
-class _ExitSignal:
-    """Records SIGTERM / SIGINT so that every rank stops at the same iteration boundary."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def any_rank(self) -> bool:
-        flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
-        if torch.cuda.is_available():
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def restore(self):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def evaluate(cfg: SimPOConfig, state: TrainState, dataset, pad_id: int) -> dict | None:
@@ -164,6 +140,7 @@ def pretrain(cfg: SimPOConfig) -> dict:
     its config.json, and its weights are loaded into the model as a fresh start (a resumed run
     continues from --save instead; see ``Checkpointer.start``).
     """
+    started = time.monotonic()  # --exit-duration-in-mins counts from here, set-up included
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, tokenizer = resolve_config(cfg)
     cfg.validate(world_size)
@@ -183,7 +160,10 @@ def pretrain(cfg: SimPOConfig) -> dict:
     start = checkpointer.start(state)
     data = with_reference_scores(cfg, state, data, start)
     monitor = MetricsProcessor(
-        cfg, writes=dist.get_rank() == world_size - 1, data_parallel_group=parallel_state.get_data_parallel_group()
+        cfg,
+        writes=dist.get_rank() == world_size - 1,
+        data_parallel_group=parallel_state.get_data_parallel_group(),
+        resumed_at=None if cfg.logging.eval_only else state.iteration,
     )
     try:
         if cfg.logging.eval_only:
@@ -203,16 +183,22 @@ def pretrain(cfg: SimPOConfig) -> dict:
                 "metrics_file": monitor.metrics_file,
                 "done": True,
             }
-        return _train(cfg, state, data, checkpointer, monitor)
+        return _train(cfg, state, data, checkpointer, monitor, RunControl(cfg.checkpoint, started))
     finally:
         monitor.close()
 
 
 def _train(
-    cfg: SimPOConfig, state: TrainState, data: DataSetup, checkpointer: Checkpointer, monitor: MetricsProcessor
+    cfg: SimPOConfig,
+    state: TrainState,
+    data: DataSetup,
+    checkpointer: Checkpointer,
+    monitor: MetricsProcessor,
+    control: RunControl,
 ) -> dict:
     """Train from ``state`` to ``--train-iters``, evaluating and saving at intervals, and stop
-    early, with a final save, on SIGTERM / SIGINT."""
+    early, with a final save, when ``control`` says so (a signal, --exit-duration-in-mins,
+    --exit-interval)."""
     stream = global_batches(
         data.train,
         cfg,
@@ -221,12 +207,12 @@ def _train(
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
     )
-    exit_signal, interrupted = _ExitSignal(), False
+    exit_reason = None
     eval_interval = cfg.logging.eval_interval if data.valid is not None else None
     last_valid = None
-    if eval_interval and state.iteration == 0:  # a baseline, so the curves show where learning started
-        last_valid = _evaluate_and_record(cfg, state, data, monitor)
     try:
+        if eval_interval and state.iteration == 0:  # a baseline, so the curves show where learning started
+            last_valid = _evaluate_and_record(cfg, state, data, monitor)
         while state.iteration < cfg.optimizer.train_iters:
             batches = next(stream)
             start = time.perf_counter()
@@ -235,12 +221,13 @@ def _train(
             if eval_interval and state.iteration % eval_interval == 0:
                 last_valid = _evaluate_and_record(cfg, state, data, monitor)
             checkpointer.save_if_due(state)
-            if exit_signal.any_rank():
-                interrupted = True
-                print_rank_last(f"exit signal received at iteration {state.iteration}")
+            exit_reason = control.check(state.iteration)
+            if exit_reason and state.iteration < cfg.optimizer.train_iters:
+                print_rank_last(exit_reason)
                 break
+            exit_reason = None
     finally:
-        exit_signal.restore()
+        control.close()
     checkpoint = checkpointer.save_final(state)
     if monitor.metrics_file:
         print_rank_last(f"metrics: {monitor.metrics_file}")
@@ -250,7 +237,8 @@ def _train(
         "valid": last_valid,
         "checkpoint": checkpoint,
         "metrics_file": monitor.metrics_file,
-        "interrupted": interrupted,
+        "interrupted": exit_reason is not None,
+        "exit_reason": exit_reason,
     }
 
 

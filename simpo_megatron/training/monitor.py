@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from simpo_megatron.fsutil import atomic_write_text
 from simpo_megatron.training.step import METRIC_NAMES as CONSOLE_KEYS
 
 
@@ -83,6 +84,33 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def rewind_metrics_file(path: str, iteration: int) -> int:
+    """Drop the records of a run's iterations after ``iteration`` (all of them when 0) from the
+    JSONL ``path``, atomically; returns how many were dropped.
+
+    A run resumed from the checkpoint of ``iteration`` redoes the iterations after it, so the
+    records that a killed run wrote past its last checkpoint (and a line cut short by the kill)
+    would otherwise be counted twice. A record of iteration 0 is a fresh run's baseline.
+    """
+    if not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+                keep = line.endswith("\n") and iteration > 0 and record["iteration"] <= iteration
+            except (json.JSONDecodeError, KeyError, TypeError):
+                keep = False
+            if keep:
+                kept.append(line)
+            else:
+                dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
 
 
 class LogWindow:
@@ -197,10 +225,14 @@ class MetricsProcessor:
     ``TrainingError``. Collective: every rank calls ``record_step`` at every step.
     """
 
-    def __init__(self, cfg, writes: bool, data_parallel_group=None):
+    def __init__(self, cfg, writes: bool, data_parallel_group=None, resumed_at: int | None = None):
+        """``resumed_at``: the iteration training starts from; the metrics file's records of later
+        iterations are dropped first (``rewind_metrics_file``). None (evaluation only) keeps them."""
         self.cfg = cfg
         save = cfg.checkpoint.save
         self.metrics_file = cfg.logging.metrics_file or (os.path.join(save, "metrics.jsonl") if save else None)
+        if writes and self.metrics_file and resumed_at is not None:
+            rewind_metrics_file(self.metrics_file, resumed_at)
         self.writer = (
             MetricsWriter(self.metrics_file, cfg.logging.tensorboard_dir, start_wandb_run(cfg)) if writes else None
         )

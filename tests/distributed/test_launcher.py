@@ -334,3 +334,51 @@ def test_srun_stand_in_refuses_what_srun_refuses(tmp_path):
         assert proc.returncode == 2 and error in proc.stderr, (flags, proc.stderr)
     proc = subprocess.run([srun, "--nodes=2", "--ntasks-per-node=2", "true"], env=env, capture_output=True, timeout=30)
     assert proc.returncode == 0 and (tmp_path / "log.srun.tasks").read_text().split() == ["0", "0", "1", "1"]
+
+
+def test_launcher_passes_max_restarts_to_torchrun(tmp_path):
+    stubs = _stub_bin(tmp_path, "torchrun")
+    _launch(tmp_path, "--mock-data", path_dirs=[stubs], MAX_RESTARTS="2", GPUS_PER_NODE="2")
+    argv = _recorded(tmp_path, "torchrun")
+    assert argv[:5] == ["--nproc-per-node", "2", "--standalone", "--max-restarts", "2"]
+    assert argv[5:] == [os.path.join(REPO, "examples/pretrain_simpo.sh"), "--mock-data"]
+
+
+def test_slurm_script_passes_the_time_limit_warning_on_and_requeues(tmp_path):
+    """Slurm signals the batch shell (--signal=B:TERM@120): it must reach srun (and so the
+    training processes, which save), and the job must requeue itself to resume."""
+    stubs = _stub_bin(tmp_path)
+    log = tmp_path / "log"
+    # srun: the warning arrives while it runs; it records the TERM it is passed and ends.
+    (Path(stubs) / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        "trap 'echo TERM >> \"$STUB_LOG.srun\"; exit 0' TERM\n"
+        "kill -TERM $PPID\n"
+        "for _ in $(seq 300); do sleep 0.1; done\n"
+        "exit 1\n"
+    )
+    (Path(stubs) / "scontrol").write_text(
+        '#!/usr/bin/env bash\nif [ "$1" = show ]; then printf "node-a\\n"; else echo "$@" >> "$STUB_LOG.scontrol"; fi\n'
+    )
+    for name in ("srun", "scontrol"):
+        (Path(stubs) / name).chmod(0o755)
+    env = {
+        "PATH": os.pathsep.join([stubs, "/usr/bin", "/bin"]),
+        "STUB_LOG": str(log),
+        "SLURM_JOB_NODELIST": "node-a",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_ID": "41",
+        "SLURM_SUBMIT_DIR": REPO,
+        "CKPT_DIR": str(tmp_path / "ckpt"),
+    }
+    proc = subprocess.run(
+        ["bash", os.path.join(REPO, "examples/slurm/sbatch_simpo.sh")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "log.srun").read_text() == "TERM\n"
+    assert (tmp_path / "log.scontrol").read_text() == "requeue 41\n"
+    assert "requeueing job 41" in proc.stdout
