@@ -7,6 +7,7 @@ sequences 3i, 3i+1, 3i+2. The prompt starts with BOS and each response ends with
 """
 
 import os
+import struct
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,6 +22,25 @@ def check_prefix_exists(prefix: str) -> None:
     missing = [p for p in (get_bin_path(prefix), get_idx_path(prefix)) if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"dataset prefix {prefix!r}: missing {', '.join(missing)}")
+
+
+def _open_indexed(prefix: str) -> IndexedDataset:
+    """The indexed dataset of ``prefix``; ValueError naming the file for a damaged or truncated
+    .idx, or a .bin shorter than its index says (which would otherwise fail deep in a step)."""
+    idx, bin_path = get_idx_path(prefix), get_bin_path(prefix)
+    try:
+        indexed = IndexedDataset(prefix)
+    except (AssertionError, ValueError, struct.error, OSError) as e:
+        raise ValueError(f"{idx}: damaged or truncated index ({e}); preprocess the data again") from e
+    index = indexed.index
+    if index.sequence_count:
+        needed = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+        size = os.path.getsize(bin_path)
+        if size < needed:
+            raise ValueError(
+                f"{bin_path}: truncated ({size} bytes, its index {idx} needs {needed}); preprocess the data again"
+            )
+    return indexed
 
 
 def _check_lengths(seq_length: int, max_prompt_length: int | None) -> None:
@@ -89,7 +109,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         self.prefix = prefix
         self.seq_length = seq_length
         self.max_prompt_length = max_prompt_length
-        self.indexed = IndexedDataset(prefix)
+        self.indexed = _open_indexed(prefix)
 
         num_pairs = len(self.indexed.document_indices) - 1
         if not np.array_equal(self.indexed.document_indices, np.arange(0, 3 * num_pairs + 1, 3)):
