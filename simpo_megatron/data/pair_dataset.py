@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset, get_bin_path, get_idx_path
 
 from simpo_megatron.data.batch import PairSample
 
@@ -28,10 +28,8 @@ def _open_indexed(prefix: str) -> IndexedDataset:
     """The indexed dataset of ``prefix``; ValueError naming the file for a damaged or truncated
     .idx, or a .bin shorter than its index says (which would otherwise fail deep in a step)."""
     idx, bin_path = get_idx_path(prefix), get_bin_path(prefix)
-    try:
-        indexed = IndexedDataset(prefix)
-    except (AssertionError, ValueError, struct.error, OSError) as e:
-        raise ValueError(f"{idx}: damaged or truncated index ({e}); preprocess the data again") from e
+    _check_index_file(idx)  # before IndexedDataset, which fails unclearly on a bad one
+    indexed = IndexedDataset(prefix)
     index = indexed.index
     if index.sequence_count:
         needed = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
@@ -41,6 +39,26 @@ def _open_indexed(prefix: str) -> IndexedDataset:
                 f"{bin_path}: truncated ({size} bytes, its index {idx} needs {needed}); preprocess the data again"
             )
     return indexed
+
+
+def _check_index_file(idx: str) -> None:
+    """The header of a (non-multimodal) megatron .idx, and its size from the counts it holds:
+    int32 lengths and int64 pointers per sequence, int64 document indices."""
+    header_size = len(_INDEX_HEADER) + 8 + 1 + 8 + 8
+    with open(idx, "rb") as fh:
+        head = fh.read(header_size)
+    problem = None
+    if len(head) < header_size:
+        problem = "shorter than its header"
+    elif head[: len(_INDEX_HEADER)] != _INDEX_HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
+        problem = "not a megatron index (bad header or version)"
+    else:
+        sequences, documents = struct.unpack("<QQ", head[18:34])
+        needed = header_size + sequences * (4 + 8) + documents * 8
+        if os.path.getsize(idx) < needed:
+            problem = f"truncated ({os.path.getsize(idx)} bytes, its header's counts need {needed})"
+    if problem:
+        raise ValueError(f"{idx}: damaged index, {problem}; preprocess the data again")
 
 
 def _check_lengths(seq_length: int, max_prompt_length: int | None) -> None:
