@@ -31,31 +31,38 @@ def current_phase() -> str:
     return _phase
 
 
-def _collective_and_caller(exc: BaseException) -> tuple[str | None, str | None]:
-    """The torch.distributed function ``exc`` was raised in, and the innermost caller in this
-    package (file:line), from its traceback."""
-    collective = caller = None
+def _collective_and_callers(exc: BaseException) -> tuple[str | None, list[str]]:
+    """The torch.distributed function ``exc`` was raised in, and the innermost frames of this
+    package and of megatron-core that led there (file:line (function)), from its traceback."""
+    collective, callers = None, {}
     for frame in traceback.extract_tb(exc.__traceback__):
         path = frame.filename.replace(os.sep, "/")
         if path.endswith("torch/distributed/distributed_c10d.py"):
             collective = frame.name
-        elif "/simpo_megatron/" in path:
-            caller = f"{path[path.rindex('/simpo_megatron/') + 1 :]}:{frame.lineno} ({frame.name})"
-    return collective, caller
+            continue
+        for package in ("/simpo_megatron/", "/megatron/core/"):
+            if package in path:
+                callers[package] = f"{path[path.rindex(package) + 1 :]}:{frame.lineno} ({frame.name})"
+    return collective, list(callers.values())
 
 
 def collective_failure_message(exc: BaseException) -> str | None:
     """The user-facing message for ``exc`` if it is a failed collective, else None."""
     if not isinstance(exc, RuntimeError):
         return None
-    collective, caller = _collective_and_caller(exc)
+    collective, callers = _collective_and_callers(exc)
     is_dist_error = isinstance(exc, getattr(dist, "DistError", ()))
     if collective is None and not (is_dist_error or any(m in str(exc) for m in _TRANSPORT_MARKERS)):
         return None
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-    what = f"torch.distributed.{collective}" if collective else "a collective"
-    where = f", called from {caller}" if caller else ""
+    if collective is None:
+        what = "a collective"
+    elif collective.startswith("_"):  # e.g. _coalescing_manager: a batch of collectives
+        what = f"a batch of collectives (torch.distributed.{collective})"
+    else:
+        what = f"torch.distributed.{collective}"
+    where = f", called from {' via '.join(callers)}" if callers else ""
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (
         f"rank {rank} of {world}: {what}{where} failed while {_phase}: {detail}. Another rank hung or died "

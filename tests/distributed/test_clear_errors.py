@@ -195,3 +195,38 @@ def test_damaged_files_and_a_full_disk_stop_with_a_message_naming_the_file(capfd
     assert err.count(message) == 2
     assert [f for f in out["listing"] if f != "metrics.jsonl"] == [ckpt, TRACKER]  # the partial write is gone
     assert (out["resumed"], out["resumed_tracker"]) == (0, "3")
+
+
+# ---------------------------------------------------------------------------- a rank that hangs
+TIMEOUT_MINUTES = 0.1  # 6 s
+
+
+def _one_rank_hangs() -> int:
+    """``main`` with rank 1 asleep before its first step, past --distributed-timeout-minutes."""
+    import time
+
+    import torch.distributed as dist
+
+    from simpo_megatron.training import loop
+
+    step = loop.train_step
+
+    def late_step(*args, **kwargs):
+        if dist.get_rank() == 1:
+            time.sleep(2 * TIMEOUT_MINUTES * 60)
+        return step(*args, **kwargs)
+
+    loop.train_step = late_step
+    return loop.main([*TINY, *BATCH, "--mock-data", "--distributed-timeout-minutes", str(TIMEOUT_MINUTES)])
+
+
+def test_a_rank_that_hangs_stops_the_run_with_a_message_naming_rank_and_collective(capfd):
+    codes = run_distributed(_one_rank_hangs, 2)
+    err = capfd.readouterr().err
+    assert codes == [1, 1], err[-3000:]
+    waiting = [line for line in err.splitlines() if line.startswith("error: rank 0 of 2: ")]
+    assert len(waiting) == 1, err[-3000:]
+    assert "torch.distributed." in waiting[0] and "failed while training iteration 1: " in waiting[0]
+    assert "Timed out" in waiting[0] and "raise --distributed-timeout-minutes" in waiting[0]
+    assert "error: rank 1 of 2: " in err  # the late rank finds its peer gone, and says so too
+    assert "Traceback" not in err
