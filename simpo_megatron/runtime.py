@@ -228,12 +228,13 @@ class ParallelLayout:
 def initialize_distributed(
     layout: ParallelLayout,
     seed: int = 1234,
-    timeout_minutes: int = 10,
+    timeout_minutes: float = 10,
 ) -> None:
     """Start torch.distributed (nccl with CUDA, gloo without) and megatron's parallel state.
 
     Reads RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT as torchrun sets them;
-    a plain ``python`` run is a world of one.
+    a plain ``python`` run is a world of one. ``timeout_minutes`` bounds every collective
+    (the world's and megatron's groups): a rank waiting longer for the others raises.
     """
     from megatron.core import parallel_state
 
@@ -263,6 +264,7 @@ def initialize_distributed(
             pipeline_model_parallel_size=layout.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
             context_parallel_size=layout.context_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
         )
     set_seed(seed)
 

@@ -208,6 +208,11 @@ class ParallelConfig:
     use_distributed_optimizer: bool = _opt(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
     overlap_grad_reduce: bool = _opt(False, "Overlap the data-parallel gradient reduce with backward.")
     overlap_param_gather: bool = _opt(False, "Overlap the distributed optimizer's parameter all-gather.")
+    distributed_timeout_minutes: float = _opt(
+        10.0,
+        "How long a collective may wait for the other ranks before the run stops with an error naming "
+        "the rank and what it was doing (a rank that hangs or died); fractions allowed.",
+    )
 
     @property
     def model_parallel_size(self) -> int:
@@ -321,6 +326,11 @@ class CheckpointConfig:
     save: str | None = _opt(None, "Directory to save checkpoints to.")
     load: str | None = _opt(None, "Directory (or HF model directory) to load from.")
     save_interval: int | None = _opt(None, "Save every this many iterations.")
+    async_save: bool = _opt(
+        False,
+        "Write checkpoints in a background process while training goes on; a checkpoint counts (the "
+        "tracker names it) only once every rank's write is complete.",
+    )
     no_load_optim: bool = _opt(False, "Do not load optimizer state.")
     no_load_rng: bool = _opt(False, "Do not load RNG state.")
     finetune: bool = _opt(False, "Load weights only and start at iteration 0.")

@@ -118,6 +118,8 @@ def _check_parallel(par: ParallelConfig) -> None:
         raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1")
     if par.overlap_param_gather and not par.use_distributed_optimizer:
         raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer")
+    if not par.distributed_timeout_minutes > 0:
+        raise ConfigError(f"--distributed-timeout-minutes must be > 0, got {par.distributed_timeout_minutes}")
 
 
 def validate_data(data: DataConfig) -> None:
@@ -162,6 +164,8 @@ def _check_optimizer(opt: OptimizerConfig) -> None:
 
 
 def _check_checkpoint(ckpt: CheckpointConfig) -> None:
+    if ckpt.async_save and not ckpt.save:
+        raise ConfigError("--async-save needs --save")
     if ckpt.save_interval is not None and ckpt.save_interval < 1:
         raise ConfigError(f"--save-interval must be >= 1, got {ckpt.save_interval}")
     for name in ("keep_last_checkpoints", "keep_checkpoint_every", "exit_interval"):

@@ -7,11 +7,12 @@ sequences 3i, 3i+1, 3i+2. The prompt starts with BOS and each response ends with
 """
 
 import os
+import struct
 from collections.abc import Sequence
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
+from megatron.core.datasets.indexed_dataset import _INDEX_HEADER, IndexedDataset, get_bin_path, get_idx_path
 
 from simpo_megatron.data.batch import PairSample
 
@@ -21,6 +22,43 @@ def check_prefix_exists(prefix: str) -> None:
     missing = [p for p in (get_bin_path(prefix), get_idx_path(prefix)) if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"dataset prefix {prefix!r}: missing {', '.join(missing)}")
+
+
+def _open_indexed(prefix: str) -> IndexedDataset:
+    """The indexed dataset of ``prefix``; ValueError naming the file for a damaged or truncated
+    .idx, or a .bin shorter than its index says (which would otherwise fail deep in a step)."""
+    idx, bin_path = get_idx_path(prefix), get_bin_path(prefix)
+    _check_index_file(idx)  # before IndexedDataset, which fails unclearly on a bad one
+    indexed = IndexedDataset(prefix)
+    index = indexed.index
+    if index.sequence_count:
+        needed = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * index.dtype_size
+        size = os.path.getsize(bin_path)
+        if size < needed:
+            raise ValueError(
+                f"{bin_path}: truncated ({size} bytes, its index {idx} needs {needed}); preprocess the data again"
+            )
+    return indexed
+
+
+def _check_index_file(idx: str) -> None:
+    """The header of a (non-multimodal) megatron .idx, and its size from the counts it holds:
+    int32 lengths and int64 pointers per sequence, int64 document indices."""
+    header_size = len(_INDEX_HEADER) + 8 + 1 + 8 + 8
+    with open(idx, "rb") as fh:
+        head = fh.read(header_size)
+    problem = None
+    if len(head) < header_size:
+        problem = "shorter than its header"
+    elif head[: len(_INDEX_HEADER)] != _INDEX_HEADER or struct.unpack("<Q", head[9:17])[0] != 1:
+        problem = "not a megatron index (bad header or version)"
+    else:
+        sequences, documents = struct.unpack("<QQ", head[18:34])
+        needed = header_size + sequences * (4 + 8) + documents * 8
+        if os.path.getsize(idx) < needed:
+            problem = f"truncated ({os.path.getsize(idx)} bytes, its header's counts need {needed})"
+    if problem:
+        raise ValueError(f"{idx}: damaged index, {problem}; preprocess the data again")
 
 
 def _check_lengths(seq_length: int, max_prompt_length: int | None) -> None:
@@ -89,7 +127,7 @@ class PreferencePairDataset(torch.utils.data.Dataset):
         self.prefix = prefix
         self.seq_length = seq_length
         self.max_prompt_length = max_prompt_length
-        self.indexed = IndexedDataset(prefix)
+        self.indexed = _open_indexed(prefix)
 
         num_pairs = len(self.indexed.document_indices) - 1
         if not np.array_equal(self.indexed.document_indices, np.arange(0, 3 * num_pairs + 1, 3)):

@@ -18,10 +18,16 @@ the end.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import functools
 import os
+import pickle
 import random
+import re
 import shutil
 from contextlib import ExitStack, contextmanager
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +37,10 @@ from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.dict_utils import nested_values
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from torch.distributed.checkpoint import FileSystemReader
 
 from simpo_megatron.checkpoint_format import (  # noqa: F401 - public API of this module
     FORMAT_VERSION,
@@ -43,6 +51,7 @@ from simpo_megatron.checkpoint_format import (  # noqa: F401 - public API of thi
 )
 from simpo_megatron.fsutil import atomic_write_text, publish
 from simpo_megatron.hf import is_hf_checkpoint, load_hf_weights, save_hf_config
+from simpo_megatron.training.collective_errors import set_phase
 from simpo_megatron.training.monitor import print_rank_last
 from simpo_megatron.training.retention import prune_checkpoints
 
@@ -62,6 +71,50 @@ def _check_model_shapes(ckpt: str, sharded: dict) -> None:
                 "in this run; pass the checkpoint's --num-layers, --hidden-size, --ffn-hidden-size, "
                 "--num-attention-heads, --num-query-groups and --kv-channels"
             )
+
+
+def _check_checkpoint_files(ckpt: str) -> None:
+    """Refuse a checkpoint whose files are missing or shorter than its index says, naming the
+    file (at start: the load itself would fail deep inside torch.distributed.checkpoint)."""
+    for name in ("metadata.json", "common.pt", ".metadata"):
+        if not os.path.isfile(os.path.join(ckpt, name)):
+            raise CheckpointError(f"{os.path.join(ckpt, name)} is missing: {ckpt} is incomplete or damaged{_EARLIER}")
+    try:
+        metadata = FileSystemReader(ckpt).read_metadata()
+    except Exception as e:  # noqa: BLE001 - an unpickling error of any kind
+        raise CheckpointError(f"{os.path.join(ckpt, '.metadata')} is damaged ({e!r}){_EARLIER}") from e
+    needed: dict[str, int] = {}
+    for info in (metadata.storage_data or {}).values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for relative, end in sorted(needed.items()):
+        path = os.path.join(ckpt, relative)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing: {ckpt} is incomplete or damaged{_EARLIER}")
+        if os.path.getsize(path) < end:
+            raise CheckpointError(
+                f"{path} is truncated ({os.path.getsize(path)} bytes, the checkpoint's index needs {end}){_EARLIER}"
+            )
+
+
+# What a damaged checkpoint's message suggests.
+_EARLIER = f"; resume from an earlier checkpoint (write its iteration to {TRACKER_FILE}) or start afresh"
+
+
+@contextlib.contextmanager
+def _reading(ckpt: str):
+    """A checkpoint file that cannot be read (corrupted: same size, bad bytes) as CheckpointError
+    naming the checkpoint, instead of an unpickling error deep in torch."""
+    try:
+        yield
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        unreadable = _find_exception(e, (EOFError, pickle.UnpicklingError, OSError, zipfile.BadZipFile))
+        if unreadable is None and "PytorchStreamReader" not in str(e):
+            raise
+        lines = str(e).strip().splitlines()  # torch's CheckpointException ends with the rank's error
+        cause = _first_line(unreadable) if unreadable is not None else (lines[-1] if lines else type(e).__name__)
+        raise CheckpointError(f"reading {ckpt} failed, its files are damaged ({cause}){_EARLIER}") from e
 
 
 def _layout() -> dict[str, int]:
@@ -164,6 +217,7 @@ def save_checkpoint(
     config_dict: dict | None = None,
     weights_only: bool = False,
     optim_fully_reshardable: bool = False,
+    async_queue: AsyncCallsQueue | None = None,
 ) -> str:
     """Save ``state`` (a TrainState) as ``root/iter_<iteration>``; collective over all ranks.
 
@@ -173,17 +227,29 @@ def save_checkpoint(
     load on another TP/PP layout (by default it reshards over DP only, as in Megatron-LM).
     Returns the checkpoint directory. Saving an iteration that
     the tracker already names is a no-op (e.g. the final save right after an interval save).
+
+    With ``async_queue`` the shards are written by a background process and the call returns
+    once it has started; the checkpoint is renamed into place and the tracker written by the
+    queue's finalization (``maybe_finalize_async_calls``, collective) once every rank's write
+    is complete. Until then ``--load`` finds the previous checkpoint. A write that fails (a full disk) raises
+    CheckpointError naming the directory, here or at finalization, and leaves the previous
+    checkpoint and the tracker as they were.
     """
     iteration = state.iteration
     final = checkpoint_dir(root, iteration)
     if read_tracker(root) == iteration and os.path.isdir(final):
         return final
     tmp = final + ".tmp"
+    set_phase(f"saving the checkpoint of iteration {iteration}")
+    failed = None
     if dist.get_rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    dist.barrier()
+        try:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        except OSError as e:
+            failed = e
+    _raise_if_any_rank_failed(failed, root, tmp)
 
     sharded = _model_sharded_state_dict(state.model)
     if not weights_only:
@@ -200,16 +266,133 @@ def save_checkpoint(
     sharded["format_version"] = FORMAT_VERSION
     if config_dict is not None:
         sharded["config"] = config_dict
-    dist_checkpointing.save(sharded, tmp)
-    dist.barrier()
-
-    if dist.get_rank() == 0:
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        publish(tmp, final)
-        atomic_write_text(os.path.join(root, TRACKER_FILE), str(iteration))
-    dist.barrier()
+    with _naming_failed_writes(root, tmp):
+        request = dist_checkpointing.save(sharded, tmp, async_sharded_save=async_queue is not None)
+    if async_queue is None:
+        _publish_checkpoint(root, iteration)
+    else:
+        # megatron-core's finalization (gather every rank's write result, write the metadata),
+        # then ours, all under one error translation.
+        finalize = functools.partial(_finalize_async_save, list(request.finalize_fns), root, iteration)
+        async_queue.schedule_async_request(request._replace(finalize_fns=[finalize]))
     return final
+
+
+def _finalize_async_save(finalize_fns: list, root: str, iteration: int) -> None:
+    tmp = checkpoint_dir(root, iteration) + ".tmp"
+    set_phase(f"completing the asynchronous save of iteration {iteration}")
+    with _naming_failed_writes(root, tmp):
+        for fn in finalize_fns:
+            fn()
+    _publish_checkpoint(root, iteration)
+
+
+def _publish_checkpoint(root: str, iteration: int) -> None:
+    """Rename the finished ``iter_XXXXXXX.tmp`` into place, then point the tracker to it (rank 0,
+    after a barrier: every rank's shards are written). Collective; a failure raises on every rank."""
+    final = checkpoint_dir(root, iteration)
+    tmp = final + ".tmp"
+    dist.barrier()
+    failed = None
+    if dist.get_rank() == 0:
+        try:
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            publish(tmp, final)
+            atomic_write_text(os.path.join(root, TRACKER_FILE), str(iteration))
+        except OSError as e:
+            failed = e
+    _raise_if_any_rank_failed(failed, root, tmp)
+
+
+def _save_failure_message(error: BaseException, root: str, tmp: str) -> str:
+    where = f"the checkpoint {tmp}"
+    previous = read_tracker(root)
+    kept = (
+        f"{os.path.join(root, TRACKER_FILE)} still names iteration {previous}, which --load resumes from"
+        if previous is not None
+        else "the previous checkpoint, if any, is untouched"
+    )
+    os_error = _find_oserror(error)
+    no_space = os_error is not None and os_error.errno == errno.ENOSPC
+    cause = "no space left on device" if no_space else _first_line(os_error or error)
+    fix = "Free space or point --save at another file system, then restart" if no_space else "Fix it, then restart"
+    return f"saving {where} failed: {cause}; {kept}. {fix}"
+
+
+def _find_oserror(error: BaseException | None) -> OSError | None:
+    """The OSError behind ``error``; from its text when it crossed a process boundary (a writer
+    process's exception reaches this one as text in a RuntimeError, "[Errno 28] ...")."""
+    found = _find_exception(error, OSError)
+    if found is not None:
+        return found
+    match = re.search(r"\[Errno (\d+)\] ([^:'\n]+)", _all_text(error))
+    return OSError(int(match[1]), match[2].strip()) if match else None
+
+
+def _all_text(error: BaseException | None) -> str:
+    texts = []
+    _find_exception(error, (), visit=lambda e: texts.append(str(e)))
+    return "\n".join(texts)
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def _find_exception(error: BaseException | None, types, visit=None) -> BaseException | None:
+    """The first exception of ``types`` among ``error``'s causes (megatron-core and torch wrap a
+    worker's exception: ``__cause__`` / ``__context__``, and torch's per-rank ``failures``)."""
+    seen = set()
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if isinstance(e, tuple):  # torch's (exception, traceback) pairs
+            stack += list(e)
+            continue
+        if not isinstance(e, BaseException) or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if visit is not None:
+            visit(e)
+        if isinstance(e, types):
+            return e
+        stack += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            stack += list(failures.values())
+    return None
+
+
+@contextlib.contextmanager
+def _naming_failed_writes(root: str, tmp: str):
+    """Turn a failed checkpoint write (an OSError, however megatron-core and torch wrap it)
+    into a CheckpointError that names the directory and says what --load resumes from."""
+    try:
+        yield
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException is a BaseException
+        if _find_oserror(e) is None:
+            raise
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # the space a partial write holds
+        raise CheckpointError(_save_failure_message(e, root, tmp)) from e
+
+
+def _raise_if_any_rank_failed(error: OSError | None, root: str, tmp: str) -> None:
+    """Raise on every rank when ``error`` happened on one (so that none waits in a collective)."""
+    flag = torch.tensor([0 if error is None else 1], dtype=torch.int32)
+    if torch.cuda.is_available():
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is None:
+            raise CheckpointError(f"saving the checkpoint {tmp} failed on rank 0 (see its message)")
+        raise CheckpointError(_save_failure_message(error, root, tmp)) from error
 
 
 def _restore_adam_steps(inner) -> None:
@@ -277,7 +460,9 @@ def load_checkpoint(
         ckpt = root
     else:
         raise CheckpointError(f"no checkpoint under {root!r}: {TRACKER_FILE} is missing")
-    common = dist_checkpointing.load_common_state_dict(ckpt)
+    _check_checkpoint_files(ckpt)
+    with _reading(ckpt):
+        common = dist_checkpointing.load_common_state_dict(ckpt)
     if iteration is None:
         iteration = common["iteration"]
     saved_vocab, vocab = common.get("padded_vocab_size"), _padded_vocab_size(state.model)
@@ -328,7 +513,8 @@ def load_checkpoint(
         sharded["optimizer"] = state.optimizer.sharded_state_dict(sharded, is_loading=True, metadata=metadata)
     if load_rng:
         sharded["rng_state"] = _rng_sharded_object(None)
-    loaded = dist_checkpointing.load(sharded, ckpt, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
+    with _reading(ckpt):
+        loaded = dist_checkpointing.load(sharded, ckpt, strict=StrictHandling.ASSUME_OK_UNEXPECTED)
 
     chunks = [m.module if hasattr(m, "module") else m for m in state.model]
     for i, chunk in enumerate(chunks):
@@ -405,6 +591,10 @@ class Checkpointer:
         self.save_dir = cfg.checkpoint.save
         self.config_dict = config_to_dict(cfg)
         self._resumed_from: int | None = None  # never deleted by retention
+        # --async-save: megatron-core's queue of background writes (each a forked process), and
+        # the iterations of those not yet complete, oldest first.
+        self._async_queue = AsyncCallsQueue() if cfg.checkpoint.async_save and self.save_dir else None
+        self._pending: list[int] = []
 
     def start(self, state) -> Start:
         """Load what the run starts from into ``state``, and say what it was.
@@ -468,21 +658,51 @@ class Checkpointer:
         return None
 
     def save_final(self, state) -> str | None:
-        """The end-of-run save (a no-op when the interval save just wrote this iteration)."""
+        """The end-of-run save (a no-op when the interval save just wrote this iteration); with
+        --async-save it waits until every pending save is complete."""
         if not self.save_dir:
             return None
         path = self._save(state)
+        self.finalize_async_saves(blocking=True)
         print_rank_last(f"saved checkpoint {path}")
         return path
 
+    def finalize_async_saves(self, blocking: bool = False) -> list[int]:
+        """Complete the --async-save writes that have ended on every rank (all of them, waiting,
+        with ``blocking``): each is renamed into place and the tracker names the newest.
+
+        Returns the iterations whose checkpoints became complete, oldest first (only those may
+        be counted on, or old ones deleted for). A no-op without pending saves; otherwise
+        collective (the loop calls it on every rank at every iteration). A write that failed
+        raises CheckpointError, naming the directory.
+        """
+        if not self._pending:
+            return []
+        done = self._async_queue.maybe_finalize_async_calls(blocking=blocking)
+        completed, self._pending = self._pending[: len(done)], self._pending[len(done) :]
+        for iteration in completed:
+            print_rank_last(f"checkpoint of iteration {iteration} complete: {checkpoint_dir(self.save_dir, iteration)}")
+        if completed:
+            self.after_save()  # retention counts complete checkpoints only
+        return completed
+
     def _save(self, state) -> str:
+        if self._async_queue is not None:
+            if self._pending and self._pending[-1] == state.iteration:
+                return checkpoint_dir(self.save_dir, state.iteration)  # already being written
+            # One background write at a time: each holds a copy of the state in memory.
+            self.finalize_async_saves(blocking=True)
         path = save_checkpoint(
             self.save_dir,
             state,
             self.config_dict,
             optim_fully_reshardable=self.cfg.checkpoint.dist_ckpt_optim_fully_reshardable,
+            async_queue=self._async_queue,
         )
-        self.after_save()
+        if self._async_queue is not None and read_tracker(self.save_dir) != state.iteration:
+            self._pending.append(state.iteration)
+        else:
+            self.after_save()
         return path
 
     def after_save(self) -> list[int]:

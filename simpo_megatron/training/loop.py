@@ -32,6 +32,7 @@ from simpo_megatron.memory_estimate import device_budget, startup_report
 from simpo_megatron.model.fp8 import FP8UnavailableError, TransformerEngineUnavailableError, check_transformer_engine
 from simpo_megatron.runtime import destroy_distributed, initialize_distributed
 from simpo_megatron.training.checkpointing import Checkpointer, CheckpointError
+from simpo_megatron.training.collective_errors import collective_failure_message, set_phase
 
 # TrainingError is raised by the monitor; callers catch it as loop.TrainingError.
 from simpo_megatron.training.monitor import (
@@ -146,7 +147,9 @@ def pretrain(cfg: SimPOConfig) -> dict:
     cfg.validate(world_size)
     if cfg.model.transformer_impl == "transformer_engine":
         check_transformer_engine(cfg.model)  # before any process group: fail fast, on every rank
-    initialize_distributed(cfg.parallel_layout(), seed=cfg.optimizer.seed)
+    initialize_distributed(
+        cfg.parallel_layout(), seed=cfg.optimizer.seed, timeout_minutes=cfg.parallel.distributed_timeout_minutes
+    )
     notice = precision_notice(cfg, torch.cuda.is_available())
     if notice:
         print_rank_last(notice)
@@ -214,6 +217,8 @@ def _train(
         if eval_interval and state.iteration == 0:  # a baseline, so the curves show where learning started
             last_valid = _evaluate_and_record(cfg, state, data, monitor)
         while state.iteration < cfg.optimizer.train_iters:
+            set_phase(f"training iteration {state.iteration + 1}")
+            checkpointer.finalize_async_saves()
             batches = next(stream)
             start = time.perf_counter()
             result = train_step(cfg, state, batches)
@@ -243,6 +248,7 @@ def _train(
 
 
 def _evaluate_and_record(cfg: SimPOConfig, state: TrainState, data: DataSetup, monitor: MetricsProcessor):
+    set_phase(f"evaluating at iteration {state.iteration}")
     metrics = evaluate(cfg, state, data.valid, data.pad_id)
     monitor.record_eval(state.iteration, metrics)
     return metrics
@@ -261,12 +267,20 @@ USER_ERRORS = (
 
 
 def run_entry(body: Callable[[SimPOConfig], object], argv: list[str] | None = None) -> int:
-    """Parse flags (and --config), run ``body(cfg)``, and tear down; exit code 2 for a user error."""
+    """Parse flags (and --config), run ``body(cfg)``, and tear down; exit code 2 for a user error,
+    1 with a message naming the rank and the collective for a collective that failed (a rank
+    hung past --distributed-timeout-minutes, or died)."""
     try:
         body(load_config(argv))
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except RuntimeError as e:
+        message = collective_failure_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        return 1
     finally:
         if dist.is_initialized():
             destroy_distributed()
