@@ -196,8 +196,8 @@ def moe_config_kwargs(cfg: ModelConfig, layout: ParallelLayout) -> dict:
     Dropless routing (no capacity factor) with the softmax router: by default the softmax of
     the top-k logits, which is HF's softmax over all experts renormalized over the top k
     (Mixtral, Qwen3-MoE with norm_topk_prob); with ``moe_router_pre_softmax`` the top-k
-    probabilities of the full softmax as they are. megatron-core's own load-balancing loss
-    is off: ``model/moe.py`` adds HF's form of it to the preference loss.
+    probabilities of the full softmax as they are. megatron-core's load-balancing loss is
+    off: its per-layer form is not HF's (see ``model/moe.py``).
     """
     if cfg.num_experts is None:
         return {}
