@@ -146,7 +146,7 @@ def hf_config_to_overrides(hf_config: Mapping[str, Any], seq_length: int | None 
     if float(theta) != int(theta):
         raise HFConversionError(f"config.json: rope_theta {theta} is not an integer (--rotary-base is)")
     scalar = hf_config.get("query_pre_attn_scalar") if gemma else None
-    moe = _moe_fields(hf_config) if model_type in MOE_MODEL_TYPES else {}
+    moe = _moe_fields(hf_config) if model_type in MOE_MODEL_TYPES else dict(_DENSE)
     return dict(
         num_layers=_require(hf_config, "num_hidden_layers"),
         hidden_size=hidden,
@@ -176,6 +176,13 @@ def hf_config_to_overrides(hf_config: Mapping[str, Any], seq_length: int | None 
         **_window_fields(hf_config, seq_length),
         **moe,
     )
+
+
+# The mixture-of-experts fields of a dense model: their defaults.
+_DENSE = {
+    name: ModelConfig.__dataclass_fields__[name].default
+    for name in ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax")
+}
 
 
 def _moe_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
