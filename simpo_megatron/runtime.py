@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import random
@@ -107,6 +108,17 @@ def _splits_to_numpy(tensor, as_numpy: bool = False, record_stream: bool = False
     return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
 
 
+def _under_cpu_mode(fn):
+    """``fn`` run under a ``_CudaToCpuMode`` of its own (whatever thread calls it)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with _CudaToCpuMode():
+            return fn(*args, **kwargs)
+
+    return run
+
+
 class _CpuSupport:
     """Meets megatron-core's CUDA assumptions on the CPU, between ``enter()`` and ``exit()``.
 
@@ -170,6 +182,11 @@ class _CpuSupport:
         from megatron.core.transformer.moe import token_dispatcher
 
         self._replace(token_dispatcher, "maybe_move_tensor_to_cpu", _splits_to_numpy)
+        # Its all-to-all places its output with device=torch.cuda.current_device(), also when
+        # backward calls it, on autograd's thread, where the (thread-local) mode is not active.
+        from megatron.core.tensor_parallel.mappings import _AllToAll
+
+        self._replace(_AllToAll, "forward", staticmethod(_under_cpu_mode(_AllToAll.forward)))
         # The "CUDA" generator is the CPU one here, so the tracker's fork does change it, by design.
         self._log_filter = lambda record: "CPU RNG state changed" not in record.getMessage()
         logging.getLogger(tp_random.__name__).addFilter(self._log_filter)

@@ -42,6 +42,9 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 MODELS = ("qwen3", "qwen3_moe", "mixtral")
 LAYOUTS = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "ep2": (1, 1, 2)}  # name -> (TP, PP, EP)
+# One Adam step with the routers frozen. A large eps makes Adam's first update smooth in the
+# gradient (about lr x g / eps), not lr x sign(g), which rounding flips where g is near 0.
+STEP = dict(freeze_router=True, optimizer="adam", lr=0.05, adam_eps=1.0, weight_decay=0.0)
 SHAPE = dict(
     hidden_size=64,
     num_hidden_layers=2,
@@ -94,8 +97,22 @@ def _world1_worker(hf_dirs: dict, out: str, batches) -> dict:
     for name, hf_dir in hf_dirs.items():
         ckpt = import_hf_checkpoint(hf_dir, os.path.join(out, name))
         export_checkpoint(ckpt, os.path.join(out, f"{name}_hf"))
-        _, results[name] = _check(_config(hf_dir, 1, 1), ckpt, batches)
+        cfg = _config(hf_dir, 1, 1, **STEP) if name == "mixtral" else _config(hf_dir, 1, 1)
+        state, results[name] = _check(cfg, ckpt, batches)
+        if name == "mixtral":
+            results["step_loss"] = _step(cfg, state, batches, os.path.join(out, "mixtral_step"))
     return _by_value(results)
+
+
+def _step(cfg, state, batches, save: str) -> float | None:
+    """One optimizer step on ``batches`` (this rank's), saved under ``save``; its loss."""
+    from simpo_megatron.training.checkpointing import config_to_dict, save_checkpoint
+    from simpo_megatron.training.trainer import train_step
+
+    step = train_step(cfg, state, batches)
+    assert not step["skipped"]
+    save_checkpoint(save, state, config_dict=config_to_dict(cfg))
+    return None if step["metrics"] is None else step["metrics"]["loss"]
 
 
 def _layouts_worker(hf_dirs: dict, batches, save: str) -> dict:
@@ -117,6 +134,13 @@ def _layouts_worker(hf_dirs: dict, batches, save: str) -> dict:
             results[f"{layout}/{name}"] = result
             if ep > 1:
                 save_checkpoint(cfg.checkpoint.save, state, config_dict=config_to_dict(cfg))
+        if ep > 1:  # the Mixtral step of the world-1 run, its 2 micro-batches one per DP rank
+            cfg = _config(
+                hf_dirs["mixtral"], 1, 1, expert_model_parallel_size=2, use_distributed_optimizer=True, **STEP
+            )
+            state, _ = _check(cfg, hf_dirs["mixtral"], batches)
+            rank = parallel_state.get_data_parallel_rank()
+            results["step_loss"] = _step(cfg, state, batches[rank : rank + 1], os.path.join(save, "mixtral_step"))
     return _by_value(results)
 
 
@@ -160,18 +184,17 @@ def test_the_test_models_use_every_feature(hf_dirs, references, batches):
         assert (changed - references[name]["logits"]).abs().max() > 1e-2, (name, changes)
 
 
-def test_import_export_and_parity_tp1(hf_dirs, references, batches, tmp_path):
-    results = _last_stage(run_distributed(_world1_worker, 1, hf_dirs, str(tmp_path), batches))
+def test_import_export_and_parity_tp1(hf_dirs, references, world1):
+    out, results = world1
     for name, ref in references.items():
         assert_matches(results[name], ref, name)
-        assert_same_tensors(os.path.join(tmp_path, f"{name}_hf"), hf_dirs[name])
+        assert_same_tensors(os.path.join(out, f"{name}_hf"), hf_dirs[name])
 
 
-def test_parity_on_tp2_pp2_ep2_and_export_from_ep2(hf_dirs, references, batches, tmp_path):
+def test_parity_on_tp2_pp2_ep2_and_export_from_ep2(hf_dirs, references, world2, tmp_path):
     from simpo_megatron.training.hf_checkpoint import export_checkpoint
 
-    save = tmp_path / "save"
-    results = _last_stage(run_distributed(_layouts_worker, 2, hf_dirs, batches, str(save)))
+    save, results = world2
     for layout, (_, _, ep) in LAYOUTS.items():
         for name, ref in references.items():
             if not (ep > 1 and name == "qwen3"):
@@ -180,3 +203,36 @@ def test_parity_on_tp2_pp2_ep2_and_export_from_ep2(hf_dirs, references, batches,
         out = str(tmp_path / f"{name}_hf")
         export_checkpoint(str(save / name), out, hf_config_dir=hf_dirs[name])
         assert_same_tensors(out, hf_dirs[name])
+
+
+def test_step_with_frozen_router_is_the_same_on_ep2_with_the_distributed_optimizer(hf_dirs, world1, world2, tmp_path):
+    """One Adam step of Mixtral with --freeze-router: the routers keep their weights, the experts
+    move, and EP=2 x DP=2 with the distributed optimizer gives world 1's step."""
+    from simpo_megatron.training.hf_checkpoint import export_checkpoint
+
+    stepped = {}
+    for name, (root, results) in {"world1": world1, "ep2": world2}.items():
+        out = str(tmp_path / name)
+        export_checkpoint(str(root / "mixtral_step"), out, hf_config_dir=hf_dirs["mixtral"])
+        stepped[name] = (hf_tensors(out), results["step_loss"])
+    original = hf_tensors(hf_dirs["mixtral"])
+    (one, loss1), (two, loss2) = stepped["world1"], stepped["ep2"]
+    assert loss1 == pytest.approx(loss2, abs=1e-5)
+    for key, value in original.items():
+        torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=0, msg=key)
+        if key.endswith("gate.weight"):
+            assert torch.equal(one[key], value), key
+        elif "experts" in key:
+            assert (one[key] - value).abs().max() > 1e-4, key  # 100 x the tolerance above
+
+
+@pytest.fixture(scope="module")
+def world1(hf_dirs, batches, tmp_path_factory):
+    out = tmp_path_factory.mktemp("world1")
+    return out, _last_stage(run_distributed(_world1_worker, 1, hf_dirs, str(out), batches))
+
+
+@pytest.fixture(scope="module")
+def world2(hf_dirs, batches, tmp_path_factory):
+    save = tmp_path_factory.mktemp("world2")
+    return save, _last_stage(run_distributed(_layouts_worker, 2, hf_dirs, batches, str(save)))
