@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import os
 import random
@@ -102,6 +103,22 @@ class _NullStream:
         return 0.0
 
 
+def _splits_to_numpy(tensor, as_numpy: bool = False, record_stream: bool = False):
+    """megatron-core's ``maybe_move_tensor_to_cpu`` for tensors already on the CPU."""
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
+def _under_cpu_mode(fn):
+    """``fn`` run under a ``_CudaToCpuMode`` of its own (whatever thread calls it)."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with _CudaToCpuMode():
+            return fn(*args, **kwargs)
+
+    return run
+
+
 class _CpuSupport:
     """Meets megatron-core's CUDA assumptions on the CPU, between ``enter()`` and ``exit()``.
 
@@ -160,6 +177,16 @@ class _CpuSupport:
             self._replace(torch.cuda, name, value)
         self._replace(tp_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state())
         self._replace(tp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state))
+        # The MoE all-to-all dispatcher turns its split sizes into numpy arrays only when they
+        # leave a GPU; CPU tensors would reach all_to_all_single, which wants sequences of ints.
+        from megatron.core.transformer.moe import token_dispatcher
+
+        self._replace(token_dispatcher, "maybe_move_tensor_to_cpu", _splits_to_numpy)
+        # Its all-to-all places its output with device=torch.cuda.current_device(), also when
+        # backward calls it, on autograd's thread, where the (thread-local) mode is not active.
+        from megatron.core.tensor_parallel.mappings import _AllToAll
+
+        self._replace(_AllToAll, "forward", staticmethod(_under_cpu_mode(_AllToAll.forward)))
         # The "CUDA" generator is the CPU one here, so the tracker's fork does change it, by design.
         self._log_filter = lambda record: "CPU RNG state changed" not in record.getMessage()
         logging.getLogger(tp_random.__name__).addFilter(self._log_filter)
@@ -223,6 +250,7 @@ class ParallelLayout:
     context_parallel_size: int = 1
     sequence_parallel: bool = False
     cp_comm_type: str = "p2p"
+    expert_model_parallel_size: int = 1
 
 
 def initialize_distributed(
@@ -265,6 +293,7 @@ def initialize_distributed(
             virtual_pipeline_model_parallel_size=layout.virtual_pipeline_model_parallel_size,
             context_parallel_size=layout.context_parallel_size,
             distributed_timeout_minutes=timeout_minutes,
+            expert_model_parallel_size=layout.expert_model_parallel_size,
         )
     set_seed(seed)
 

@@ -101,6 +101,20 @@ class ModelConfig:
     rope_scaling_factor: float = _opt(8.0, "Llama-3.1 RoPE scaling factor.")
     untie_embeddings_and_output_weights: bool = _opt(True, "Separate input embedding and output layer.")
     add_qkv_bias: bool = _opt(False, "Bias on the QKV projection (Qwen2).")
+    qk_layernorm: bool = _opt(False, "RMSNorm on each query and key head before RoPE (Qwen3).")
+    num_experts: int | None = _opt(None, "Mixture of experts: routed experts per layer (default: a dense MLP).")
+    moe_ffn_hidden_size: int | None = _opt(None, "Hidden size of each expert's MLP (default: --ffn-hidden-size).")
+    moe_router_topk: int = _opt(2, "Experts each token is routed to.")
+    moe_router_pre_softmax: bool = _opt(
+        False,
+        "Route by the softmax over all experts and keep the top-k probabilities as they are "
+        "(Qwen3-MoE norm_topk_prob=false); default: the softmax of the top-k logits, i.e. "
+        "renormalized (Mixtral, Qwen3-MoE norm_topk_prob=true).",
+    )
+    moe_aux_loss_coeff: float = _opt(
+        0.0, "Weight of the router load-balancing loss added to the preference loss (HF's router_aux_loss_coef)."
+    )
+    freeze_router: bool = _opt(False, "Do not train the MoE routers (their weights keep their loaded values).")
     init_method_std: float = _opt(0.02, "Standard deviation of the weight initialization.")
     hidden_dropout: float = _opt(0.0, "Dropout on hidden states.")
     attention_dropout: float = _opt(0.0, "Dropout on attention probabilities.")
@@ -165,6 +179,8 @@ class ModelConfig:
         "recompute_method",
         "recompute_num_layers",
         "recompute_modules",
+        "moe_aux_loss_coeff",
+        "freeze_router",
     )
 
     @classmethod
@@ -204,6 +220,11 @@ class ParallelConfig:
         "--context-parallel-size > 1 (ring p2p, all-to-all over heads, or all-gather); the local "
         "layers always all-gather them.",
         ("p2p", "a2a", "allgather"),
+    )
+    expert_model_parallel_size: int = _opt(
+        1,
+        "Expert-parallel size: each MoE layer's experts are split over this many data-parallel "
+        "(x context-parallel) ranks, tokens sent to their experts and back.",
     )
     use_distributed_optimizer: bool = _opt(False, "Shard optimizer state over data-parallel ranks (ZeRO-1).")
     overlap_grad_reduce: bool = _opt(False, "Overlap the data-parallel gradient reduce with backward.")
@@ -499,6 +520,7 @@ class SimPOConfig:
             context_parallel_size=par.context_parallel_size,
             sequence_parallel=par.sequence_parallel,
             cp_comm_type=par.cp_comm_type,
+            expert_model_parallel_size=par.expert_model_parallel_size,
         )
 
     def virtual_pipeline_model_parallel_size(self) -> int | None:

@@ -108,10 +108,29 @@ def _check_model(model: ModelConfig) -> None:
         raise ConfigError("--fp8-format needs --transformer-impl transformer_engine")
     if model.fp8_param_gather and model.fp8_format is None:
         raise ConfigError("--fp8-param-gather needs --fp8-format")
+    if model.num_experts is not None:
+        _require_positive(model, "num_experts", "moe_router_topk")
+        if model.moe_router_topk > model.num_experts:
+            raise ConfigError(
+                f"--moe-router-topk ({model.moe_router_topk}) exceeds --num-experts ({model.num_experts})"
+            )
+        if model.moe_aux_loss_coeff:
+            raise ConfigError(
+                "--moe-aux-loss-coeff > 0 is not supported yet: the router load-balancing loss is not added to "
+                "the preference loss (an HF config.json with output_router_logits=true sets it: set it to false)"
+            )
+    elif model.freeze_router or model.moe_ffn_hidden_size is not None:
+        raise ConfigError("--freeze-router and --moe-ffn-hidden-size need --num-experts")
 
 
 def _check_parallel(par: ParallelConfig) -> None:
-    _require_positive(par, "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size")
+    _require_positive(
+        par,
+        "tensor_model_parallel_size",
+        "pipeline_model_parallel_size",
+        "context_parallel_size",
+        "expert_model_parallel_size",
+    )
     if par.sequence_parallel and par.tensor_model_parallel_size == 1:
         raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if par.num_layers_per_virtual_pipeline_stage is not None and par.pipeline_model_parallel_size < 2:
@@ -226,6 +245,18 @@ def _check_layout(cfg: SimPOConfig, world_size: int) -> None:
         raise ConfigError(
             f"layers per pipeline stage ({model.num_layers // pp}) is not divisible by "
             f"--num-layers-per-virtual-pipeline-stage ({per_vstage})"
+        )
+    ep = par.expert_model_parallel_size
+    if ep > 1 and model.num_experts is None:
+        raise ConfigError("--expert-model-parallel-size > 1 needs --num-experts")
+    if model.num_experts is not None and model.num_experts % ep != 0:
+        raise ConfigError(
+            f"--num-experts ({model.num_experts}) is not divisible by --expert-model-parallel-size ({ep})"
+        )
+    if (world_size // par.model_parallel_size * cp) % ep != 0:
+        raise ConfigError(
+            f"--expert-model-parallel-size ({ep}) must divide data-parallel size x --context-parallel-size "
+            f"({world_size // par.model_parallel_size * cp}): expert-parallel ranks are taken from those"
         )
     dp = cfg.data_parallel_size(world_size)
     if data.global_batch_size % (data.micro_batch_size * dp) != 0:

@@ -1,4 +1,5 @@
-"""Hugging Face config.json <-> the model section of a SimPOConfig (Llama, Mistral, Qwen2, Gemma-2).
+"""Hugging Face config.json <-> the model section of a SimPOConfig (Llama, Mistral, Qwen2, Qwen3,
+Gemma-2; the mixtures of experts Qwen3-MoE and Mixtral).
 
 Pure functions of dicts and configs. ``hf_config_to_overrides`` reads a config.json (of
 transformers 4 or 5) into model settings; ``to_hf_config`` writes the config.json of a model,
@@ -16,13 +17,18 @@ from typing import Any
 from simpo_megatron.config import ModelConfig, SimPOConfig
 from simpo_megatron.hf.errors import HFConversionError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gemma2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "qwen3_moe", "mixtral")
 ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral")
+_QK_NORM = ("qwen3", "qwen3_moe")  # RMSNorm on each query and key head
 _TIED_BY_DEFAULT = {"gemma2"}  # transformers' default tie_word_embeddings per model type
 
 # The model fields that describe its shape (what a checkpoint must record).
@@ -77,7 +83,7 @@ def _window_layers(hf_config: Mapping[str, Any]) -> list[bool]:
     model_type = hf_config.get("model_type")
     if model_type == "gemma2":
         return [i % 2 == 0 for i in range(n)]
-    if model_type == "qwen2":  # transformers 4: layers from max_window_layers on use the window
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):  # transformers 4: layers from max_window_layers on use the window
         first = hf_config.get("max_window_layers", 0) if hf_config.get("use_sliding_window") else n
         return [i >= first for i in range(n)]
     return [True] * n
@@ -140,6 +146,7 @@ def hf_config_to_overrides(hf_config: Mapping[str, Any], seq_length: int | None 
     if float(theta) != int(theta):
         raise HFConversionError(f"config.json: rope_theta {theta} is not an integer (--rotary-base is)")
     scalar = hf_config.get("query_pre_attn_scalar") if gemma else None
+    moe = _moe_fields(hf_config) if model_type in MOE_MODEL_TYPES else dict(_DENSE)
     return dict(
         num_layers=_require(hf_config, "num_hidden_layers"),
         hidden_size=hidden,
@@ -158,6 +165,7 @@ def hf_config_to_overrides(hf_config: Mapping[str, Any], seq_length: int | None 
         rope_scaling_factor=scaling if scaling is not None else 8.0,
         untie_embeddings_and_output_weights=not hf_config.get("tie_word_embeddings", model_type in _TIED_BY_DEFAULT),
         add_qkv_bias=model_type == "qwen2",
+        qk_layernorm=model_type in _QK_NORM,
         geglu=gemma,
         apply_layernorm_1p=gemma,
         sandwich_norm=gemma,
@@ -166,6 +174,45 @@ def hf_config_to_overrides(hf_config: Mapping[str, Any], seq_length: int | None 
         attn_logit_softcapping=hf_config.get("attn_logit_softcapping") if gemma else None,
         final_logit_softcapping=hf_config.get("final_logit_softcapping") if gemma else None,
         **_window_fields(hf_config, seq_length),
+        **moe,
+    )
+
+
+# The mixture-of-experts fields of a dense model: their defaults.
+_DENSE = {
+    name: ModelConfig.__dataclass_fields__[name].default
+    for name in ("num_experts", "moe_ffn_hidden_size", "moe_router_topk", "moe_router_pre_softmax")
+}
+
+
+def _moe_fields(hf_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The mixture-of-experts fields of a Qwen3-MoE or Mixtral config.json.
+
+    The load-balancing loss weight is ``router_aux_loss_coef`` when ``output_router_logits``
+    is on (HF and TRL add the loss only then), else 0.
+    """
+    mixtral = hf_config["model_type"] == "mixtral"
+    if not mixtral:
+        if hf_config.get("mlp_only_layers") or hf_config.get("decoder_sparse_step", 1) != 1:
+            raise HFConversionError(
+                "config.json: mlp_only_layers / decoder_sparse_step != 1 (dense layers among the MoE "
+                "layers) is not supported: every layer must be a MoE layer"
+            )
+    elif hf_config.get("router_jitter_noise"):
+        raise HFConversionError("config.json: router_jitter_noise != 0 is not supported")
+    # transformers 5 writes Qwen3-MoE's num_experts as num_local_experts too
+    experts = hf_config.get("num_local_experts") or _require(hf_config, "num_experts")
+    topk = _require(hf_config, "num_experts_per_tok")
+    if topk > experts:
+        raise HFConversionError(f"config.json: num_experts_per_tok={topk} > the {experts} experts")
+    renormalize = mixtral or bool(hf_config.get("norm_topk_prob", False))
+    coef = float(hf_config.get("router_aux_loss_coef") or 0.0) if hf_config.get("output_router_logits") else 0.0
+    return dict(
+        num_experts=experts,
+        moe_ffn_hidden_size=_require(hf_config, "intermediate_size" if mixtral else "moe_intermediate_size"),
+        moe_router_topk=topk,
+        moe_router_pre_softmax=not renormalize,
+        moe_aux_loss_coeff=coef,
     )
 
 
@@ -174,12 +221,17 @@ def hf_config_to_overrides(hf_config: Mapping[str, Any], seq_length: int | None 
 
 def hf_model_type(model: ModelConfig, base: Mapping[str, Any] | None = None) -> str:
     """The HF model_type of ``model``: ``base``'s (the original config.json), else the one its
-    fields describe (Gemma-2, Qwen2, Mistral or Llama); raises unless the fields fit it."""
+    fields describe (Gemma-2, Qwen2, Qwen3, Qwen3-MoE, Mixtral, Mistral or Llama); raises
+    unless the fields fit it."""
     model_type = (base or {}).get("model_type") or (
         "gemma2"
         if model.sandwich_norm
         else "qwen2"
         if model.add_qkv_bias
+        else ("qwen3_moe" if model.num_experts else "qwen3")
+        if model.qk_layernorm
+        else "mixtral"
+        if model.num_experts
         else "mistral"
         if model.sliding_window
         else "llama"
@@ -194,9 +246,14 @@ def hf_model_type(model: ModelConfig, base: Mapping[str, Any] | None = None) -> 
         sandwich_norm=gemma,
         scale_embeddings=gemma,
         add_qkv_bias=model_type == "qwen2",
+        qk_layernorm=model_type in _QK_NORM,
         normalization="RMSNorm",
         rotary_percent=1.0,
     )
+    if (model.num_experts is not None) != (model_type in MOE_MODEL_TYPES):
+        raise HFConversionError(f"num_experts={model.num_experts} does not fit model_type {model_type!r}")
+    if model_type == "mixtral" and model.moe_router_pre_softmax:
+        raise HFConversionError("moe_router_pre_softmax=True does not fit model_type 'mixtral' (it renormalizes)")
     for name, value in expected.items():
         if getattr(model, name) != value:
             raise HFConversionError(
@@ -264,6 +321,23 @@ def to_hf_config(
         out["hidden_act"] = "silu"
     if model_type == "llama":
         out.update(attention_bias=False, mlp_bias=False)
+    if model_type in _QK_NORM:
+        out["attention_bias"] = False
+    if model_type in MOE_MODEL_TYPES:
+        expert_size = model.moe_ffn_hidden_size or model.derived_ffn_hidden_size()
+        out.update(num_experts_per_tok=model.moe_router_topk)
+        if model_type == "mixtral":
+            out.update(num_local_experts=model.num_experts, intermediate_size=expert_size)
+        else:
+            out["num_local_experts" if "num_local_experts" in out else "num_experts"] = model.num_experts
+            out.update(
+                moe_intermediate_size=expert_size,
+                norm_topk_prob=not model.moe_router_pre_softmax,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            )
+        if model.moe_aux_loss_coeff:
+            out.update(output_router_logits=True, router_aux_loss_coef=model.moe_aux_loss_coeff)
     if model_type in ("mistral", "gemma2") or model.sliding_window is not None:
         out["sliding_window"] = model.sliding_window
         if "layer_types" in out or model.window_attn_skip_freq:

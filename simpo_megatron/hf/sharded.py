@@ -36,7 +36,8 @@ def load_into_model(chunks, get: Callable[[str, int | None], torch.Tensor]) -> N
 
     ``get(key, None)`` is the global tensor of a megatron checkpoint key; for a layer-stacked
     key (megatron's ``decoder.layers.*``, one leading axis per layer) ``get(key, layer)`` is
-    that layer's global tensor, so a pipeline stage reads only its own layers. The data of a
+    that layer's global tensor, so a pipeline stage reads only its own layers (for an expert
+    key, all experts of the layer stacked: ``[E, ...]``). The data of a
     ShardedTensor is a view of the parameter, so the copy fills the model.
     """
     with torch.no_grad():
@@ -45,14 +46,15 @@ def load_into_model(chunks, get: Callable[[str, int | None], torch.Tensor]) -> N
                 index = sh.global_slice()
                 layer = None
                 if sh.prepend_axis_num:
-                    if sh.prepend_axis_num != 1:
-                        raise HFConversionError(f"{sh.key}: {sh.prepend_axis_num} stacked axes (expected 1)")
+                    # 1: layers stacked; 2: layers, then experts (part of the layer's tensor)
+                    if sh.prepend_axis_num not in (1, 2):
+                        raise HFConversionError(f"{sh.key}: {sh.prepend_axis_num} stacked axes (expected 1 or 2)")
                     layer, index = index[0], index[1:]
                 try:
                     full = get(sh.key, layer)
                 except KeyError:
                     raise HFConversionError(f"no tensor for the model's {sh.key}") from None
-                shape = tuple(sh.global_shape[sh.prepend_axis_num :])
+                shape = tuple(sh.global_shape[1 if sh.prepend_axis_num else 0 :])
                 if tuple(full.shape) != shape:
                     raise HFConversionError(f"tensor {sh.key}: global shape {tuple(full.shape)}, the model has {shape}")
                 sh.data.copy_(full[index])

@@ -1,4 +1,5 @@
-"""Hugging Face tensors <-> megatron-core checkpoint tensors, for Llama, Mistral, Qwen2 and Gemma-2.
+"""Hugging Face tensors <-> megatron-core checkpoint tensors, for Llama, Mistral, Qwen2, Qwen3,
+Gemma-2, Qwen3-MoE and Mixtral.
 
 Pure functions of tensors and the model section of a config; no model, no process group.
 The Megatron side is megatron-core's *global* (unsharded) checkpoint layout: the keys and
@@ -16,10 +17,16 @@ layout that wrote or reads it:
        post_feedforward_layernorm          decoder.layers.mlp.linear_fc2.post_layernorm.weight)
     model.layers.N.mlp.{gate,up}_proj      decoder.layers.mlp.linear_fc1.weight = [gate; up] on dim 1
     model.layers.N.mlp.down_proj           decoder.layers.mlp.linear_fc2.weight
+    model.layers.N.self_attn.{q,k}_norm    decoder.layers.self_attention.{q,k}_layernorm.weight (Qwen3)
+    model.layers.N.mlp.gate (Qwen3-MoE) /  decoder.layers.mlp.router.weight  [L, E, h]
+      block_sparse_moe.gate (Mixtral)
+    ...experts.E.{gate,up}_proj / w1, w3   decoder.layers.mlp.experts.experts.linear_fc1.weight  [L, E, 2f, h]
+    ...experts.E.down_proj / w2            decoder.layers.mlp.experts.experts.linear_fc2.weight  [L, E, h, f]
     model.norm.weight                      decoder.final_layernorm.weight
     lm_head.weight                         output_layer.weight (untied models only)
 
-Layers are stacked on a leading axis (megatron's layer-wise checkpoint keys). All use
+Layers are stacked on a leading axis (megatron's layer-wise checkpoint keys), experts on a
+second one, global expert index (megatron-core's SequentialMLP; expert parallelism slices it). All use
 rotate-half RoPE, so q/k rows need no permutation; Gemma's (1 + weight) norms keep their
 weights as stored (``apply_layernorm_1p``). Anything that does not fit raises
 ``HFConversionError`` naming the tensor. The config.json side is ``config_mapping``.
@@ -47,6 +54,22 @@ MLP_NORM = _L + "mlp.linear_fc1.layer_norm_weight"
 FC1 = _L + "mlp.linear_fc1.weight"
 FC2 = _L + "mlp.linear_fc2.weight"
 POST_MLP_NORM = _L + "mlp.linear_fc2.post_layernorm.weight"
+Q_NORM = _L + "self_attention.q_layernorm.weight"
+K_NORM = _L + "self_attention.k_layernorm.weight"
+ROUTER = _L + "mlp.router.weight"
+EXPERT_FC1 = _L + "mlp.experts.experts.linear_fc1.weight"
+EXPERT_FC2 = _L + "mlp.experts.experts.linear_fc2.weight"
+
+
+def _moe_names(model: ModelConfig) -> tuple[str, str, str, str] | None:
+    """(router, experts prefix, gate and up, down) HF names of a MoE layer, or None if dense.
+    Qwen3-MoE: ``mlp.gate``, ``mlp.experts.E.{gate,up,down}_proj``; Mixtral (no QK norm):
+    ``block_sparse_moe.gate``, ``block_sparse_moe.experts.E.{w1,w3,w2}``."""
+    if model.num_experts is None:
+        return None
+    if model.qk_layernorm:
+        return "mlp.gate.weight", "mlp.experts.", ("gate_proj.weight", "up_proj.weight"), "down_proj.weight"
+    return "block_sparse_moe.gate.weight", "block_sparse_moe.experts.", ("w1.weight", "w3.weight"), "w2.weight"
 
 
 def _dims(model: ModelConfig) -> tuple[int, int, int, int, int]:
@@ -62,11 +85,14 @@ def _dims(model: ModelConfig) -> tuple[int, int, int, int, int]:
 
 def _layer_tensors(model: ModelConfig) -> dict[str, str]:
     """HF per-layer tensor suffix -> Megatron stacked key (QKV and gate/up fused separately)."""
-    names = {
-        "input_layernorm.weight": INPUT_NORM,
-        "self_attn.o_proj.weight": PROJ,
-        "mlp.down_proj.weight": FC2,
-    }
+    names = {"input_layernorm.weight": INPUT_NORM, "self_attn.o_proj.weight": PROJ}
+    moe = _moe_names(model)
+    if moe is None:
+        names["mlp.down_proj.weight"] = FC2
+    else:
+        names[moe[0]] = ROUTER
+    if model.qk_layernorm:
+        names.update({"self_attn.q_norm.weight": Q_NORM, "self_attn.k_norm.weight": K_NORM})
     if model.sandwich_norm:
         names.update(
             {
@@ -93,10 +119,20 @@ def hf_tensor_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
         "self_attn.k_proj.weight": (groups * d, h),
         "self_attn.v_proj.weight": (groups * d, h),
         "self_attn.o_proj.weight": (h, heads * d),
-        "mlp.gate_proj.weight": (f, h),
-        "mlp.up_proj.weight": (f, h),
-        "mlp.down_proj.weight": (h, f),
     }
+    moe = _moe_names(model)
+    if moe is None:
+        per_layer.update({"mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)})
+    else:
+        router, experts, (gate, up), down = moe
+        ef = model.moe_ffn_hidden_size or f
+        per_layer[router] = (model.num_experts, h)
+        for e in range(model.num_experts):
+            per_layer.update(
+                {f"{experts}{e}.{gate}": (ef, h), f"{experts}{e}.{up}": (ef, h), f"{experts}{e}.{down}": (h, ef)}
+            )
+    if model.qk_layernorm:
+        per_layer.update({"self_attn.q_norm.weight": (d,), "self_attn.k_norm.weight": (d,)})
     if model.sandwich_norm:
         per_layer.update({"pre_feedforward_layernorm.weight": (h,), "post_feedforward_layernorm.weight": (h,)})
     if model.add_qkv_bias:
@@ -152,11 +188,17 @@ def hf_layer_to_megatron(hf: Mapping[str, torch.Tensor], model: ModelConfig, lay
             dim=1,
         ).reshape(-1, *tail)
 
-    out = {
-        QKV + "weight": qkv("weight"),
-        FC1: torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]),
-        **{key: hf[p + suffix] for suffix, key in _layer_tensors(model).items()},
-    }
+    out = {QKV + "weight": qkv("weight"), **{key: hf[p + suffix] for suffix, key in _layer_tensors(model).items()}}
+    moe = _moe_names(model)
+    if moe is None:
+        out[FC1] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+    else:
+        _, experts, (gate, up), down = moe
+        ids = range(model.num_experts)
+        out[EXPERT_FC1] = torch.stack(
+            [torch.cat([hf[f"{p}{experts}{e}.{gate}"], hf[f"{p}{experts}{e}.{up}"]]) for e in ids]
+        )
+        out[EXPERT_FC2] = torch.stack([hf[f"{p}{experts}{e}.{down}"] for e in ids])
     if model.add_qkv_bias:
         out[QKV + "bias"] = qkv("bias")
     return out
@@ -216,7 +258,13 @@ def megatron_to_hf(
     vocab = model.vocab_size
     out = {"model.embed_tokens.weight": get(EMBEDDING)[:vocab]}
     qkv = {kind: get(QKV + kind) for kind in (("weight", "bias") if model.add_qkv_bias else ("weight",))}
-    fc1 = get(FC1)
+    moe = _moe_names(model)
+    if moe is None:
+        fc1 = get(FC1)
+    else:
+        _, experts, (gate, up), down = moe
+        ef = model.moe_ffn_hidden_size or f
+        expert_fc1, expert_fc2 = get(EXPERT_FC1), get(EXPERT_FC2)
     layer_keys = {suffix: get(key) for suffix, key in _layer_tensors(model).items()}
     for i in range(model.num_layers):
         p = f"model.layers.{i}."
@@ -225,7 +273,12 @@ def megatron_to_hf(
             parts = t[i].reshape(groups, (per_group + 2) * d, *tail).split([per_group * d, d, d], dim=1)
             for x, part in zip("qkv", parts):
                 out[f"{p}self_attn.{x}_proj.{kind}"] = part.reshape(-1, *tail)
-        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = fc1[i].split([f, f])
+        if moe is None:
+            out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = fc1[i].split([f, f])
+        else:
+            for e in range(model.num_experts):
+                out[f"{p}{experts}{e}.{gate}"], out[f"{p}{experts}{e}.{up}"] = expert_fc1[i, e].split([ef, ef])
+                out[f"{p}{experts}{e}.{down}"] = expert_fc2[i, e]
         for suffix, t in layer_keys.items():
             out[p + suffix] = t[i]
     out["model.norm.weight"] = get(FINAL_NORM)

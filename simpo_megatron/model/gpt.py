@@ -30,6 +30,7 @@ from simpo_megatron.config import ModelConfig
 from simpo_megatron.model.attention import SDPAttention
 from simpo_megatron.model.fp8 import check_transformer_engine, fp8_config_kwargs
 from simpo_megatron.model.layers import RMSNorm, RowParallelLinearWithPostNorm, softcap
+from simpo_megatron.model.moe import fix_router_gemm_without_te, freeze_routers
 from simpo_megatron.runtime import ParallelLayout, pipeline_communication_settings
 
 
@@ -150,6 +151,7 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout = ParallelLayout
         ),
         add_bias_linear=False,
         add_qkv_bias=cfg.add_qkv_bias,
+        qk_layernorm=cfg.qk_layernorm,
         softmax_scale=cfg.softmax_scale,
         window_size=window,
         window_attn_skip_freq=cfg.window_attn_skip_freq,
@@ -188,6 +190,32 @@ def transformer_config(cfg: ModelConfig, layout: ParallelLayout = ParallelLayout
         cuda_graph_scope=[],  # megatron-core 0.16.1's default, "full", is deprecated and warns
         **pipeline_communication_settings(layout),  # by the process group's backend
         **fp8_config_kwargs(cfg),
+        **moe_config_kwargs(cfg, layout),
+    )
+
+
+def moe_config_kwargs(cfg: ModelConfig, layout: ParallelLayout) -> dict:
+    """The TransformerConfig fields of a mixture-of-experts model (none for a dense one).
+
+    Dropless routing (no capacity factor) with the softmax router: by default the softmax of
+    the top-k logits, which is HF's softmax over all experts renormalized over the top k
+    (Mixtral, Qwen3-MoE with norm_topk_prob); with ``moe_router_pre_softmax`` the top-k
+    probabilities of the full softmax as they are. megatron-core's load-balancing loss is
+    off: its per-layer form is not HF's (see ``model/moe.py``).
+    """
+    if cfg.num_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=cfg.num_experts,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden_size or cfg.derived_ffn_hidden_size(),
+        moe_router_topk=cfg.moe_router_topk,
+        moe_router_pre_softmax=cfg.moe_router_pre_softmax,
+        moe_router_score_function="softmax",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_expert_capacity_factor=None,
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=layout.expert_model_parallel_size,
     )
 
 
@@ -199,12 +227,20 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
         check_transformer_engine(cfg)
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization=cfg.normalization)
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=cfg.num_experts, moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm
+        )
+    spec = get_gpt_layer_local_spec(
+        num_experts=cfg.num_experts, moe_grouped_gemm=False, normalization=cfg.normalization
+    )
     layer = spec.submodules
+    # The query and key norms (Qwen3) in fp32, as HF computes them.
+    qk_norm = RMSNorm if cfg.qk_layernorm else layer.self_attention.submodules.q_layernorm
     attention = dataclasses.replace(
         layer.self_attention,
-        submodules=dataclasses.replace(layer.self_attention.submodules, core_attention=SDPAttention),
+        submodules=dataclasses.replace(
+            layer.self_attention.submodules, core_attention=SDPAttention, q_layernorm=qk_norm, k_layernorm=qk_norm
+        ),
     )
     mlp = layer.mlp
     changes = {}
@@ -237,6 +273,8 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, padded_vocab_size: int
     ``cfg`` is the model section of a validated config; ``layout`` the parallel state it is built in.
     """
     config = transformer_config(cfg, layout)
+    if cfg.num_experts is not None:
+        fix_router_gemm_without_te()
     spec = layer_spec(cfg)
     vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
@@ -259,6 +297,8 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, padded_vocab_size: int
             vp_stage=stage,
         )
         model.logprob_chunk_size = cfg.logprob_chunk_size
+        if cfg.freeze_router:
+            freeze_routers(model)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)
