@@ -26,8 +26,8 @@ import pickle
 import random
 import re
 import shutil
-from contextlib import ExitStack, contextmanager
 import zipfile
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import numpy as np
