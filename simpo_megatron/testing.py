@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import queue as queue_module
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -48,7 +49,30 @@ def tiny_config(**overrides) -> SimPOConfig:
     return SimPOConfig.from_flat(values)
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+class _ParentFd:
+    """The parent's file descriptor ``fd`` as it is at ``Process.start``, sent to the child.
+
+    A forkserver's children inherit the forkserver's stdout and stderr, fixed when it started;
+    the workers write to the parent's current ones instead (where pytest's capture points).
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return (_detach, (DupFd(self.fd),))
+
+
+def _detach(dup) -> int:
+    return dup.detach()
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, stdio=()) -> None:
+    for target, fd in zip((1, 2), stdio):
+        os.dup2(fd, target)
+        os.close(fd)
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -64,6 +88,8 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     except BaseException:  # noqa: BLE001 - reported to the parent with its traceback
         queue.put((rank, False, traceback.format_exc()))
     finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
         from simpo_megatron.runtime import destroy_distributed
 
         try:
@@ -103,7 +129,11 @@ def run_distributed(fn: Callable, world_size: int, *args, timeout: float = 600) 
     ctx = _context()
     queue = ctx.Queue()
     procs = [
-        ctx.Process(target=_worker, args=(rank, world_size, port, fn, args, queue), daemon=False)
+        ctx.Process(
+            target=_worker,
+            args=(rank, world_size, port, fn, args, queue, (_ParentFd(1), _ParentFd(2))),
+            daemon=False,
+        )
         for rank in range(world_size)
     ]
     for p in procs:
