@@ -81,6 +81,9 @@ class _Checkpointer:
     def save_if_due(self, state):
         pass
 
+    def finalize_async_saves(self, blocking=False):
+        return []
+
     def save_final(self, state):
         self.saves.append(state.iteration)
         return f"iter_{state.iteration}"
