@@ -131,6 +131,25 @@ HF_CONFIGS["gemma2-9b-it.yaml"] = {
     "tie_word_embeddings": True,
 }
 
+HF_CONFIGS["qwen3-8b-simpo.yaml"] = {
+    "model_type": "qwen3",
+    "architectures": ["Qwen3ForCausalLM"],
+    "hidden_act": "silu",
+    "hidden_size": 4096,
+    "intermediate_size": 12288,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+}
+
 
 @functools.cache
 def recipe(name: str, *extra: str) -> SimPOConfig:
@@ -266,8 +285,11 @@ def test_recipes_match_what_the_hf_importer_reads(name):
     cfg = recipe(name, *run_flags(name))
     overrides = hf_config_to_overrides(HF_CONFIGS[name], seq_length=cfg.data.seq_length)
     assert {k: getattr(cfg.model, k) for k in MODEL_FIELDS} == {k: overrides[k] for k in MODEL_FIELDS}
-    # Megatron pads the vocabulary to a multiple of 128 x TP; these need no padding.
-    assert cfg.padded_vocab_size() == cfg.model.vocab_size
+    # Megatron pads the vocabulary to a multiple of 128 x TP (Qwen3's 151936 to 152064 at TP=2;
+    # the padded rows are masked out of the softmax); the others need no padding.
+    multiple = 128 * cfg.parallel.tensor_model_parallel_size
+    assert cfg.padded_vocab_size() == -(-cfg.model.vocab_size // multiple) * multiple
+    assert (cfg.padded_vocab_size() == cfg.model.vocab_size) == (name != "qwen3-8b-simpo.yaml")
 
 
 def test_gemma2_recipe_is_gemma2():
