@@ -12,6 +12,12 @@ the top-k changes transformers' own logits, so matching them tests each. One wor
 imports, exports (bit-exact) and checks each model; one world-2 spawn checks each on TP=2,
 PP=2 and EP=2 (DP=2), loading straight from the HF directory, and saves the EP=2 model, which
 is exported back exactly. The harness (batches, references, the checks) is test_hf_interop's.
+
+A second world-2 spawn trains Mixtral one Adam step (router not frozen) through the training loop
+from the HF directory on DP=2 padded, and on the same global batch packed, with the chunked
+log-prob head, on CP=2 and on CP=2 packed; each must give DP=2 padded's loss, metrics and
+gradients (Adam's first moment after one step is (1 - beta1) x gradient), experts' and
+routers' included, as in test_layouts.py.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import os
 
 import pytest
 import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,7 +43,7 @@ from test_hf_interop import (  # noqa: E402
     reference,
 )
 
-from simpo_megatron.testing import run_distributed  # noqa: E402
+from simpo_megatron.testing import run_distributed, tiny_config  # noqa: E402
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -236,3 +243,86 @@ def world1(hf_dirs, batches, tmp_path_factory):
 def world2(hf_dirs, batches, tmp_path_factory):
     save = tmp_path_factory.mktemp("world2")
     return save, _last_stage(run_distributed(_layouts_worker, 2, hf_dirs, batches, str(save)))
+
+
+# name -> (CP, config changes); DP = 2 / CP, global batch 4 pairs, micro-batches of 2.
+TRAIN_LAYOUTS = {
+    "dp2": (1, {}),
+    "dp2_packed": (1, {"packing": True}),
+    "dp2_chunked_head": (1, {"logprob_chunk_size": 7}),
+    "cp2": (2, {}),
+    "cp2_packed": (2, {"packing": True}),
+}
+TRAIN_BASELINE = "dp2"
+TRAIN_METRICS = (
+    "loss",
+    "sft_loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "num_pairs",
+    "grad_norm",
+)
+
+
+def _train_worker(hf_dir: str, root: str) -> dict:
+    """One training step of the HF model on every layout of TRAIN_LAYOUTS; the steps' metrics."""
+    from megatron.core import parallel_state
+
+    from simpo_megatron.training.loop import pretrain
+
+    metrics = {}
+    for name, (cp, changes) in TRAIN_LAYOUTS.items():
+        cfg = tiny_config(
+            load=hf_dir,
+            save=os.path.join(root, name),
+            context_parallel_size=cp,
+            seq_length=36,  # 4 chunks of 9 at CP=2
+            micro_batch_size=2,
+            global_batch_size=4,
+            train_iters=1,
+            log_interval=1,
+            lr=1e-3,
+            lr_decay_style="constant",
+            clip_grad=0.0,
+            adam_eps=1e-2,  # a smooth first update, as in STEP
+            sft_weight=0.5,  # token sums over the CP group too
+            **changes,
+        )
+        metrics[name] = pretrain(cfg)["train"]
+        parallel_state.destroy_model_parallel()
+    return metrics
+
+
+def _full_tensors(ckpt_dir: str, flat_path: str) -> dict[str, torch.Tensor]:
+    dcp_to_torch_save(ckpt_dir, flat_path)
+    return {k: v for k, v in torch.load(flat_path, weights_only=False).items() if isinstance(v, torch.Tensor)}
+
+
+@pytest.fixture(scope="module")
+def trained(hf_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_train")
+    metrics = run_distributed(_train_worker, 2, hf_dirs["mixtral"], str(root))[-1]
+    tensors = {n: _full_tensors(str(root / n / "iter_0000001"), str(root / f"{n}.pt")) for n in TRAIN_LAYOUTS}
+    return metrics, tensors
+
+
+@pytest.mark.parametrize("name", [n for n in TRAIN_LAYOUTS if n != TRAIN_BASELINE])
+def test_moe_step_packed_cp2_and_chunked_head_equal_padded(trained, name):
+    metrics, tensors = trained
+    base, mine = tensors[TRAIN_BASELINE], tensors[name]
+    assert metrics[TRAIN_BASELINE]["num_pairs"] == 4
+    for key in TRAIN_METRICS:
+        assert metrics[name][key] == pytest.approx(metrics[TRAIN_BASELINE][key], rel=1e-5, abs=1e-6), key
+    params = [k for k in base if not k.startswith("optimizer.")]
+    first_moments = [k for k in base if k.startswith("optimizer.state.exp_avg.")]
+    assert len(first_moments) == len(params)
+    assert any("router" in k for k in first_moments) and any("experts" in k for k in first_moments)
+    for key in first_moments:  # (1 - beta1) x gradient
+        assert base[key].abs().max() > 0, key
+        torch.testing.assert_close(mine[key], base[key], rtol=1e-4, atol=1e-7, msg=key)
+    for key in params:
+        torch.testing.assert_close(mine[key], base[key], rtol=1e-5, atol=1e-6, msg=key)
