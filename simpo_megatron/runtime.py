@@ -108,6 +108,40 @@ def _splits_to_numpy(tensor, as_numpy: bool = False, record_stream: bool = False
     return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
 
 
+def _gather_uneven_on_gloo(gather):
+    """megatron-core's ``_gather_along_first_dim``, also for parts of different lengths, which
+    gloo's all_gather refuses (the MoE dispatcher's gather over tensor-parallel ranks): every
+    part is padded to the longest, gathered, and cut back."""
+
+    @functools.wraps(gather)
+    def run(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or len(set(output_split_sizes)) <= 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        longest = max(output_split_sizes)
+        padded = input_.new_zeros((longest, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, output_split_sizes)])
+
+    return run
+
+
+def _reduce_scatter_uneven_on_gloo(reduce_scatter):
+    """megatron-core's ``_reduce_scatter_along_first_dim``, also for parts of different lengths
+    (gloo has no list reduce-scatter): the whole tensor is all-reduced, this rank keeps its part."""
+
+    @functools.wraps(reduce_scatter)
+    def run(input_, group, input_split_sizes=None, use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total.split(input_split_sizes, dim=0)[group.rank()].clone()
+
+    return run
+
+
 def _under_cpu_mode(fn):
     """``fn`` run under a ``_CudaToCpuMode`` of its own (whatever thread calls it)."""
 
@@ -182,11 +216,23 @@ class _CpuSupport:
         from megatron.core.transformer.moe import token_dispatcher
 
         self._replace(token_dispatcher, "maybe_move_tensor_to_cpu", _splits_to_numpy)
-        # Its all-to-all places its output with device=torch.cuda.current_device(), also when
-        # backward calls it, on autograd's thread, where the (thread-local) mode is not active.
-        from megatron.core.tensor_parallel.mappings import _AllToAll
+        # Communication buffers are made with device=torch.cuda.current_device(), also when
+        # backward makes them, on autograd's thread, where the (thread-local) mode is not active:
+        # the all-to-all's forward (backward calls it) and every tensor-parallel backward
+        # (sequence parallelism's gathers and reduce-scatters) run under a mode of their own.
+        from megatron.core.tensor_parallel import layers, mappings
 
-        self._replace(_AllToAll, "forward", staticmethod(_under_cpu_mode(_AllToAll.forward)))
+        self._replace(mappings._AllToAll, "forward", staticmethod(_under_cpu_mode(mappings._AllToAll.forward)))
+        self._replace(mappings, "_gather_along_first_dim", _gather_uneven_on_gloo(mappings._gather_along_first_dim))
+        self._replace(
+            mappings,
+            "_reduce_scatter_along_first_dim",
+            _reduce_scatter_uneven_on_gloo(mappings._reduce_scatter_along_first_dim),
+        )
+        for module in (mappings, layers):
+            for cls in list(vars(module).values()):
+                if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and "backward" in vars(cls):
+                    self._replace(cls, "backward", staticmethod(_under_cpu_mode(cls.backward)))
         # The "CUDA" generator is the CPU one here, so the tracker's fork does change it, by design.
         self._log_filter = lambda record: "CPU RNG state changed" not in record.getMessage()
         logging.getLogger(tp_random.__name__).addFilter(self._log_filter)

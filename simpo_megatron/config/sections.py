@@ -111,8 +111,10 @@ class ModelConfig:
         "(Qwen3-MoE norm_topk_prob=false); default: the softmax of the top-k logits, i.e. "
         "renormalized (Mixtral, Qwen3-MoE norm_topk_prob=true).",
     )
-    moe_aux_loss_coeff: float = _opt(
-        0.0, "Weight of the router load-balancing loss added to the preference loss (HF's router_aux_loss_coef)."
+    moe_aux_loss_coeff: float | None = _opt(
+        None,
+        "Weight of the router load-balancing loss added to the preference loss (HF's router_aux_loss_coef). "
+        "Default: a --load HF model's router_aux_loss_coef when its output_router_logits is true, else 0.",
     )
     freeze_router: bool = _opt(False, "Do not train the MoE routers (their weights keep their loaded values).")
     init_method_std: float = _opt(0.02, "Standard deviation of the weight initialization.")

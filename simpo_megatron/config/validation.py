@@ -114,13 +114,10 @@ def _check_model(model: ModelConfig) -> None:
             raise ConfigError(
                 f"--moe-router-topk ({model.moe_router_topk}) exceeds --num-experts ({model.num_experts})"
             )
-        if model.moe_aux_loss_coeff:
-            raise ConfigError(
-                "--moe-aux-loss-coeff > 0 is not supported yet: the router load-balancing loss is not added to "
-                "the preference loss (an HF config.json with output_router_logits=true sets it: set it to false)"
-            )
-    elif model.freeze_router or model.moe_ffn_hidden_size is not None:
-        raise ConfigError("--freeze-router and --moe-ffn-hidden-size need --num-experts")
+        if (model.moe_aux_loss_coeff or 0.0) < 0:
+            raise ConfigError(f"--moe-aux-loss-coeff must be >= 0, got {model.moe_aux_loss_coeff}")
+    elif model.freeze_router or model.moe_ffn_hidden_size is not None or model.moe_aux_loss_coeff:
+        raise ConfigError("--freeze-router, --moe-ffn-hidden-size and --moe-aux-loss-coeff need --num-experts")
 
 
 def _check_parallel(par: ParallelConfig) -> None:
@@ -372,11 +369,29 @@ def _check_features(cfg: SimPOConfig) -> None:
             f"--cp-comm-type a2a needs the attention heads per tensor-parallel rank "
             f"({model.num_attention_heads // tp}) to be divisible by --context-parallel-size ({cp})"
         )
-    if par.sequence_parallel and model.transformer_impl == "local":
+    if par.sequence_parallel and model.transformer_impl == "local" and model.normalization != "RMSNorm":
         raise ConfigError(
-            "--sequence-parallel needs --transformer-impl transformer_engine: megatron-core's "
-            "local layers fall back to torch norms without Apex, which do not support it"
+            "--sequence-parallel on --transformer-impl local needs --normalization RMSNorm: megatron-core's "
+            "torch LayerNorm fallback (no Apex) does not support it"
         )
+    if model.num_experts is not None and tp > 1 and not par.sequence_parallel:
+        raise ConfigError(
+            "a mixture-of-experts model with --tensor-model-parallel-size > 1 needs --sequence-parallel "
+            "(megatron-core's MoE layer refuses to train without it)"
+        )
+    if model.moe_aux_loss_coeff:
+        # HF's loss multiplies averages taken over all layers: one stage's routers cannot give it.
+        if par.pipeline_model_parallel_size > 1:
+            raise ConfigError(
+                "--moe-aux-loss-coeff > 0 needs --pipeline-model-parallel-size 1: HF's load-balancing loss "
+                "averages the routing of all layers before it multiplies, so it needs every router on one "
+                "stage (use tensor, expert or context parallelism, or --moe-aux-loss-coeff 0)"
+            )
+        if model.recompute_granularity == "full" or "moe" in (model.recompute_modules or ()):
+            raise ConfigError(
+                "--moe-aux-loss-coeff > 0 needs the router logits with their gradients: recompute the "
+                "MoE layers (--recompute-granularity full, --recompute-modules moe) is not supported with it"
+            )
     if par.use_distributed_optimizer and cfg.optimizer.optimizer != "adam":
         raise ConfigError("--use-distributed-optimizer supports --optimizer adam only (megatron-core)")
     if cfg.logging.eval_only and not cfg.checkpoint.load:

@@ -11,7 +11,8 @@ every pair. Two layouts:
   every sequence, and the tail padding is a segment of its own.
 
 ``labels[t]`` is the token after ``tokens[t]`` and ``loss_mask[t]`` is 1 exactly where that
-label is a response token. A sample (``{"prompt", "chosen", "rejected"}`` numpy token arrays)
+label is a response token; ``token_mask[t]`` is 1 exactly where ``tokens[t]`` is a real token
+(prompt or response, not padding). A sample (``{"prompt", "chosen", "rejected"}`` numpy token arrays)
 may also carry ``"reference"``: float64 ``[4]`` = the reference model's summed log-probs of the
 chosen and rejected responses and their token counts, which reference-based losses need; the
 micro-batch then holds them as ``ReferenceScores``, in pair order.
@@ -103,7 +104,8 @@ class MicroBatch:
 
     ``tokens``, ``labels`` (int64), ``loss_mask`` (float32) and ``position_ids`` are ``[rows, S]``.
     ``num_pairs`` and ``num_tokens`` count the real pairs and their real tokens (prompt +
-    response, no padding). ``pair_weights`` (``[rows / 2]``, 1 real, 0 padding) is set when the
+    response, no padding); ``token_mask`` (float32 ``[rows, S]``) marks those tokens, None when
+    every position is one. ``pair_weights`` (``[rows / 2]``, 1 real, 0 padding) is set when the
     micro-batch was topped up with padding pairs (evaluation) and keeps them out of every sum.
     """
 
@@ -116,6 +118,7 @@ class MicroBatch:
     pair_weights: torch.Tensor | None = None
     packed: PackedLayout | None = None
     reference: ReferenceScores | None = None
+    token_mask: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -162,7 +165,12 @@ class MicroBatch:
             loss_mask=pad(self.loss_mask),
             position_ids=position_ids,
             packed=packed,
+            token_mask=pad(self.real_token_mask()),
         )
+
+    def real_token_mask(self) -> torch.Tensor:
+        """``token_mask``, or all ones when it is None."""
+        return torch.ones_like(self.loss_mask) if self.token_mask is None else self.token_mask
 
 
 def _tensors_to(obj, device, non_blocking: bool):
@@ -243,9 +251,11 @@ def collate(samples: Sequence[PairSample], layout: BatchLayout) -> MicroBatch:
     rows = [sequence_row(s["prompt"], s[key], layout.pad_id) for key in ("chosen", "rejected") for s in samples]
     packed = None
     if layout.packed:
-        tokens, labels, loss_mask, position_ids, packed = _packed(rows, layout)
+        tokens, labels, loss_mask, position_ids, token_mask, packed = _packed(rows, layout)
     else:
-        tokens, labels, loss_mask, position_ids = _padded(rows, layout)
+        tokens, labels, loss_mask, position_ids, token_mask = _padded(rows, layout)
+        pairs = len(samples)
+        token_mask[real:pairs] = token_mask[pairs + real :] = 0.0  # padding pairs are padding
     return MicroBatch(
         tokens,
         labels,
@@ -256,6 +266,7 @@ def collate(samples: Sequence[PairSample], layout: BatchLayout) -> MicroBatch:
         pair_weights=None if layout.pairs is None else torch.tensor([1.0] * real + [0.0] * (layout.pairs - real)),
         packed=packed,
         reference=_reference(samples),
+        token_mask=token_mask,
     )
 
 
@@ -289,12 +300,14 @@ def _padded(rows, layout: BatchLayout):
     tokens = torch.full((len(rows), width), layout.pad_id, dtype=torch.int64)
     labels = torch.full((len(rows), width), layout.pad_id, dtype=torch.int64)
     loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    token_mask = torch.zeros((len(rows), width), dtype=torch.float32)
     for row, (x, y, mask) in enumerate(rows):
         tokens[row, : len(x)] = x
         labels[row, : len(x)] = y
         loss_mask[row, : len(x)] = mask
+        token_mask[row, : len(x)] = 1.0
     position_ids = torch.arange(width, dtype=torch.int64).repeat(len(rows), 1)
-    return tokens, labels, loss_mask, position_ids
+    return tokens, labels, loss_mask, position_ids, token_mask
 
 
 def _packed(rows, layout: BatchLayout):
@@ -310,11 +323,13 @@ def _packed(rows, layout: BatchLayout):
     tokens = torch.full((total,), layout.pad_id, dtype=torch.int64)
     labels = torch.full((total,), layout.pad_id, dtype=torch.int64)
     loss_mask = torch.zeros(total, dtype=torch.float32)
+    token_mask = torch.zeros(total, dtype=torch.float32)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     for (x, y, mask), start in zip(rows, offsets):
         tokens[start : start + len(x)] = x
         labels[start : start + len(x)] = y
         loss_mask[start : start + len(x)] = mask
+        token_mask[start : start + len(x)] = 1.0
     packed = PackedLayout(
         cu_seqlens=torch.from_numpy(np.concatenate([[0], np.cumsum(real_lengths)]).astype(np.int32)),
         max_seqlen=int(max(lengths)),
@@ -322,4 +337,4 @@ def _packed(rows, layout: BatchLayout):
         cu_seqlens_padded=torch.from_numpy(offsets.astype(np.int32)) if layout.sequence_multiple_of > 1 else None,
     )
     position_ids = torch.cat([torch.arange(n) for n in lengths])
-    return tokens[None], labels[None], loss_mask[None], position_ids[None], packed
+    return tokens[None], labels[None], loss_mask[None], position_ids[None], token_mask[None], packed

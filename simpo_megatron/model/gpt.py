@@ -30,7 +30,7 @@ from simpo_megatron.config import ModelConfig
 from simpo_megatron.model.attention import SDPAttention
 from simpo_megatron.model.fp8 import check_transformer_engine, fp8_config_kwargs
 from simpo_megatron.model.layers import RMSNorm, RowParallelLinearWithPostNorm, softcap
-from simpo_megatron.model.moe import fix_router_gemm_without_te, freeze_routers
+from simpo_megatron.model.moe import RouterLogits, fix_router_gemm_without_te, freeze_routers
 from simpo_megatron.runtime import ParallelLayout, pipeline_communication_settings
 
 
@@ -219,10 +219,11 @@ def moe_config_kwargs(cfg: ModelConfig, layout: ParallelLayout) -> dict:
     )
 
 
-def layer_spec(cfg: ModelConfig) -> ModuleSpec:
+def layer_spec(cfg: ModelConfig, sequence_parallel: bool = False) -> ModuleSpec:
     """The transformer layer spec: Transformer Engine layers, or local layers with SDPA attention
-    (and, for Gemma-2, the local RMSNorm and the post-norm linears). What each supports is
-    checked by the config's validation."""
+    (and, for Gemma-2, the local RMSNorm and the post-norm linears). With sequence parallelism
+    the local layers' norms are the local RMSNorm: megatron-core's torch fallback refuses it.
+    What each supports is checked by the config's validation."""
     if cfg.transformer_impl == "transformer_engine":
         check_transformer_engine(cfg)
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
@@ -244,7 +245,7 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
     )
     mlp = layer.mlp
     changes = {}
-    if cfg.apply_layernorm_1p or cfg.sandwich_norm:
+    if cfg.apply_layernorm_1p or cfg.sandwich_norm or sequence_parallel:
         changes.update(input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm)
     if cfg.sandwich_norm:
         attention = dataclasses.replace(
@@ -259,8 +260,10 @@ def layer_spec(cfg: ModelConfig) -> ModuleSpec:
 
 
 def _block_spec(cfg: ModelConfig, config: TransformerConfig, spec: ModuleSpec, vp_stage: int | None):
-    """The layer spec, or with (1 + weight) norms a block spec whose final norm is RMSNorm too."""
-    if not cfg.apply_layernorm_1p or cfg.transformer_impl == "transformer_engine":
+    """The layer spec, or where the local layers' norms are the local RMSNorm ((1 + weight)
+    norms, sequence parallelism) a block spec whose final norm is RMSNorm too."""
+    local_norm = cfg.apply_layernorm_1p or config.sequence_parallel
+    if not local_norm or cfg.transformer_impl == "transformer_engine":
         return spec
     return TransformerBlockSubmodules(
         layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage), layer_norm=RMSNorm
@@ -275,7 +278,7 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, padded_vocab_size: int
     config = transformer_config(cfg, layout)
     if cfg.num_experts is not None:
         fix_router_gemm_without_te()
-    spec = layer_spec(cfg)
+    spec = layer_spec(cfg, config.sequence_parallel)
     vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -299,6 +302,8 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, padded_vocab_size: int
         model.logprob_chunk_size = cfg.logprob_chunk_size
         if cfg.freeze_router:
             freeze_routers(model)
+        # HF's load-balancing loss needs the router logits of the forward (see training/step.py).
+        model.router_logits = RouterLogits(model, cfg.moe_aux_loss_coeff) if cfg.moe_aux_loss_coeff else None
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

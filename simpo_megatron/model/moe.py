@@ -4,7 +4,9 @@
   GEMM in a ``try`` and, without TE, leaves the name undefined instead of None; the router
   then fails with a NameError. Setting it to None selects its own torch fallback.
 - ``freeze_routers``: keep the routers' weights out of training (``--freeze-router``).
-- ``load_balancing_loss``: HF's router load-balancing loss (Mixtral, Qwen3-MoE), a pure function.
+- ``RouterLogits``: records each router's logits during a forward, for the loss below.
+- ``load_balancing_loss``: HF's router load-balancing loss (Mixtral, Qwen3-MoE), a pure function;
+  ``load_balancing_loss_over_group`` the same when a micro-batch's tokens are split over ranks.
 
 HF's loss and megatron-core's ``switch_load_balancing_loss_func`` differ. HF concatenates the
 router logits of all layers and takes ``E * sum_e f_e * P_e``, where ``f_e`` is the fraction of
@@ -12,10 +14,15 @@ router logits of all layers and takes ``E * sum_e f_e * P_e``, where ``f_e`` is 
 over the real tokens of *all layers together*; megatron-core computes ``E / k * sum_e f_e * P_e``
 per layer and sums the layers. With one layer they differ by the factor k; with several, HF's
 is a product of layer averages, megatron's a sum of per-layer products. So megatron-core's
-loss is left off and this one is what a run would add (not wired into training yet).
+loss is left off and this one is added to the preference loss (``--moe-aux-loss-coeff``).
+Because HF's form couples every layer's routing, it needs all routers of the model on one
+pipeline stage, and their logits with autograd (no recompute of the MoE layers).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from megatron.core.transformer.moe import moe_utils
@@ -39,19 +46,86 @@ def freeze_routers(model: torch.nn.Module) -> None:
             p.requires_grad_(False)
 
 
+class RouterLogits:
+    """Records the logits ``[s, b, E]`` of every router of a model chunk, one forward at a time,
+    for the load-balancing loss of weight ``coeff``.
+
+    Installed once at build time: each router's ``gating`` is wrapped, and records only inside
+    ``recording()``, so any other forward costs nothing more.
+    """
+
+    def __init__(self, model: torch.nn.Module, coeff: float):
+        self.coeff = coeff
+        self._records: list[torch.Tensor] | None = None
+        for router in routers(model):
+            router.gating = self._recorded(router.gating)
+
+    def _recorded(self, gating):
+        def gating_and_record(input: torch.Tensor) -> torch.Tensor:
+            logits = gating(input)
+            if self._records is not None:
+                self._records.append(logits)
+            return logits
+
+        return gating_and_record
+
+    @contextmanager
+    def recording(self) -> Iterator[list[torch.Tensor]]:
+        """The list that the routers fill, in layer order, during the forward inside."""
+        self._records = records = []
+        try:
+            yield records
+        finally:
+            self._records = None
+
+
+def load_balancing_statistics(
+    router_logits: list[torch.Tensor], num_experts: int, topk: int, token_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Summed over the layers and the real tokens: how often each expert is among the top k
+    (``[E]``, no gradient), its softmax probability (``[E]``), and the number of (layer, token)
+    rows. ``router_logits`` ``[T, E]`` (or ``[s, b, E]``, flattened) per layer; ``token_mask``
+    ``[T]`` in the same token order, 1 for a real token, 0 for padding."""
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=router_logits[0].device)
+    prob_sums = torch.zeros_like(counts)
+    rows = torch.zeros((), dtype=torch.float32, device=counts.device)
+    for logits in router_logits:
+        probs = torch.softmax(logits.reshape(-1, num_experts).float(), dim=-1)
+        weights = torch.ones(probs.shape[0], device=probs.device) if token_mask is None else token_mask.float()
+        chosen = probs.detach().topk(topk, dim=-1).indices
+        counts = counts.scatter_add(0, chosen.reshape(-1), weights.repeat_interleave(topk))
+        prob_sums = prob_sums + (probs * weights[:, None]).sum(0)
+        rows = rows + weights.sum()
+    return counts, prob_sums, rows
+
+
 def load_balancing_loss(
     router_logits: list[torch.Tensor], num_experts: int, topk: int, token_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """HF's ``load_balancing_loss_func``: ``router_logits`` ``[T, E]`` per layer, ``token_mask``
-    ``[T]`` (1: a real token, 0: padding) the same for every layer; the loss is unweighted."""
-    logits = torch.cat(router_logits)
-    probs = torch.softmax(logits.float(), dim=-1)
-    chosen = torch.nn.functional.one_hot(probs.topk(topk, dim=-1).indices, num_experts).float()  # [L*T, k, E]
-    if token_mask is None:
-        weights = torch.ones(logits.shape[0], device=logits.device)
-    else:
-        weights = token_mask.float().repeat(len(router_logits))
-    total = weights.sum()
-    fraction = (chosen * weights[:, None, None]).sum(0) / total  # [k, E]
-    mean_prob = (probs * weights[:, None]).sum(0) / total  # [E]
-    return (fraction * mean_prob).sum() * num_experts
+    """HF's ``load_balancing_loss_func``: ``E * sum_e f_e * P_e`` over the real tokens of all
+    layers (see ``load_balancing_statistics`` for the arguments); the loss is unweighted."""
+    counts, prob_sums, rows = load_balancing_statistics(router_logits, num_experts, topk, token_mask)
+    return num_experts * (counts * prob_sums).sum() / rows.clamp(min=1.0) ** 2
+
+
+def load_balancing_loss_over_group(
+    router_logits: list[torch.Tensor],
+    num_experts: int,
+    topk: int,
+    token_mask: torch.Tensor | None = None,
+    group: torch.distributed.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """``load_balancing_loss`` of a micro-batch whose tokens are split over the ranks of ``group``
+    (context parallelism, sequence parallelism): the statistics are all-reduced over it.
+
+    Every rank returns the whole micro-batch's value; its gradient flows through this rank's own
+    tokens only, so the ranks' gradients add up to the loss's (as they do for the log-probs).
+    """
+    counts, prob_sums, rows = load_balancing_statistics(router_logits, num_experts, topk, token_mask)
+    totals = torch.cat([counts, prob_sums.detach(), rows[None]])
+    if group is not None and group.size() > 1:
+        torch.distributed.all_reduce(totals, group=group)
+    counts, all_prob_sums, rows = totals[:num_experts], totals[num_experts:-1], totals[-1].clamp(min=1.0)
+    local = num_experts * (counts * prob_sums).sum() / rows**2
+    whole = num_experts * (counts * all_prob_sums).sum() / rows**2
+    return local + (whole - local).detach()

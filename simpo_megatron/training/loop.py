@@ -122,7 +122,10 @@ def resolve_config(cfg: SimPOConfig) -> tuple[SimPOConfig, TokenizerFacts]:
     Needs no process group: the configuration is final before any work starts.
     """
     if cfg.checkpoint.load and is_hf_checkpoint(cfg.checkpoint.load):
-        cfg = cfg.replace(**hf_model_overrides(cfg.checkpoint.load, seq_length=cfg.data.seq_length))
+        overrides = hf_model_overrides(cfg.checkpoint.load, seq_length=cfg.data.seq_length)
+        if cfg.model.moe_aux_loss_coeff is not None:  # a training knob: the flag given wins
+            overrides.pop("moe_aux_loss_coeff", None)
+        cfg = cfg.replace(**overrides)
     validate_data(cfg.data)  # the data flags name a tokenizer and datasets before they are read
     tokenizer = _as_config_error(read_tokenizer, cfg)
     if cfg.model.vocab_size is None:

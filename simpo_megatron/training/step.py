@@ -27,7 +27,7 @@ from functools import partial
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.utils import get_attr_wrapped_model
+from megatron.core.utils import get_attr_wrapped_model, unwrap_model
 
 from simpo_megatron.config import LossConfig
 from simpo_megatron.data.batch import MicroBatch, ReferenceScores
@@ -40,6 +40,7 @@ from simpo_megatron.logprobs import (
 )
 from simpo_megatron.losses import KNOBS, PairScores, get_loss, sft_token_nll_sum
 from simpo_megatron.model.context_parallel import split_for_context_parallel, split_packed_for_context_parallel
+from simpo_megatron.model.moe import load_balancing_loss_over_group
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
 METRIC_SUMS = (
@@ -52,8 +53,9 @@ METRIC_SUMS = (
 )
 METRICS_KEY = "simpo"
 SFT_KEY = "sft_loss"  # the SFT term (without its weight), reported when --sft-weight > 0
+AUX_KEY = "load_balancing_loss"  # the router load-balancing loss (without its weight), with --moe-aux-loss-coeff
 # Every metric a step reports, in the order the console prints them (the one list of them).
-METRIC_NAMES = METRIC_SUMS[:4] + ("rewards/margins",) + METRIC_SUMS[4:] + (SFT_KEY,)
+METRIC_NAMES = METRIC_SUMS[:4] + ("rewards/margins",) + METRIC_SUMS[4:] + (SFT_KEY, AUX_KEY)
 
 
 def chosen_response_mask(
@@ -114,6 +116,7 @@ def loss_func(
     segments: tuple[torch.Tensor, int] | None = None,
     reference: ReferenceScores | None = None,
     sft_mask: torch.Tensor | None = None,
+    aux_loss: tuple[Callable[[], torch.Tensor], float] | None = None,
 ):
     """The preference loss of one micro-batch from the last stage's vocab-parallel logits ``[2m, s, V/tp]``.
 
@@ -129,7 +132,9 @@ def loss_func(
     ``m`` pairs: each token's sequence, ``k`` for pair k's chosen response, ``m + k`` for its
     rejected one, ``2m`` for padding. ``reference``: the reference model's scores of the pairs,
     for a reference-based ``--loss-type``. ``sft_mask``: the labels the token-level SFT term
-    covers (``--sft-on-prompt``: see ``sft_token_mask``); default ``loss_mask``.
+    covers (``--sft-on-prompt``: see ``sft_token_mask``); default ``loss_mask``. ``aux_loss``:
+    ``(the micro-batch's router load-balancing loss, its weight)``, added once per real pair and
+    reported as ``metrics["load_balancing_loss"]``.
     """
     cp_group = _context_parallel_group()
     token_logps, policy = policy_scores(vocab_size, labels, loss_mask, output_tensor, head, segments, cp_group)
@@ -173,6 +178,11 @@ def loss_func(
     for name, values in out.metrics.items():
         metrics[name] = pair_sum(values)
     count = weights.sum()
+    if aux_loss is not None:
+        balance, coeff = aux_loss
+        balance = balance()
+        loss_sum = loss_sum + coeff * balance * count
+        metrics[AUX_KEY] = (balance * count).detach()
     metrics[METRICS_KEY] = torch.stack(
         [
             loss_sum.detach(),
@@ -281,13 +291,25 @@ def forward_step(
         if sft_mask is not None:
             sft_mask = split(sft_mask)
     segments = None if segment_ids is None else (segment_ids, batch.num_pairs)
-    output = model(
+    run = partial(
+        model,
         tokens,
         position_ids,
         attention_mask=None,
         labels=None,
         packed_seq_params=None if packed is None else packed.seq_params(),
     )
+    recorder = getattr(unwrap_model(model), "router_logits", None)
+    aux_loss = None
+    if recorder is None or scoring:
+        output = run()
+    else:
+        with recorder.recording() as router_logits:
+            output = run()
+        token_mask = batch.real_token_mask()
+        if cp_group is not None:
+            token_mask = split(token_mask)
+        aux_loss = (_router_balance(model, router_logits, token_mask), recorder.coeff)
     if scoring:  # the reference pass: per-pair scores, no loss
         return output, partial(
             score_func, vocab_size, labels, loss_mask, head=_chunked_head(model, vocab_size), segments=segments
@@ -304,6 +326,33 @@ def forward_step(
         segments=segments,
         reference=batch.reference,
         sft_mask=sft_mask,
+        aux_loss=aux_loss,
+    )
+
+
+def _router_balance(model, router_logits: list[torch.Tensor], token_mask: torch.Tensor):
+    """HF's load-balancing loss of this micro-batch, as a thunk for ``loss_func``.
+
+    ``token_mask`` ``[b, s]`` is this CP rank's; the routers see ``[s, b]`` tokens, and with
+    sequence parallelism only this TP rank's slice of ``s``, so the statistics are summed over
+    the ranks that share the micro-batch's tokens."""
+    config = get_attr_wrapped_model(model, "config")
+    mask = token_mask.t()
+    group = _context_parallel_group()
+    if config.sequence_parallel:
+        tp_rank, tp_size = (
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size(),
+        )
+        mask = mask.chunk(tp_size, dim=0)[tp_rank]
+        group = parallel_state.get_tensor_and_context_parallel_group()
+    return partial(
+        load_balancing_loss_over_group,
+        router_logits,
+        config.num_moe_experts,
+        config.moe_router_topk,
+        mask.reshape(-1),
+        group,
     )
 
 

@@ -29,6 +29,9 @@ BY_WORLD = {
         "dp2": (1, 1, 2, False, None),
         "dp2_distopt": (1, 1, 2, True, None),
         "tp2_chunked_head": (2, 1, 2, False, None, {"logprob_chunk_size": 7}),
+        # Sequence parallelism on the local layers (their norms the local RMSNorm).
+        "tp2_sp": (2, 1, 2, False, None, {"sequence_parallel": True}),
+        "tp2_sp_chunked_head": (2, 1, 2, False, None, {"sequence_parallel": True, "logprob_chunk_size": 7}),
     },
     4: {"tp2pp2": (2, 2, 2, False, None)},
 }

@@ -121,13 +121,38 @@ def test_to_moves_every_tensor_and_seq_params_describe_the_row():
     tensors = [
         getattr(p, f.name) for p in parts for f in dataclasses.fields(p) if isinstance(getattr(p, f.name), torch.Tensor)
     ]
-    assert len(tensors) == 4 + 3 + 4  # the row's 4, the packed layout's 3, the reference's 4
+    assert len(tensors) == 5 + 3 + 4  # the row's 5, the packed layout's 3, the reference's 4
     assert all(t.device.type == "meta" for t in tensors)
     assert isinstance(moved, MicroBatch) and batch.tokens.device.type == "cpu"
     params = batch.packed.seq_params()
     assert params.qkv_format == "thd" and params.max_seqlen_q == batch.packed.max_seqlen
     assert params.cu_seqlens_q is batch.packed.cu_seqlens
     assert params.cu_seqlens_kv_padded is batch.packed.cu_seqlens_padded
+
+
+def test_token_mask_marks_the_real_tokens_in_every_layout():
+    """Prompt and response tokens are 1, every padding (row ends, per-sequence CP padding, the
+    packed tail, padded_to's columns) is 0: what the router load-balancing loss counts."""
+    layouts = (
+        BatchLayout(PAD, seq_length=16),
+        BatchLayout(PAD, seq_length=16, pairs=5, filler=PAIRS[0]),
+        BatchLayout(PAD, packed=True),
+        BatchLayout(PAD, pad_to_multiple_of=8, packed=True, sequence_multiple_of=4),
+    )
+    for layout in layouts:
+        batch = collate(PAIRS, layout)
+        wider = batch.padded_to(batch.width + 3)
+        for b in (batch, wider):
+            mask = b.token_mask
+            assert mask.sum() == b.num_tokens, layout  # padding pairs (evaluation) are padding too
+            # Every label the loss reads from a real pair comes from a real token.
+            real_rows = torch.ones(b.rows, dtype=torch.bool)
+            if b.pair_weights is not None:
+                real_rows = (b.pair_weights > 0).repeat(2)
+            assert torch.all(mask[real_rows][b.loss_mask[real_rows] > 0] == 1), layout
+            if b.packed is not None:
+                seq = b.packed.segment_ids[0]
+                assert torch.all(mask[0, seq == 2 * b.num_pairs] == 0), layout
 
 
 def test_layout_errors_name_the_argument():

@@ -429,15 +429,18 @@ def test_sequence_parallel_needs_seq_length_divisible_by_tp():
     )
 
 
-def test_sequence_parallel_on_the_local_layers_is_refused_at_validation():
-    # Without Apex, megatron-core's local layers use torch norms, which refuse sequence parallelism.
+def test_sequence_parallel_on_the_local_layers_needs_rmsnorm_and_moe_with_tp_needs_it():
+    # Without Apex, megatron-core's torch LayerNorm refuses sequence parallelism; RMSNorm is ours.
     check_error(
-        base(tensor_model_parallel_size=2, sequence_parallel=True),
+        base(tensor_model_parallel_size=2, sequence_parallel=True, normalization="LayerNorm"),
         2,
         "--sequence-parallel",
-        "--transformer-impl transformer_engine",
+        "--normalization RMSNorm",
     )
+    base(tensor_model_parallel_size=2, sequence_parallel=True).validate(2)
     base(tensor_model_parallel_size=2, sequence_parallel=True, transformer_impl="transformer_engine").validate(2)
+    check_error(base(tensor_model_parallel_size=2, num_experts=4), 2, "--sequence-parallel", "mixture-of-experts")
+    base(tensor_model_parallel_size=2, num_experts=4, sequence_parallel=True).validate(2)
 
 
 @pytest.mark.parametrize(

@@ -21,11 +21,17 @@ def test_load_balancing_loss_is_hfs_with_padding_and_differs_from_megatrons():
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
     g = torch.Generator().manual_seed(0)
-    logits = [torch.randn(12, E, generator=g) * 2 for _ in range(2)]
+    logits = [(torch.randn(12, E, generator=g) * 2).requires_grad_() for _ in range(2)]
     mask = torch.tensor([1.0] * 9 + [0.0] * 3)
     ours = load_balancing_loss(logits, E, K, mask)
     hf = load_balancing_loss_func(tuple(logits), E, K, mask.reshape(3, 4))
     torch.testing.assert_close(ours, hf, rtol=1e-6, atol=0)
+    ours_grads = torch.autograd.grad(ours, logits)
+    hf_grads = torch.autograd.grad(hf, logits)
+    for mine, theirs in zip(ours_grads, hf_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-8)
+        assert mine[9:].abs().max() == 0 and mine[:9].abs().max() > 1e-3  # padding gets no gradient
+    logits = [x.detach() for x in logits]
     assert not torch.allclose(ours, load_balancing_loss(logits, E, K))  # the mask matters
 
     # megatron-core's per-layer loss: one layer is HF's divided by k; two layers summed are not HF's.
@@ -66,8 +72,17 @@ def test_moe_config_mapping_round_trip_and_errors():
         hf_config_to_overrides(_qwen3_moe(mlp_only_layers=[1]))
     aux = hf_config_to_overrides(_qwen3_moe(output_router_logits=True, router_aux_loss_coef=0.01))
     assert aux["moe_aux_loss_coeff"] == 0.01
-    with pytest.raises(ConfigError, match="--moe-aux-loss-coeff"):
-        tiny_config(**aux).validate(1)
+    tiny_config(**aux).validate(1)
+    for bad, match in (
+        (dict(pipeline_model_parallel_size=2), "needs --pipeline-model-parallel-size 1"),
+        (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1), "recompute"),
+        (dict(recompute_granularity="selective", recompute_modules=["moe"]), "recompute"),
+        (dict(moe_aux_loss_coeff=-0.1), "must be >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            tiny_config(**{**aux, **bad}).validate(2)
+    with pytest.raises(ConfigError, match="--moe-aux-loss-coeff need --num-experts"):
+        tiny_config(moe_aux_loss_coeff=0.01).validate(1)
     with pytest.raises(ConfigError, match="--expert-model-parallel-size"):
         tiny_config(**_ok(), expert_model_parallel_size=2).validate(1)
     with pytest.raises(ConfigError, match="--num-experts"):
