@@ -219,7 +219,8 @@ class _CpuSupport:
         # Communication buffers are made with device=torch.cuda.current_device(), also when
         # backward makes them, on autograd's thread, where the (thread-local) mode is not active:
         # the all-to-all's forward (backward calls it) and every tensor-parallel backward
-        # (sequence parallelism's gathers and reduce-scatters) run under a mode of their own.
+        # (sequence parallelism's gathers and reduce-scatters, activation recompute's re-run forward)
+        # run under a mode of their own.
         from megatron.core.tensor_parallel import layers, mappings
 
         self._replace(mappings._AllToAll, "forward", staticmethod(_under_cpu_mode(mappings._AllToAll.forward)))
@@ -229,7 +230,7 @@ class _CpuSupport:
             "_reduce_scatter_along_first_dim",
             _reduce_scatter_uneven_on_gloo(mappings._reduce_scatter_along_first_dim),
         )
-        for module in (mappings, layers):
+        for module in (mappings, layers, tp_random):  # tp_random: recompute's CheckpointFunction
             for cls in list(vars(module).values()):
                 if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and "backward" in vars(cls):
                     self._replace(cls, "backward", staticmethod(_under_cpu_mode(cls.backward)))

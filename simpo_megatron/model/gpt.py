@@ -302,8 +302,8 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, padded_vocab_size: int
         model.logprob_chunk_size = cfg.logprob_chunk_size
         if cfg.freeze_router:
             freeze_routers(model)
-        # HF's load-balancing loss needs the router logits of the forward (see training/step.py).
-        model.router_logits = RouterLogits(model, cfg.moe_aux_loss_coeff) if cfg.moe_aux_loss_coeff else None
+        # Padding routed nowhere; HF's load-balancing loss's router logits (see training/step.py).
+        model.router_logits = RouterLogits(model, cfg.moe_aux_loss_coeff or 0.0) if cfg.num_experts else None
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -47,11 +47,13 @@ def freeze_routers(model: torch.nn.Module) -> None:
 
 
 class RouterLogits:
-    """Records the logits ``[s, b, E]`` of every router of a model chunk, one forward at a time,
-    for the load-balancing loss of weight ``coeff``.
+    """Hooks on every router of a model chunk, installed once at build time.
 
-    Installed once at build time: each router's ``gating`` is wrapped, and records only inside
-    ``recording()``, so any other forward costs nothing more.
+    - Padding goes to no expert: given megatron-core's ``padding_mask`` (True for padding; the
+      model's forward passes it down, through recompute too), a padding token's routing-map row
+      and probabilities are zeroed, so the dispatcher sends it nowhere and its MoE output is 0.
+    - Inside ``recording()`` the logits ``[s, b, E]`` of every router are kept, for the
+      load-balancing loss of weight ``coeff``; outside it nothing is kept.
     """
 
     def __init__(self, model: torch.nn.Module, coeff: float):
@@ -59,6 +61,7 @@ class RouterLogits:
         self._records: list[torch.Tensor] | None = None
         for router in routers(model):
             router.gating = self._recorded(router.gating)
+            router.routing = _without_padding(router.routing)
 
     def _recorded(self, gating):
         def gating_and_record(input: torch.Tensor) -> torch.Tensor:
@@ -77,6 +80,32 @@ class RouterLogits:
             yield records
         finally:
             self._records = None
+
+
+def _without_padding(routing):
+    """A router's ``routing`` that routes the padding tokens of ``padding_mask`` to no expert
+    (megatron-core's own uses of the mask, for its auxiliary losses, are off here)."""
+
+    def routing_without_padding(logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        probs, routing_map = routing(logits)
+        if padding_mask is None:
+            return probs, routing_map
+        real = ~_local_rows(padding_mask, logits.shape[0]).reshape(-1, 1)
+        return probs * real, routing_map & real
+
+    return routing_without_padding
+
+
+def _local_rows(mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """``mask`` ``[s, b]`` cut to this tensor-parallel rank's ``rows`` of ``s`` when it is whole:
+    megatron-core 0.16.1 scatters the mask for sequence parallelism on the first pipeline stage only."""
+    if mask.shape[0] == rows:
+        return mask
+    from megatron.core import parallel_state
+
+    return mask.chunk(parallel_state.get_tensor_model_parallel_world_size(), dim=0)[
+        parallel_state.get_tensor_model_parallel_rank()
+    ]
 
 
 def load_balancing_statistics(

@@ -291,6 +291,13 @@ def forward_step(
         if sft_mask is not None:
             sft_mask = split(sft_mask)
     segments = None if segment_ids is None else (segment_ids, batch.num_pairs)
+    recorder = getattr(unwrap_model(model), "router_logits", None)  # MoE models only
+    moe = {}
+    if recorder is not None:
+        token_mask = batch.real_token_mask()
+        if cp_group is not None:
+            token_mask = split(token_mask)
+        moe["padding_mask"] = token_mask == 0  # padding goes to no expert
     run = partial(
         model,
         tokens,
@@ -298,17 +305,14 @@ def forward_step(
         attention_mask=None,
         labels=None,
         packed_seq_params=None if packed is None else packed.seq_params(),
+        **moe,
     )
-    recorder = getattr(unwrap_model(model), "router_logits", None)
     aux_loss = None
-    if recorder is None or scoring:
+    if recorder is None or scoring or not recorder.coeff:
         output = run()
     else:
         with recorder.recording() as router_logits:
             output = run()
-        token_mask = batch.real_token_mask()
-        if cp_group is not None:
-            token_mask = split(token_mask)
         aux_loss = (_router_balance(model, router_logits, token_mask), recorder.coeff)
     if scoring:  # the reference pass: per-pair scores, no loss
         return output, partial(

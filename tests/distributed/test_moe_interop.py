@@ -326,3 +326,48 @@ def test_moe_step_packed_cp2_and_chunked_head_equal_padded(trained, name):
         torch.testing.assert_close(mine[key], base[key], rtol=1e-4, atol=1e-7, msg=key)
     for key in params:
         torch.testing.assert_close(mine[key], base[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def _tokens_at_the_experts_worker() -> dict:
+    """How many (token, expert) rows reach the experts in a forward of a padded and a packed
+    micro-batch of the same pairs, and how many real tokens the micro-batch holds."""
+    import numpy as np
+
+    from simpo_megatron.config import LossConfig
+    from simpo_megatron.data.batch import BatchLayout, collate
+    from simpo_megatron.model.gpt import build_model
+    from simpo_megatron.runtime import ParallelLayout, initialize_distributed
+    from simpo_megatron.training.step import forward_step
+
+    cfg = tiny_config(num_layers=2, num_experts=4, moe_router_topk=2)
+    initialize_distributed(ParallelLayout(1, 1))
+    model = build_model(cfg.model, ParallelLayout(1, 1), cfg.padded_vocab_size())[0]
+    arrived = []
+    for module in model.modules():
+        if type(module).__name__ == "SequentialMLP":
+            module.register_forward_pre_hook(lambda _, args: arrived.append(int(args[0].shape[0])))
+    rng = np.random.default_rng(0)
+    pairs = [
+        {k: rng.integers(3, 200, n) for k, n in (("prompt", p), ("chosen", c), ("rejected", r))}
+        for p, c, r in ((3, 5, 2), (6, 1, 9))
+    ]
+    out = {}
+    for name, layout in {
+        "padded": BatchLayout(0, seq_length=32),
+        "packed": BatchLayout(0, packed=True, pad_to_multiple_of=64),
+    }.items():
+        batch = collate(pairs, layout)
+        arrived.clear()
+        with torch.no_grad():
+            forward_step(LossConfig(), 200, iter([batch]), model)
+        out[name] = {"arrived": sum(arrived), "real": batch.num_tokens, "slots": batch.tokens.numel()}
+    return out
+
+
+def test_padding_reaches_no_expert():
+    """Every real token reaches its top-2 experts in each of the 2 layers; no padding token does
+    (rows padded to 32 and a packed row with its padded tail hold 2.5x and 2x the real tokens)."""
+    results = run_distributed(_tokens_at_the_experts_worker, 1)[0]
+    for name, r in results.items():
+        assert r["slots"] > 1.5 * r["real"], name  # the padding is there
+        assert r["arrived"] == 2 * 2 * r["real"], (name, r)

@@ -1,7 +1,7 @@
 """Activation recompute changes what backward keeps, not what it computes.
 
 One spawned group of two processes runs each layout (TP=2, PP=2, packed rows over DP=2,
-CP=2) on one global batch with dropout on: the model is built once per recompute mode with
+CP=2, a mixture of experts on EP=2) on one global batch with dropout on: the model is built once per recompute mode with
 the same weights and the same RNG state, runs forward and backward through megatron-core's
 schedule, and reports the step's loss and every gradient. Recompute reruns the forward in
 backward with the forward's RNG state restored, so the numbers must be identical.
@@ -19,6 +19,7 @@ MODES = {
     "full_uniform": dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2),
     "full_block": dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=1),
     "selective": dict(recompute_granularity="selective", recompute_modules=["core_attn", "mlp"]),
+    "selective_moe": dict(recompute_granularity="selective", recompute_modules=["moe"]),
 }
 # name: (config fields, the recompute modes compared with "off"); each mode on two layouts.
 LAYOUTS = {
@@ -26,6 +27,8 @@ LAYOUTS = {
     "pp2": (dict(pipeline_model_parallel_size=2, micro_batch_size=1), ("full_block",)),
     "dp2_packed": (dict(packing=True, micro_batch_size=1), ("full_uniform",)),
     "cp2": (dict(context_parallel_size=2, seq_length=36), ("full_uniform", "full_block", "selective")),
+    # A mixture of experts on EP=2 (padded rows: the padding routed to no expert, in recompute too).
+    "moe_ep2": (dict(num_experts=4, expert_model_parallel_size=2), ("full_uniform", "selective_moe")),
 }
 
 
