@@ -299,6 +299,11 @@ def memory_warning(cfg: SimPOConfig, world_size: int, device_bytes: int) -> str 
 def startup_report(cfg: SimPOConfig, world_size: int, device_bytes: int | None) -> str:
     """The estimate line printed at the start of training, with the warning when it does not
     fit ``device_bytes`` (--gpu-memory-gb, else the CUDA device's memory; None: no check)."""
+    if cfg.model.num_experts is not None:
+        return (
+            "memory estimate per GPU: not available for mixture-of-experts models yet (experts, expert "
+            "parallelism and routed activations are not modelled; a dense estimate would mislead)"
+        )
     lines = [estimate_memory(cfg, world_size).format()]
     if device_bytes is not None:
         warning = memory_warning(cfg, world_size, device_bytes)

@@ -4,7 +4,7 @@ import pytest
 
 from simpo_megatron.cli import estimate_memory
 from simpo_megatron.config import ConfigError, load_config
-from simpo_megatron.memory_estimate import GIB, memory_warning
+from simpo_megatron.memory_estimate import GIB, memory_warning, startup_report
 from simpo_megatron.memory_estimate import estimate_memory as estimate
 from simpo_megatron.testing import tiny_config
 
@@ -66,3 +66,9 @@ def test_estimate_command(capsys):
     out = capsys.readouterr().out
     assert "memory estimate per GPU" in out and "WARNING" in out
     assert estimate_memory(["--config", "missing.yaml"]) == 2
+
+
+def test_mixtures_of_experts_get_no_estimate_rather_than_a_dense_one():
+    report = startup_report(tiny_config(num_experts=4).validate(1), 1, 1 * GIB)
+    assert "not available for mixture-of-experts" in report and "WARNING" not in report
+    assert "GiB = weights" in startup_report(tiny_config().validate(1), 1, None)
