@@ -30,7 +30,7 @@ from simpo_megatron.config import ModelConfig
 from simpo_megatron.model.attention import SDPAttention
 from simpo_megatron.model.fp8 import check_transformer_engine, fp8_config_kwargs
 from simpo_megatron.model.layers import RMSNorm, RowParallelLinearWithPostNorm, softcap
-from simpo_megatron.model.moe import RouterLogits, fix_router_gemm_without_te, freeze_routers
+from simpo_megatron.model.moe import RouterHooks, fix_router_gemm_without_te, freeze_routers
 from simpo_megatron.runtime import ParallelLayout, pipeline_communication_settings
 
 
@@ -303,7 +303,7 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, padded_vocab_size: int
         if cfg.freeze_router:
             freeze_routers(model)
         # Padding routed nowhere; HF's load-balancing loss's router logits (see training/step.py).
-        model.router_logits = RouterLogits(model, cfg.moe_aux_loss_coeff or 0.0) if cfg.num_experts else None
+        model.router_hooks = RouterHooks(model, cfg.moe_aux_loss_coeff or 0.0) if cfg.num_experts else None
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -4,7 +4,7 @@
   GEMM in a ``try`` and, without TE, leaves the name undefined instead of None; the router
   then fails with a NameError. Setting it to None selects its own torch fallback.
 - ``freeze_routers``: keep the routers' weights out of training (``--freeze-router``).
-- ``RouterLogits``: records each router's logits during a forward, for the loss below.
+- ``RouterHooks``: padding routed to no expert; each router's logits recorded for the loss below.
 - ``load_balancing_loss``: HF's router load-balancing loss (Mixtral, Qwen3-MoE), a pure function;
   ``load_balancing_loss_over_group`` the same when a micro-batch's tokens are split over ranks.
 
@@ -46,54 +46,45 @@ def freeze_routers(model: torch.nn.Module) -> None:
             p.requires_grad_(False)
 
 
-class RouterLogits:
-    """Hooks on every router of a model chunk, installed once at build time.
+class RouterHooks:
+    """Hooks on every router of a model chunk, installed once at build time (each router's
+    ``routing`` is wrapped).
 
     - Padding goes to no expert: given megatron-core's ``padding_mask`` (True for padding; the
       model's forward passes it down, through recompute too), a padding token's routing-map row
-      and probabilities are zeroed, so the dispatcher sends it nowhere and its MoE output is 0.
-    - Inside ``recording()`` the logits ``[s, b, E]`` of every router are kept, for the
-      load-balancing loss of weight ``coeff``; outside it nothing is kept.
+      and probabilities are zeroed, so the dispatcher sends it nowhere and its MoE output is 0
+      (megatron-core's own uses of the mask, for its auxiliary losses, are off here).
+    - Inside ``recording()`` every router's logits ``[s, b, E]`` and real-token mask (in the
+      same token order) are kept, for the load-balancing loss of weight ``coeff``.
     """
 
     def __init__(self, model: torch.nn.Module, coeff: float):
         self.coeff = coeff
-        self._records: list[torch.Tensor] | None = None
+        self._records: list[tuple[torch.Tensor, torch.Tensor | None]] | None = None
         for router in routers(model):
-            router.gating = self._recorded(router.gating)
-            router.routing = _without_padding(router.routing)
+            router.routing = self._hooked(router.routing)
 
-    def _recorded(self, gating):
-        def gating_and_record(input: torch.Tensor) -> torch.Tensor:
-            logits = gating(input)
+    def _hooked(self, routing):
+        def routing_without_padding(logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
+            probs, routing_map = routing(logits)
+            real = None if padding_mask is None else ~_local_rows(padding_mask, logits.shape[0]).reshape(-1, 1)
             if self._records is not None:
-                self._records.append(logits)
-            return logits
+                self._records.append((logits, None if real is None else real.reshape(-1)))
+            if real is None:
+                return probs, routing_map
+            return probs * real, routing_map & real
 
-        return gating_and_record
+        return routing_without_padding
 
     @contextmanager
-    def recording(self) -> Iterator[list[torch.Tensor]]:
-        """The list that the routers fill, in layer order, during the forward inside."""
+    def recording(self) -> Iterator[list[tuple[torch.Tensor, torch.Tensor | None]]]:
+        """The list of ``(logits, real-token mask)`` that the routers fill, in layer order,
+        during the forward inside."""
         self._records = records = []
         try:
             yield records
         finally:
             self._records = None
-
-
-def _without_padding(routing):
-    """A router's ``routing`` that routes the padding tokens of ``padding_mask`` to no expert
-    (megatron-core's own uses of the mask, for its auxiliary losses, are off here)."""
-
-    def routing_without_padding(logits: torch.Tensor, padding_mask: torch.Tensor | None = None):
-        probs, routing_map = routing(logits)
-        if padding_mask is None:
-            return probs, routing_map
-        real = ~_local_rows(padding_mask, logits.shape[0]).reshape(-1, 1)
-        return probs * real, routing_map & real
-
-    return routing_without_padding
 
 
 def _local_rows(mask: torch.Tensor, rows: int) -> torch.Tensor:

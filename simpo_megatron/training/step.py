@@ -179,8 +179,8 @@ def loss_func(
         metrics[name] = pair_sum(values)
     count = weights.sum()
     if aux_loss is not None:
-        balance, coeff = aux_loss
-        balance = balance()
+        balance_of, coeff = aux_loss
+        balance = balance_of()
         loss_sum = loss_sum + coeff * balance * count
         metrics[AUX_KEY] = (balance * count).detach()
     metrics[METRICS_KEY] = torch.stack(
@@ -291,13 +291,11 @@ def forward_step(
         if sft_mask is not None:
             sft_mask = split(sft_mask)
     segments = None if segment_ids is None else (segment_ids, batch.num_pairs)
-    recorder = getattr(unwrap_model(model), "router_logits", None)  # MoE models only
+    hooks = getattr(unwrap_model(model), "router_hooks", None)  # MoE models only
     moe = {}
-    if recorder is not None:
+    if hooks is not None:
         token_mask = batch.real_token_mask()
-        if cp_group is not None:
-            token_mask = split(token_mask)
-        moe["padding_mask"] = token_mask == 0  # padding goes to no expert
+        moe["padding_mask"] = (token_mask if cp_group is None else split(token_mask)) == 0  # to no expert
     run = partial(
         model,
         tokens,
@@ -308,12 +306,12 @@ def forward_step(
         **moe,
     )
     aux_loss = None
-    if recorder is None or scoring or not recorder.coeff:
+    if hooks is None or scoring or not hooks.coeff:
         output = run()
     else:
-        with recorder.recording() as router_logits:
+        with hooks.recording() as routed:
             output = run()
-        aux_loss = (_router_balance(model, router_logits, token_mask), recorder.coeff)
+        aux_loss = (_router_balance(model, routed), hooks.coeff)
     if scoring:  # the reference pass: per-pair scores, no loss
         return output, partial(
             score_func, vocab_size, labels, loss_mask, head=_chunked_head(model, vocab_size), segments=segments
@@ -334,29 +332,20 @@ def forward_step(
     )
 
 
-def _router_balance(model, router_logits: list[torch.Tensor], token_mask: torch.Tensor):
-    """HF's load-balancing loss of this micro-batch, as a thunk for ``loss_func``.
-
-    ``token_mask`` ``[b, s]`` is this CP rank's; the routers see ``[s, b]`` tokens, and with
-    sequence parallelism only this TP rank's slice of ``s``, so the statistics are summed over
-    the ranks that share the micro-batch's tokens."""
+def _router_balance(model, routed: list[tuple[torch.Tensor, torch.Tensor]]):
+    """HF's load-balancing loss of this micro-batch from the routers' ``(logits, real-token
+    mask)``, as a thunk for ``loss_func``. The routers see this CP rank's tokens, and with
+    sequence parallelism this TP rank's slice of them, so the statistics are summed over the
+    ranks that share the micro-batch's tokens."""
     config = get_attr_wrapped_model(model, "config")
-    mask = token_mask.t()
-    group = _context_parallel_group()
     if config.sequence_parallel:
-        tp_rank, tp_size = (
-            parallel_state.get_tensor_model_parallel_rank(),
-            parallel_state.get_tensor_model_parallel_world_size(),
-        )
-        mask = mask.chunk(tp_size, dim=0)[tp_rank]
         group = parallel_state.get_tensor_and_context_parallel_group()
+    else:
+        group = _context_parallel_group()
+    logits = [layer_logits for layer_logits, _ in routed]
+    real_tokens = routed[0][1]  # the same tokens in every layer
     return partial(
-        load_balancing_loss_over_group,
-        router_logits,
-        config.num_moe_experts,
-        config.moe_router_topk,
-        mask.reshape(-1),
-        group,
+        load_balancing_loss_over_group, logits, config.num_moe_experts, config.moe_router_topk, real_tokens, group
     )
 
 
