@@ -342,7 +342,31 @@ def initialize_distributed(
             distributed_timeout_minutes=timeout_minutes,
             expert_model_parallel_size=layout.expert_model_parallel_size,
         )
+        if layout.pipeline_model_parallel_size > 1:
+            _create_pipeline_gloo_group(datetime.timedelta(minutes=timeout_minutes))
     set_seed(seed)
+
+
+_PIPELINE_GLOO_GROUP: list[dist.ProcessGroup] = []  # this rank's, while the parallel state lives
+
+
+def _create_pipeline_gloo_group(timeout: datetime.timedelta) -> None:
+    """A gloo copy of every pipeline group (every rank creates each, in the same order), for small
+    host-side exchanges between stages that must not wait in line with the stages' own traffic."""
+    from megatron.core import parallel_state
+
+    mine = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    everyone: list[list[int] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    for ranks in sorted({tuple(r) for r in everyone}):
+        group = dist.new_group(list(ranks), backend="gloo", timeout=timeout)
+        if dist.get_rank() in ranks:
+            _PIPELINE_GLOO_GROUP[:] = [group]
+
+
+def pipeline_gloo_group() -> dist.ProcessGroup | None:
+    """This rank's pipeline group on gloo (see ``initialize_distributed``); None with one stage."""
+    return _PIPELINE_GLOO_GROUP[0] if _PIPELINE_GLOO_GROUP else None
 
 
 def _attempt_store(timeout: datetime.timedelta) -> dict:
@@ -379,6 +403,7 @@ def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    _PIPELINE_GLOO_GROUP.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
     while _ENV_SET:

@@ -379,19 +379,6 @@ def _check_features(cfg: SimPOConfig) -> None:
             "a mixture-of-experts model with --tensor-model-parallel-size > 1 needs --sequence-parallel "
             "(megatron-core's MoE layer refuses to train without it)"
         )
-    if model.moe_aux_loss_coeff:
-        # HF's loss multiplies averages taken over all layers: one stage's routers cannot give it.
-        if par.pipeline_model_parallel_size > 1:
-            raise ConfigError(
-                "--moe-aux-loss-coeff > 0 needs --pipeline-model-parallel-size 1: HF's load-balancing loss "
-                "averages the routing of all layers before it multiplies, so it needs every router on one "
-                "stage (use tensor, expert or context parallelism, or --moe-aux-loss-coeff 0)"
-            )
-        if model.recompute_granularity == "full" or "moe" in (model.recompute_modules or ()):
-            raise ConfigError(
-                "--moe-aux-loss-coeff > 0 needs the router logits with their gradients: recompute the "
-                "MoE layers (--recompute-granularity full, --recompute-modules moe) is not supported with it"
-            )
     if par.use_distributed_optimizer and cfg.optimizer.optimizer != "adam":
         raise ConfigError("--use-distributed-optimizer supports --optimizer adam only (megatron-core)")
     if cfg.logging.eval_only and not cfg.checkpoint.load:

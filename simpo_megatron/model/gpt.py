@@ -30,7 +30,7 @@ from simpo_megatron.config import ModelConfig
 from simpo_megatron.model.attention import SDPAttention
 from simpo_megatron.model.fp8 import check_transformer_engine, fp8_config_kwargs
 from simpo_megatron.model.layers import RMSNorm, RowParallelLinearWithPostNorm, softcap
-from simpo_megatron.model.moe import RouterHooks, fix_router_gemm_without_te, freeze_routers
+from simpo_megatron.model.moe import RouterHooks, fix_router_gemm_without_te, freeze_routers, router_balance
 from simpo_megatron.runtime import ParallelLayout, pipeline_communication_settings
 
 
@@ -281,6 +281,8 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, padded_vocab_size: int
     spec = layer_spec(cfg, config.sequence_parallel)
     vpp = layout.virtual_pipeline_model_parallel_size
     chunks = []
+    # HF's load-balancing loss: one exchange of router statistics per rank, for all its chunks.
+    balance = router_balance(config, cfg.moe_aux_loss_coeff, vpp or 1) if cfg.moe_aux_loss_coeff else None
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         model = GPTModel(
@@ -302,8 +304,8 @@ def build_model(cfg: ModelConfig, layout: ParallelLayout, padded_vocab_size: int
         model.logprob_chunk_size = cfg.logprob_chunk_size
         if cfg.freeze_router:
             freeze_routers(model)
-        # Padding routed nowhere; HF's load-balancing loss's router logits (see training/step.py).
-        model.router_hooks = RouterHooks(model, cfg.moe_aux_loss_coeff or 0.0) if cfg.num_experts else None
+        # Padding routed nowhere; the routers' statistics for the load-balancing loss.
+        model.router_hooks = RouterHooks(model, balance) if cfg.num_experts else None
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -40,7 +40,7 @@ from simpo_megatron.logprobs import (
 )
 from simpo_megatron.losses import KNOBS, PairScores, get_loss, sft_token_nll_sum
 from simpo_megatron.model.context_parallel import split_for_context_parallel, split_packed_for_context_parallel
-from simpo_megatron.model.moe import load_balancing_loss_over_group
+from simpo_megatron.model.moe import MicroBatchBalance
 
 # Order of the summed statistics in a metrics vector; the last entry is the pair count.
 METRIC_SUMS = (
@@ -116,7 +116,7 @@ def loss_func(
     segments: tuple[torch.Tensor, int] | None = None,
     reference: ReferenceScores | None = None,
     sft_mask: torch.Tensor | None = None,
-    aux_loss: tuple[Callable[[], torch.Tensor], float] | None = None,
+    balance: MicroBatchBalance | None = None,
 ):
     """The preference loss of one micro-batch from the last stage's vocab-parallel logits ``[2m, s, V/tp]``.
 
@@ -132,9 +132,10 @@ def loss_func(
     ``m`` pairs: each token's sequence, ``k`` for pair k's chosen response, ``m + k`` for its
     rejected one, ``2m`` for padding. ``reference``: the reference model's scores of the pairs,
     for a reference-based ``--loss-type``. ``sft_mask``: the labels the token-level SFT term
-    covers (``--sft-on-prompt``: see ``sft_token_mask``); default ``loss_mask``. ``aux_loss``:
-    ``(the micro-batch's router load-balancing loss, its weight)``, added once per real pair and
-    reported as ``metrics["load_balancing_loss"]``.
+    covers (``--sft-on-prompt``: see ``sft_token_mask``); default ``loss_mask``. ``balance``:
+    the micro-batch's router load-balancing loss, whose value is added here once per real pair
+    (x ``--moe-aux-loss-coeff``) and reported as ``metrics["load_balancing_loss"]``; its
+    gradient reaches the routers from the layers themselves (see ``model/moe.py``).
     """
     cp_group = _context_parallel_group()
     token_logps, policy = policy_scores(vocab_size, labels, loss_mask, output_tensor, head, segments, cp_group)
@@ -178,11 +179,10 @@ def loss_func(
     for name, values in out.metrics.items():
         metrics[name] = pair_sum(values)
     count = weights.sum()
-    if aux_loss is not None:
-        balance_of, coeff = aux_loss
-        balance = balance_of()
-        loss_sum = loss_sum + coeff * balance * count
-        metrics[AUX_KEY] = (balance * count).detach()
+    if balance is not None:
+        value = balance.value(device)
+        loss_sum = loss_sum + balance.weight * value
+        metrics[AUX_KEY] = value * count
     metrics[METRICS_KEY] = torch.stack(
         [
             loss_sum.detach(),
@@ -305,13 +305,12 @@ def forward_step(
         packed_seq_params=None if packed is None else packed.seq_params(),
         **moe,
     )
-    aux_loss = None
-    if hooks is None or scoring or not hooks.coeff:
+    balance = None
+    if hooks is None or hooks.balance is None or scoring:
         output = run()
     else:
-        with hooks.recording() as routed:
+        with hooks.recording(batch.num_pairs) as balance:
             output = run()
-        aux_loss = (_router_balance(model, routed), hooks.coeff)
     if scoring:  # the reference pass: per-pair scores, no loss
         return output, partial(
             score_func, vocab_size, labels, loss_mask, head=_chunked_head(model, vocab_size), segments=segments
@@ -328,24 +327,7 @@ def forward_step(
         segments=segments,
         reference=batch.reference,
         sft_mask=sft_mask,
-        aux_loss=aux_loss,
-    )
-
-
-def _router_balance(model, routed: list[tuple[torch.Tensor, torch.Tensor]]):
-    """HF's load-balancing loss of this micro-batch from the routers' ``(logits, real-token
-    mask)``, as a thunk for ``loss_func``. The routers see this CP rank's tokens, and with
-    sequence parallelism this TP rank's slice of them, so the statistics are summed over the
-    ranks that share the micro-batch's tokens."""
-    config = get_attr_wrapped_model(model, "config")
-    if config.sequence_parallel:
-        group = parallel_state.get_tensor_and_context_parallel_group()
-    else:
-        group = _context_parallel_group()
-    logits = [layer_logits for layer_logits, _ in routed]
-    real_tokens = routed[0][1]  # the same tokens in every layer
-    return partial(
-        load_balancing_loss_over_group, logits, config.num_moe_experts, config.moe_router_topk, real_tokens, group
+        balance=balance,
     )
 
 

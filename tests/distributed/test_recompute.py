@@ -27,8 +27,12 @@ LAYOUTS = {
     "pp2": (dict(pipeline_model_parallel_size=2, micro_batch_size=1), ("full_block",)),
     "dp2_packed": (dict(packing=True, micro_batch_size=1), ("full_uniform",)),
     "cp2": (dict(context_parallel_size=2, seq_length=36), ("full_uniform", "full_block", "selective")),
-    # A mixture of experts on EP=2 (padded rows: the padding routed to no expert, in recompute too).
-    "moe_ep2": (dict(num_experts=4, expert_model_parallel_size=2), ("full_uniform", "selective_moe")),
+    # A mixture of experts on EP=2 (padded rows: the padding routed to no expert, in recompute too),
+    # with the router load-balancing loss, whose gradient recomputed layers tie in their re-run.
+    "moe_ep2": (
+        dict(num_experts=4, expert_model_parallel_size=2, moe_aux_loss_coeff=0.5),
+        ("full_uniform", "selective_moe"),
+    ),
 }
 
 

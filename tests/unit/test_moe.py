@@ -73,12 +73,10 @@ def test_moe_config_mapping_round_trip_and_errors():
     aux = hf_config_to_overrides(_qwen3_moe(output_router_logits=True, router_aux_loss_coef=0.01))
     assert aux["moe_aux_loss_coeff"] == 0.01
     tiny_config(**aux).validate(1)
-    for bad, match in (
-        (dict(pipeline_model_parallel_size=2), "needs --pipeline-model-parallel-size 1"),
-        (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1), "recompute"),
-        (dict(recompute_granularity="selective", recompute_modules=["moe"]), "recompute"),
-        (dict(moe_aux_loss_coeff=-0.1), "must be >= 0"),
-    ):
+    # The loss works across pipeline stages and through recomputed MoE layers.
+    tiny_config(**aux, pipeline_model_parallel_size=2).validate(2)
+    tiny_config(**aux, recompute_granularity="selective", recompute_modules=["moe"]).validate(1)
+    for bad, match in ((dict(moe_aux_loss_coeff=-0.1), "must be >= 0"),):
         with pytest.raises(ConfigError, match=match):
             tiny_config(**{**aux, **bad}).validate(2)
     with pytest.raises(ConfigError, match="--moe-aux-loss-coeff need --num-experts"):
