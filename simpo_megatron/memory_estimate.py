@@ -18,6 +18,10 @@ layer, the norms' inputs and outputs, the fused QKV output, the rotated query an
 attention output (and the scores when the attention is computed explicitly: soft-capping),
 and the MLP's fc1 output and activations. Tokens are a micro-batch's: 2 x micro-batch size x
 --seq-length (padded to the longest sequence at worst, or the packing budget), over CP ranks.
+An MoE layer keeps its router's per-token tensors and, per routed row, its experts' (see
+``_moe_activation_bytes``), with the routing assumed balanced over the experts; its experts'
+weights are split over EP x TP, their optimizer state sharded over the ranks that hold the same
+experts. Local layers in bf16/fp16 keep torch's norms' weights, and their inputs, in fp32.
 Not counted: the CUDA context, communication buffers and allocator fragmentation (1-3 GB).
 """
 
@@ -66,8 +70,19 @@ def _dtype_bytes(cfg: SimPOConfig) -> int:
     return 2 if cfg.model.bf16 or cfg.model.fp16 else 4
 
 
+def expert_parameters(cfg: SimPOConfig) -> int:
+    """Parameters of one MoE layer's experts on one rank: its ``E / EP`` experts, each split over
+    TP (megatron-core's expert tensor parallelism defaults to TP); 0 for a dense model."""
+    m, par = cfg.model, cfg.parallel
+    if m.num_experts is None:
+        return 0
+    h, f = m.hidden_size, m.moe_ffn_hidden_size or m.derived_ffn_hidden_size()
+    per_expert = h * f * (2 if m.swiglu or m.geglu else 1) + f * h
+    return m.num_experts // par.expert_model_parallel_size * per_expert // par.tensor_model_parallel_size
+
+
 def layer_parameters(cfg: SimPOConfig) -> int:
-    """Parameters of one transformer layer on one tensor-parallel rank."""
+    """Parameters of one transformer layer on one rank (an MoE layer's router and this rank's experts)."""
     m, tp = cfg.model, cfg.parallel.tensor_model_parallel_size
     h, f = m.hidden_size, m.derived_ffn_hidden_size()
     heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
@@ -75,7 +90,12 @@ def layer_parameters(cfg: SimPOConfig) -> int:
     qkv = (heads + 2 * groups) * d
     norm = 2 * h if m.normalization == "LayerNorm" else h
     params = h * qkv // tp + (qkv // tp if m.add_qkv_bias else 0) + heads * d * h // tp
-    params += h * f * (2 if m.swiglu or m.geglu else 1) // tp + f * h // tp
+    if m.num_experts is None:
+        params += h * f * (2 if m.swiglu or m.geglu else 1) // tp + f * h // tp
+    else:  # the router's weight is whole on every rank
+        params += m.num_experts * h + expert_parameters(cfg)
+    if m.qk_layernorm:
+        params += 2 * d
     return params + norm * (4 if m.sandwich_norm else 2)
 
 
@@ -94,24 +114,45 @@ def stage_parameters(cfg: SimPOConfig, stage: int) -> int:
     return params
 
 
+def fp32_parameters(cfg: SimPOConfig, stage: int) -> int:
+    """Of ``stage_parameters``, those kept in fp32 in a bf16/fp16 run: the weights of torch's
+    norms, which the local layers use unless the norms are this project's RMSNorm ((1 + weight)
+    norms, sandwich norms, sequence parallelism)."""
+    m, par = cfg.model, cfg.parallel
+    if _dtype_bytes(cfg) == 4 or m.transformer_impl == "transformer_engine":
+        return 0
+    if m.apply_layernorm_1p or par.sequence_parallel:
+        return 0
+    norm = 2 * m.hidden_size if m.normalization == "LayerNorm" else m.hidden_size
+    params = 0 if m.sandwich_norm else 2 * norm * (m.num_layers // par.pipeline_model_parallel_size)
+    return params + (norm if stage == par.pipeline_model_parallel_size - 1 else 0)
+
+
 def micro_batch_tokens(cfg: SimPOConfig) -> int:
     """Token slots of a micro-batch on one CP rank: chosen and rejected of each pair, padded to
     --seq-length at worst; a packed micro-batch's budget is the same number."""
     return 2 * cfg.data.micro_batch_size * cfg.data.seq_length // cfg.parallel.context_parallel_size
 
 
-def _layer_activation_bytes(cfg: SimPOConfig, tokens: int) -> tuple[int, int, int]:
-    """(everything, what selective recompute of core_attn drops, what recompute of mlp drops) kept
-    for backward by one layer, for ``tokens`` tokens of one rank."""
+def _norm_bytes(cfg: SimPOConfig) -> int:
+    """Bytes a norm keeps per element: its input and output (the next linear's input); torch's
+    norms also keep the normalized input, and in bf16/fp16 compute in fp32 (input and normalized
+    input kept in fp32)."""
+    e = _dtype_bytes(cfg)
+    return 2 * e if cfg.model.transformer_impl == "transformer_engine" else 8 + e
+
+
+def _layer_activation_bytes(cfg: SimPOConfig, tokens: int) -> tuple[int, int, int, int]:
+    """(everything, what selective recompute of core_attn drops, of mlp, of moe) kept for
+    backward by one layer, for ``tokens`` tokens of one rank."""
     m, par = cfg.model, cfg.parallel
     tp, cp, e = par.tensor_model_parallel_size, par.context_parallel_size, _dtype_bytes(cfg)
     h, f = m.hidden_size, m.derived_ffn_hidden_size() // tp
     heads, groups = m.num_attention_heads // tp, (m.num_query_groups or m.num_attention_heads) // tp
     d = m.kv_channels or m.hidden_size // m.num_attention_heads
     te = m.transformer_impl == "transformer_engine"
-    # Norm input and output (the next linear's input); torch's norms also keep the normalized input.
-    norms = (2 if te else 3) * 2 + (3 * 2 if m.sandwich_norm else 0)
-    hidden = norms * h // (tp if par.sequence_parallel else 1)
+    norms = 4 if m.sandwich_norm else 2
+    hidden = norms * _norm_bytes(cfg) * h // (tp if par.sequence_parallel else 1)
     # The QKV output (the value is a view of it), the rotated query and key, the attention output.
     attention = (heads + 2 * groups) * d + 2 * heads * d + groups * d
     if cp > 1 and not te:  # the local context-parallel attention keeps the gathered keys and values
@@ -130,16 +171,40 @@ def _layer_activation_bytes(cfg: SimPOConfig, tokens: int) -> tuple[int, int, in
     fused = gated and m.swiglu and te  # Transformer Engine / fused SwiGLU keeps only its input
     mlp = (2 * f + (f if fused else 3 * f)) if gated else 2 * f
     dropout = 2 * h if m.hidden_dropout > 0 else 0  # bool masks, one byte each
-    everything = tokens * (e * (hidden + attention + mlp) + softmax_stats + explicit_scores + dropout)
+    moe = 0
+    if m.num_experts is not None:
+        mlp, moe = 0, _moe_activation_bytes(cfg, tokens)
+    everything = tokens * (hidden + e * (attention + mlp) + softmax_stats + explicit_scores + dropout) + moe
     core_attn = tokens * (softmax_stats + explicit_scores)
-    return everything, core_attn, tokens * e * mlp
+    return everything, core_attn, tokens * e * mlp, moe
+
+
+def _moe_activation_bytes(cfg: SimPOConfig, tokens: int) -> int:
+    """What an MoE layer (megatron-core's router, all-to-all dispatcher and sequential experts)
+    keeps for backward, for ``tokens`` tokens of one rank, with the routing balanced: each rank's
+    experts then compute ``tokens x top-k`` rows (under TP, those of all TP ranks, each on its
+    slice of the expert width). Per router token: the top-k indices (int64) and probabilities
+    (fp32), the routing map (bool) and probabilities over all experts (fp32), the padding mask,
+    the permutation's sorted indices, and with the load-balancing loss its softmax and weights
+    (fp32). Per routed row: the permuted input, fc1's output (2 x width when gated), the
+    activation's four width-sized tensors, and the row's probability (fp32)."""
+    m, par, e = cfg.model, cfg.parallel, _dtype_bytes(cfg)
+    tp, k, experts = par.tensor_model_parallel_size, m.moe_router_topk, m.num_experts
+    width = (m.moe_ffn_hidden_size or m.derived_ffn_hidden_size()) // tp
+    router_tokens = tokens // tp if par.sequence_parallel else tokens
+    router = router_tokens * (k * (8 + 4 + 8) + 1 + experts * (1 + e))
+    if m.moe_aux_loss_coeff:
+        router += router_tokens * (experts + 1) * 4
+    gated = m.swiglu or m.geglu
+    rows = tokens * k * e * (m.hidden_size + (2 if gated else 1) * width + 4 * width + 1)
+    return router + rows
 
 
 def _head_bytes(cfg: SimPOConfig, tokens: int) -> tuple[int, int]:
     """(kept for backward, transient) of the last stage's final norm and log-prob head."""
     m, tp, e = cfg.model, cfg.parallel.tensor_model_parallel_size, _dtype_bytes(cfg)
     vocab = cfg.padded_vocab_size() // tp
-    norm = (2 if m.transformer_impl == "transformer_engine" else 3) * m.hidden_size * e * tokens
+    norm = _norm_bytes(cfg) * m.hidden_size * tokens
     if m.logprob_chunk_size > 0:
         # Each chunk's logits are recomputed in backward: fp32 logits, their softmax and gradient.
         return norm, 3 * 4 * min(m.logprob_chunk_size, tokens) * vocab
@@ -166,7 +231,7 @@ def _stage_activations(cfg: SimPOConfig, world_size: int, stage: int) -> tuple[i
     tokens = micro_batch_tokens(cfg)
     vpp = cfg.virtual_pipeline_model_parallel_size()
     chunk_layers = m.num_layers // pp // (vpp or 1)
-    layer, core_attn, mlp = _layer_activation_bytes(cfg, tokens)
+    layer, core_attn, mlp, moe = _layer_activation_bytes(cfg, tokens)
     inputs = tokens * m.hidden_size * _dtype_bytes(cfg)
     if cfg.parallel.sequence_parallel:
         inputs //= cfg.parallel.tensor_model_parallel_size
@@ -181,6 +246,7 @@ def _stage_activations(cfg: SimPOConfig, world_size: int, stage: int) -> tuple[i
     elif granularity == "selective":
         modules = m.recompute_modules or ["core_attn"]
         dropped = (core_attn if "core_attn" in modules else 0) + (mlp if "mlp" in modules else 0)
+        dropped += moe if "moe" in modules else 0
         if "layernorm" in modules:
             dropped += 2 * inputs  # the two norms' outputs
         chunk = chunk_layers * (layer - dropped)
@@ -200,20 +266,27 @@ def _stage_activations(cfg: SimPOConfig, world_size: int, stage: int) -> tuple[i
 def estimate_stage(cfg: SimPOConfig, world_size: int, stage: int) -> MemoryEstimate:
     """The estimate for one rank of pipeline stage ``stage``; ``cfg`` validated for ``world_size``."""
     par = cfg.parallel
-    params = stage_parameters(cfg, stage)
+    params, fp32 = stage_parameters(cfg, stage), fp32_parameters(cfg, stage)
     e = _dtype_bytes(cfg)
     half = e < 4
     if cfg.optimizer.optimizer == "adam":
         state = 8 + (4 if half else 0)
     else:
         state = (4 if cfg.optimizer.sgd_momentum > 0 else 0) + (4 if half else 0)
-    optimizer = params * state
+    optimizer = params * state - fp32 * (4 if half else 0)  # fp32 parameters need no fp32 master copy
     if par.use_distributed_optimizer:
-        optimizer //= cfg.data_parallel_size(world_size) * par.context_parallel_size
+        # Dense parameters are sharded over DP x CP, the experts over the ranks holding the same
+        # experts: world / (PP x EP x TP).
+        experts = expert_parameters(cfg) * (cfg.model.num_layers // par.pipeline_model_parallel_size)
+        expert_dp = world_size // (
+            par.pipeline_model_parallel_size * par.expert_model_parallel_size * par.tensor_model_parallel_size
+        )
+        dense = (params - experts) * state // (cfg.data_parallel_size(world_size) * par.context_parallel_size)
+        optimizer = dense + experts * state // expert_dp
     activations, per_micro_batch, in_flight, transient = _stage_activations(cfg, world_size, stage)
     return MemoryEstimate(
         stage=stage,
-        weights=params * e,
+        weights=(params - fp32) * e + fp32 * 4,
         gradients=params * 4,
         optimizer=optimizer,
         activations=activations,
@@ -249,7 +322,9 @@ def _remedies(cfg: SimPOConfig) -> list[tuple[str, dict]]:
     out = [(flags, values) for flags, values in _REMEDIES if any(flat[k] != v for k, v in values.items())]
     if cfg.model.recompute_granularity == "full":  # already the most recompute
         out = [(flags, values) for flags, values in out if "recompute" not in flags]
-    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    tp, pp, ep = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.expert_model_parallel_size
+    if cfg.model.num_experts is not None:
+        out.append((f"--expert-model-parallel-size {2 * ep}", dict(expert_model_parallel_size=2 * ep)))
     out.append((f"--tensor-model-parallel-size {2 * tp}", dict(tensor_model_parallel_size=2 * tp)))
     out.append((f"--pipeline-model-parallel-size {2 * pp}", dict(pipeline_model_parallel_size=2 * pp)))
     if data.micro_batch_size > 1:
@@ -299,11 +374,6 @@ def memory_warning(cfg: SimPOConfig, world_size: int, device_bytes: int) -> str 
 def startup_report(cfg: SimPOConfig, world_size: int, device_bytes: int | None) -> str:
     """The estimate line printed at the start of training, with the warning when it does not
     fit ``device_bytes`` (--gpu-memory-gb, else the CUDA device's memory; None: no check)."""
-    if cfg.model.num_experts is not None:
-        return (
-            "memory estimate per GPU: not available for mixture-of-experts models yet (experts, expert "
-            "parallelism and routed activations are not modelled; a dense estimate would mislead)"
-        )
     lines = [estimate_memory(cfg, world_size).format()]
     if device_bytes is not None:
         warning = memory_warning(cfg, world_size, device_bytes)

@@ -158,7 +158,7 @@ class ModelConfig:
     )
     recompute_modules: list[str] = _list_opt(
         "Submodules that selective recompute reruns, megatron-core's names: core_attn, mlp, layernorm; "
-        "moe, moe_act, shared_experts with experts (default: core_attn)."
+        "moe with experts (default: core_attn)."
     )
 
     # Settings of how the model is trained or run, not of the function it computes.

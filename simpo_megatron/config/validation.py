@@ -116,6 +116,9 @@ def _check_model(model: ModelConfig) -> None:
             )
         if (model.moe_aux_loss_coeff or 0.0) < 0:
             raise ConfigError(f"--moe-aux-loss-coeff must be >= 0, got {model.moe_aux_loss_coeff}")
+        if model.moe_router_topk == 1 and not model.moe_router_pre_softmax:
+            # Renormalizing one probability would make every weight 1 (megatron-core refuses it too).
+            raise ConfigError("--moe-router-topk 1 needs --moe-router-pre-softmax")
     elif model.freeze_router or model.moe_ffn_hidden_size is not None or model.moe_aux_loss_coeff:
         raise ConfigError("--freeze-router, --moe-ffn-hidden-size and --moe-aux-loss-coeff need --num-experts")
 
@@ -310,6 +313,11 @@ def _check_recompute(cfg: SimPOConfig) -> None:
             raise ConfigError(f"--recompute-modules must be among {', '.join(RECOMPUTE_MODULES)}, got {unknown}")
         if not getattr(model, "num_experts", None) and any(m in _EXPERT_MODULES for m in modules):
             raise ConfigError("--recompute-modules moe, moe_act and shared_experts need a mixture-of-experts model")
+        if "moe_act" in modules:
+            raise ConfigError(
+                "--recompute-modules moe_act needs megatron-core's grouped-GEMM experts, which this model "
+                "builder does not use (their per-expert weights are HF's layout): recompute moe instead"
+            )
         if "layernorm" in modules and model.transformer_impl == "local":
             raise ConfigError(
                 "--recompute-modules layernorm needs --transformer-impl transformer_engine: megatron-core "

@@ -33,6 +33,11 @@ RECIPE = "examples/configs/llama3-8b-instruct.yaml"
             "needs --transformer-impl transformer_engine",
         ),
         (dict(recompute_granularity="selective", recompute_modules=["moe"]), "need a mixture-of-experts model"),
+        (
+            dict(num_experts=4, recompute_granularity="selective", recompute_modules=["moe_act"]),
+            "moe_act needs megatron-core's grouped-GEMM experts",
+        ),
+        (dict(num_experts=4, moe_router_topk=1), "--moe-router-topk 1 needs --moe-router-pre-softmax"),
         (dict(recompute_modules=["mlp"]), "--recompute-modules needs --recompute-granularity selective"),
         (
             dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=3),
@@ -68,7 +73,15 @@ def test_estimate_command(capsys):
     assert estimate_memory(["--config", "missing.yaml"]) == 2
 
 
-def test_mixtures_of_experts_get_no_estimate_rather_than_a_dense_one():
-    report = startup_report(tiny_config(num_experts=4).validate(1), 1, 1 * GIB)
-    assert "not available for mixture-of-experts" in report and "WARNING" not in report
-    assert "GiB = weights" in startup_report(tiny_config().validate(1), 1, None)
+def test_a_mixture_of_experts_that_does_not_fit_is_told_to_spread_its_experts():
+    """The experts dominate an MoE model's memory: EP splits them (and recomputing the MoE layers
+    drops their routed activations); the warning names EP among the changes that help."""
+    cfg = tiny_config(num_experts=8, moe_ffn_hidden_size=64, bf16=True).validate(2)
+    report = startup_report(cfg, 2, estimate(cfg, 2).total * 2)
+    assert report.startswith("memory estimate per GPU") and "WARNING" not in report
+    ep2 = cfg.replace(expert_model_parallel_size=2).validate(2)
+    assert estimate(ep2, 2).weights < estimate(cfg, 2).weights
+    moe = cfg.replace(recompute_granularity="selective", recompute_modules=["moe"]).validate(2)
+    assert estimate(moe, 2).activations < estimate(cfg, 2).activations
+    warning = memory_warning(cfg, 2, int(estimate(ep2, 2).total / 0.89))
+    assert "Would fit" in warning and "--expert-model-parallel-size 2" in warning

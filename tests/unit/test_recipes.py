@@ -149,6 +149,32 @@ HF_CONFIGS["qwen3-8b-simpo.yaml"] = {
     "attention_bias": False,
     "tie_word_embeddings": False,
 }
+HF_CONFIGS["qwen3-30b-a3b-simpo.yaml"] = {
+    "model_type": "qwen3_moe",
+    "architectures": ["Qwen3MoeForCausalLM"],
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "moe_intermediate_size": 768,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.001,
+    "vocab_size": 151936,
+    "max_position_embeddings": 40960,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": None,
+    "attention_bias": False,
+    "tie_word_embeddings": False,
+}
 
 
 @functools.cache
@@ -158,7 +184,9 @@ def recipe(name: str, *extra: str) -> SimPOConfig:
 
 
 def model_parallel(cfg: SimPOConfig) -> int:
-    return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    """The smallest world the recipe runs on: TP x PP, times EP (which splits data-parallel ranks)."""
+    par = cfg.parallel
+    return par.tensor_model_parallel_size * par.pipeline_model_parallel_size * par.expert_model_parallel_size
 
 
 def needs_reference(name: str) -> bool:
@@ -285,11 +313,12 @@ def test_recipes_match_what_the_hf_importer_reads(name):
     cfg = recipe(name, *run_flags(name))
     overrides = hf_config_to_overrides(HF_CONFIGS[name], seq_length=cfg.data.seq_length)
     assert {k: getattr(cfg.model, k) for k in MODEL_FIELDS} == {k: overrides[k] for k in MODEL_FIELDS}
-    # Megatron pads the vocabulary to a multiple of 128 x TP (Qwen3's 151936 to 152064 at TP=2;
-    # the padded rows are masked out of the softmax); the others need no padding.
+    # Megatron pads the vocabulary to a multiple of 128 x TP (Qwen3's 151936 to 152064 at TP=2,
+    # none at TP=1; the padded rows are masked out of the softmax); the others need no padding.
     multiple = 128 * cfg.parallel.tensor_model_parallel_size
     assert cfg.padded_vocab_size() == -(-cfg.model.vocab_size // multiple) * multiple
-    assert (cfg.padded_vocab_size() == cfg.model.vocab_size) == (name != "qwen3-8b-simpo.yaml")
+    padded = cfg.parallel.tensor_model_parallel_size > 1 and "qwen" in name
+    assert (cfg.padded_vocab_size() == cfg.model.vocab_size) == (not padded)
 
 
 def test_gemma2_recipe_is_gemma2():
@@ -312,6 +341,31 @@ def test_gemma2_recipe_is_gemma2():
     te = recipe("gemma2-9b-it.yaml", *FAKE_DATA, "--transformer-impl", "transformer_engine")
     with pytest.raises(ConfigError, match="--attn-logit-softcapping .* needs --transformer-impl local"):
         te.validate(8 * model_parallel(te))
+
+
+def test_moe_recipe_is_qwen3_30b_a3b_and_fits_two_nodes():
+    """The MoE recipe's router loss is HF's coefficient (on, as TRL adds it with
+    output_router_logits); by the memory estimate it fits 2 nodes of 8 x 80 GB, not one."""
+    from simpo_megatron.memory_estimate import GIB, estimate_memory, memory_warning
+
+    cfg = recipe("qwen3-30b-a3b-simpo.yaml", *FAKE_DATA)
+    assert cfg.model.moe_aux_loss_coeff == HF_CONFIGS["qwen3-30b-a3b-simpo.yaml"]["router_aux_loss_coef"]
+    assert cfg.loss.beta == 10.0 and cfg.loss.gamma_beta_ratio == 0.3 and cfg.optimizer.lr == 1e-6
+    cfg.validate(16)
+    assert cfg.data_parallel_size(16) == 16 and cfg.num_micro_batches(16) * 16 == 128
+    assert memory_warning(cfg, 16, 80 * GIB) is None
+    assert memory_warning(cfg.replace().validate(8), 8, 80 * GIB) is not None
+    # Each rank holds the dense part and 1/8 of the experts, in bf16 (norms in fp32), counted
+    # here from config.json; the whole is Qwen3-30B-A3B's published 30.5B parameters.
+    hf = HF_CONFIGS["qwen3-30b-a3b-simpo.yaml"]
+    h, layers, d = hf["hidden_size"], hf["num_hidden_layers"], hf["head_dim"]
+    q, kv = hf["num_attention_heads"] * d, hf["num_key_value_heads"] * d
+    experts = layers * hf["num_experts"] * 3 * h * hf["moe_intermediate_size"]
+    norms = layers * (2 * h + 2 * d) + h
+    dense = layers * (h * (q + 2 * kv) + q * h + hf["num_experts"] * h) + 2 * hf["vocab_size"] * h + norms
+    assert (experts + dense) / 1e9 == pytest.approx(30.5, abs=0.05)
+    fp32 = layers * 2 * h + h  # torch's norms keep fp32 weights; the QK norms are bf16
+    assert estimate_memory(cfg, 16).weights == (dense + experts // 8 - fp32) * 2 + fp32 * 4
 
 
 def test_llama31_recipe_scales_rope_by_8():
