@@ -7,7 +7,8 @@ traceback}`` and the others still run. Groups:
   probe   what this process has: CUDA, compute capability, GPU count, Transformer Engine
   single  one GPU: 6 training steps each on local layers (bf16), TE layers (bf16) and TE with
           FP8; TE against local layers on the same weights, padded and packed (THD); TE packed
-          against padded; one FP8 step against one bf16 step
+          against padded; one FP8 step against one bf16 step; a mixture of experts on TE
+          against local layers, padded and packed
   sp      two GPUs (TP=2, TE): the chunked log-prob head with sequence parallelism against without
   cp      two GPUs (TE): context parallelism 2 against 1 (data parallelism 2), padded and packed
 
@@ -93,13 +94,15 @@ def _config(impl: str, fp8: bool = False, bf16: bool = True, **overrides):
 # ------------------------------------------------------------------ weights and one pass
 
 
-def canonical_name(name: str) -> str:
+def canonical_name(name: str, moe: bool = False) -> str:
     """A parameter's name in the Transformer Engine spec: the local spec's norms are separate
-    modules where TE fuses them into the next linear (megatron-core's own checkpoint key map)."""
+    modules where TE fuses them into the next linear (megatron-core's own checkpoint key map).
+    An MoE layer's pre-MLP norm stays separate in TE too (its experts are not one linear)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     for old, new in get_gpt_layer_local_spec().submodules.sharded_state_dict_keys_map.items():
-        name = name.replace("." + old, "." + new)
+        if not (moe and old == "pre_mlp_layernorm."):
+            name = name.replace("." + old, "." + new)
     return name
 
 
@@ -108,7 +111,8 @@ def named_params(state) -> dict[str, torch.nn.Parameter]:
     from megatron.core.utils import unwrap_model
 
     chunk = unwrap_model(state.model[0])
-    return {canonical_name(n): p for n, p in chunk.named_parameters() if p.numel() > 0}
+    moe = any(".router." in n for n, _ in chunk.named_parameters())
+    return {canonical_name(n, moe): p for n, p in chunk.named_parameters() if p.numel() > 0}
 
 
 def export_weights(state) -> dict[str, torch.Tensor]:
@@ -371,6 +375,25 @@ def te_against_local(capability: tuple[int, int]) -> dict:
     return results
 
 
+def moe_te_against_local() -> dict:
+    """A mixture of experts (4 experts, top-2, the router load-balancing loss on) on TE and on
+    local layers, same weights, padded and packed."""
+    moe = dict(num_experts=4, moe_router_topk=2, moe_ffn_hidden_size=64, moe_aux_loss_coeff=0.1)
+    cfgs = {
+        "local": _config("local", **moe),
+        "fp32": _config("local", bf16=False, **moe),
+        "te": _config("transformer_engine", **moe),
+    }
+    states = _models("local", 1, **cfgs)
+    results = {}
+    for kind in ("padded", "packed"):
+        batches = global_batch(cfgs["local"].replace(packing=kind == "packed"))
+        passes = {name: forward_backward(cfgs[name], states[name], batches) for name in cfgs}
+        results[f"moe_te_vs_local_{kind}"] = bf16_comparison(passes["te"], passes["local"], passes["fp32"])
+        results[f"moe_te_vs_local_{kind}"]["load_balancing_loss"] = passes["te"]["metrics"]["load_balancing_loss"]
+    return results
+
+
 def single() -> dict:
     """Every one-GPU case, each in its own parallel state."""
     from simpo_megatron.runtime import ParallelLayout, destroy_distributed, initialize_distributed
@@ -395,6 +418,13 @@ def single() -> dict:
             results.update(te_against_local(capability))
         except Exception:  # noqa: BLE001 - every equivalence case reports it
             results["all"] = {"error": traceback.format_exc()}
+        finally:
+            destroy_distributed()
+        initialize_distributed(ParallelLayout(), seed=1234)
+        try:
+            results.update(moe_te_against_local())
+        except Exception:  # noqa: BLE001 - every MoE case reports it
+            results["moe_te_vs_local_padded"] = results["moe_te_vs_local_packed"] = {"error": traceback.format_exc()}
         finally:
             destroy_distributed()
     return results

@@ -6,7 +6,8 @@ every metric finite, every parameter gets a non-zero gradient, the loss falls, t
 change, and the log-prob head and the losses run in fp32 whatever the model's dtype.
 
 Equivalence, on the same weights, one forward and backward: TE against local layers, padded and
-packed (THD); TE packed against padded; one FP8 step's loss against the bf16 step's; on two
+packed (THD); TE packed against padded; a mixture of experts (router loss on) on TE against
+local layers, padded and packed; one FP8 step's loss against the bf16 step's; on two
 GPUs, the chunked log-prob head with sequence parallelism against without (TP=2), and
 context parallelism 2 against 1 on TE. Bounds: cases.py's docstring.
 
@@ -89,6 +90,14 @@ def test_te_matches_local_layers(batches, record_property):
 def test_te_packed_matches_padded(record_property):
     result = case("single", "te_packed_vs_padded")
     assert result["num_micro_batches"]["packed"] >= 1
+    _check_within_bounds(result, record_property)
+
+
+@_skip_unless(te=True)
+@pytest.mark.parametrize("batches", ["padded", "packed"])
+def test_moe_te_matches_local_layers(batches, record_property):
+    result = case("single", f"moe_te_vs_local_{batches}")
+    assert result["load_balancing_loss"] > 0
     _check_within_bounds(result, record_property)
 
 
