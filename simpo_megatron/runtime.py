@@ -342,31 +342,35 @@ def initialize_distributed(
             distributed_timeout_minutes=timeout_minutes,
             expert_model_parallel_size=layout.expert_model_parallel_size,
         )
-        if layout.pipeline_model_parallel_size > 1:
-            _create_pipeline_gloo_group(datetime.timedelta(minutes=timeout_minutes))
+    _TIMEOUT[:] = [datetime.timedelta(minutes=timeout_minutes)]
     set_seed(seed)
 
 
-_PIPELINE_GLOO_GROUP: list[dist.ProcessGroup] = []  # this rank's, while the parallel state lives
-
-
-def _create_pipeline_gloo_group(timeout: datetime.timedelta) -> None:
-    """A gloo copy of every pipeline group (every rank creates each, in the same order), for small
-    host-side exchanges between stages that must not wait in line with the stages' own traffic."""
-    from megatron.core import parallel_state
-
-    mine = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
-    everyone: list[list[int] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    for ranks in sorted({tuple(r) for r in everyone}):
-        group = dist.new_group(list(ranks), backend="gloo", timeout=timeout)
-        if dist.get_rank() in ranks:
-            _PIPELINE_GLOO_GROUP[:] = [group]
+# Gloo copies of the pipeline groups, by ranks (every rank keeps every group's entry, so that all
+# agree on which exist); cleared with the process group.
+_PIPELINE_GLOO_GROUPS: dict[tuple[int, ...], dist.ProcessGroup] = {}
+_TIMEOUT: list[datetime.timedelta] = []  # initialize_distributed's, for the groups made later
 
 
 def pipeline_gloo_group() -> dist.ProcessGroup | None:
-    """This rank's pipeline group on gloo (see ``initialize_distributed``); None with one stage."""
-    return _PIPELINE_GLOO_GROUP[0] if _PIPELINE_GLOO_GROUP else None
+    """This rank's pipeline group on gloo, for small host-side exchanges between stages that must
+    not wait in line with their activations; None with one stage.
+
+    The first call for a layout creates every pipeline group's copy (every rank must make it, in
+    the same order): call it where all ranks are, as when building the model.
+    """
+    from megatron.core import parallel_state
+
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return None
+    mine = tuple(dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group()))
+    if mine not in _PIPELINE_GLOO_GROUPS:
+        everyone: list[tuple[int, ...] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        timeout = _TIMEOUT[0] if _TIMEOUT else None
+        for ranks in sorted(set(everyone)):
+            _PIPELINE_GLOO_GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", timeout=timeout)
+    return _PIPELINE_GLOO_GROUPS[mine]
 
 
 def _attempt_store(timeout: datetime.timedelta) -> dict:
@@ -403,7 +407,7 @@ def destroy_distributed() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    _PIPELINE_GLOO_GROUP.clear()
+    _PIPELINE_GLOO_GROUPS.clear()
     if dist.is_initialized():
         dist.destroy_process_group()
     while _ENV_SET:

@@ -237,8 +237,8 @@ class RouterBalance:
 def router_balance(config, coeff: float, chunks: int) -> RouterBalance:
     """This rank's ``RouterBalance`` for a model of ``chunks`` chunks built with megatron-core's
     ``config``: tokens split over CP (and over TP under sequence parallelism), layers over the
-    pipeline stages (exchanged on the gloo copy of the pipeline group that
-    ``runtime.initialize_distributed`` creates)."""
+    pipeline stages (exchanged on a gloo copy of the pipeline group, made here: every rank
+    builds the model)."""
     from megatron.core import parallel_state
 
     from simpo_megatron.runtime import pipeline_gloo_group
@@ -247,15 +247,9 @@ def router_balance(config, coeff: float, chunks: int) -> RouterBalance:
         token_group = parallel_state.get_tensor_and_context_parallel_group()
     else:
         token_group = parallel_state.get_context_parallel_group()
-    pipeline_group = None
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        pipeline_group = pipeline_gloo_group()
-        if pipeline_group is None:
-            raise RuntimeError(
-                "the router load-balancing loss with pipeline parallelism needs the stages' gloo group: "
-                "start the process groups with simpo_megatron.runtime.initialize_distributed"
-            )
-    return RouterBalance(coeff, config.num_moe_experts, config.moe_router_topk, chunks, token_group, pipeline_group)
+    return RouterBalance(
+        coeff, config.num_moe_experts, config.moe_router_topk, chunks, token_group, pipeline_gloo_group()
+    )
 
 
 def _local_rows(mask: torch.Tensor, rows: int) -> torch.Tensor:
