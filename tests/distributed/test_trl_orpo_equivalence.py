@@ -6,8 +6,9 @@ decay, clipping, warmup and linear decay, fp32). TRL's ORPOTrainer minimizes
 ``nll - beta * mean(logsigmoid(log_odds))``, its NLL being the cross-entropy over every label of
 the chosen sequences of its batch, prompt included; ours is the odds-ratio loss plus the
 token-level SFT term with weight 1, over the prompt too with ``--sft-on-prompt``. TRL runs the
-global batch as one micro-batch on one process; ours runs on one process (2 micro-batches), on
-TP=2 and on CP=2 (the packed layout's prompt mask is checked in ``tests/unit/test_batch.py``).
+global batch as one micro-batch on one process; ours runs on one process (2 micro-batches, and
+packed), on TP=2, and on CP=2 (padded and packed: the prompt mask per packed sequence, split
+over the CP ranks).
 Compared per step: the loss, the NLL (our ``sft_loss``), the log-odds metrics, rewards, margins,
 accuracies, the averaged log-probs and the gradient norm; after the last step every weight.
 """
@@ -39,8 +40,12 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 BETA = 0.5
 # world -> name -> (TP, PP, micro-batch size, distributed optimizer, other flags).
 LAYOUTS = {
-    1: {"tp1_2mb": (1, 1, 2, False, {})},
-    2: {"tp2": (2, 1, 2, False, {}), "cp2": (1, 1, 2, False, {"context_parallel_size": 2})},
+    1: {"tp1_2mb": (1, 1, 2, False, {}), "tp1_packed": (1, 1, 2, False, {"packing": True})},
+    2: {
+        "tp2": (2, 1, 2, False, {}),
+        "cp2": (1, 1, 2, False, {"context_parallel_size": 2}),
+        "cp2_packed": (1, 1, 2, False, {"context_parallel_size": 2, "packing": True}),
+    },
 }
 NAMES = [n for layouts in LAYOUTS.values() for n in layouts]
 # Ours -> TRL's name of each per-step metric.
