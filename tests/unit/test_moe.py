@@ -44,6 +44,39 @@ def test_load_balancing_loss_is_hfs_with_padding_and_differs_from_megatrons():
     assert abs(float(sum(mcore(x) for x in logits)) * K - float(load_balancing_loss(logits, E, K))) > 1e-3
 
 
+def test_the_tied_gradient_is_the_loss_gradient(monkeypatch):
+    """What training does (each layer's statistics recorded, the micro-batch's totals, each
+    layer's gradient tied in through ``_BalanceGradient``) gives the weighted loss's value and
+    the gradient autograd gives through HF's function (``load_balancing_loss``, itself checked
+    against transformers above), scaled by megatron-core's main-loss backward scale."""
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    from simpo_megatron.model.moe import RouterBalance, _BalanceGradient, _Recording, layer_statistics
+
+    g = torch.Generator().manual_seed(1)
+    logits = [(torch.randn(12, E, generator=g) * 2).requires_grad_() for _ in range(3)]
+    mask = torch.tensor([1.0] * 10 + [0.0] * 2)
+    coeff, pairs, scale = 0.3, 5, 4.0
+    expected = coeff * pairs * scale * load_balancing_loss(logits, E, K, mask)
+    expected_grads = torch.autograd.grad(expected, logits)
+
+    balance = RouterBalance(coeff, E, K)
+    micro_batch = balance.micro_batch(0, pairs)
+    recording, tied = _Recording(micro_batch), []
+    for layer in logits:
+        stats = layer_statistics(layer, E, K, mask)
+        recording.add(stats)
+        probs = torch.softmax(layer, -1)  # stands for what the router hands the dispatcher
+        tied.append(_BalanceGradient.apply(probs, stats[1], micro_batch))
+    balance.contribute(micro_batch, recording.totals)
+    torch.testing.assert_close(micro_batch.value(torch.device("cpu")) * coeff * pairs * scale, expected.detach())
+    monkeypatch.setattr(MoEAuxLossAutoScaler, "main_loss_backward_scale", torch.tensor(scale))
+    grads = torch.autograd.grad(sum((t * 0).sum() for t in tied), logits)  # the main loss adds nothing
+    for mine, theirs in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-8)
+        assert mine[10:].abs().max() == 0 and mine[:10].abs().max() > 1e-3
+
+
 def _qwen3_moe(**changes) -> dict:
     config = transformers.Qwen3MoeConfig(
         hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
