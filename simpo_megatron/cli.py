@@ -65,7 +65,8 @@ def estimate_memory(argv: Sequence[str] | None = None) -> int:
     known, rest = parser.parse_known_args(list(sys.argv[1:] if argv is None else argv))
     if "-h" in rest or "--help" in rest:
         print("usage: simpo-estimate-memory [--world-size N] [--config FILE.yaml] [training flags]")
-        print("  --world-size N  GPUs of the run (default: TP x PP x CP, one data-parallel rank)")
+        print("  --world-size N  GPUs of the run (default: the smallest the layout runs on: TP x PP x CP,")
+        print("                  with as many data-parallel ranks as EP needs)")
         return 0
     try:
         cfg = load_config(rest)
@@ -76,13 +77,21 @@ def estimate_memory(argv: Sequence[str] | None = None) -> int:
             from simpo_megatron.training.loop import resolve_config
 
             cfg, _ = resolve_config(cfg)  # the vocabulary (tokenizer) and an HF --load's shape
-        world_size = known.world_size or cfg.parallel.model_parallel_size
+        world_size = known.world_size or _smallest_world(cfg.parallel)
         cfg.validate(world_size)
         print(startup_report(cfg, world_size, device_budget(cfg)))
     except (ConfigError, OSError) as e:  # a bad flag, a missing --config file
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _smallest_world(par) -> int:
+    """TP x PP x CP, with the data-parallel ranks EP takes its ranks from (EP divides DP x CP)."""
+    import math
+
+    ep, cp = par.expert_model_parallel_size, par.context_parallel_size
+    return par.model_parallel_size * (ep // math.gcd(ep, cp))
 
 
 def main(argv: Sequence[str] | None = None, example_root: str | None = None) -> int:

@@ -71,6 +71,12 @@ def test_estimate_command(capsys):
     out = capsys.readouterr().out
     assert "memory estimate per GPU" in out and "WARNING" in out
     assert estimate_memory(["--config", "missing.yaml"]) == 2
+    # Without --world-size, the smallest world the layout runs on: EP=8 takes 8 data-parallel ranks.
+    moe = "examples/configs/qwen3-30b-a3b-simpo.yaml"
+    assert estimate_memory(["--config", moe, "--gpu-memory-gb", "80"]) == 0
+    default = capsys.readouterr().out
+    assert estimate_memory(["--config", moe, "--gpu-memory-gb", "80", "--world-size", "8"]) == 0
+    assert capsys.readouterr().out == default and "80.5 GiB" in default
 
 
 def test_a_mixture_of_experts_that_does_not_fit_is_told_to_spread_its_experts():
