@@ -70,14 +70,19 @@ def _dtype_bytes(cfg: SimPOConfig) -> int:
     return 2 if cfg.model.bf16 or cfg.model.fp16 else 4
 
 
+def _mlp_parameters(cfg: SimPOConfig, width: int) -> int:
+    """Weights of one MLP of hidden ``width`` (fc1, doubled when gated, and fc2), unsplit."""
+    m = cfg.model
+    return m.hidden_size * width * (2 if m.swiglu or m.geglu else 1) + width * m.hidden_size
+
+
 def expert_parameters(cfg: SimPOConfig) -> int:
     """Parameters of one MoE layer's experts on one rank: its ``E / EP`` experts, each split over
     TP (megatron-core's expert tensor parallelism defaults to TP); 0 for a dense model."""
     m, par = cfg.model, cfg.parallel
     if m.num_experts is None:
         return 0
-    h, f = m.hidden_size, m.moe_ffn_hidden_size or m.derived_ffn_hidden_size()
-    per_expert = h * f * (2 if m.swiglu or m.geglu else 1) + f * h
+    per_expert = _mlp_parameters(cfg, m.moe_ffn_hidden_size or m.derived_ffn_hidden_size())
     return m.num_experts // par.expert_model_parallel_size * per_expert // par.tensor_model_parallel_size
 
 
@@ -91,7 +96,7 @@ def layer_parameters(cfg: SimPOConfig) -> int:
     norm = 2 * h if m.normalization == "LayerNorm" else h
     params = h * qkv // tp + (qkv // tp if m.add_qkv_bias else 0) + heads * d * h // tp
     if m.num_experts is None:
-        params += h * f * (2 if m.swiglu or m.geglu else 1) // tp + f * h // tp
+        params += _mlp_parameters(cfg, f) // tp
     else:  # the router's weight is whole on every rank
         params += m.num_experts * h + expert_parameters(cfg)
     if m.qk_layernorm:

@@ -83,19 +83,19 @@ class RouterHooks:
             real = None if padding_mask is None else ~_local_rows(padding_mask, logits.shape[0]).reshape(-1, 1)
             if real is not None:
                 probs, routing_map = probs * real, routing_map & real
-            tied = None  # (the micro-batch's balance, this layer's summed probabilities with autograd)
+            balance, prob_sums = None, None  # the gradient to tie: whose, and to what
             if self._recording is not None:
                 stats = layer_statistics(logits, self.balance.num_experts, self.balance.topk, real)
                 self._recording.add(stats)
                 if torch.is_grad_enabled():
-                    tied = (self._recording.balance, stats[1])
+                    balance, prob_sums = self._recording.balance, stats[1]
                 elif router.training:  # the first forward of a recomputed layer
                     rerun.append(self._recording.balance)
             elif rerun and torch.is_grad_enabled():  # that layer re-run in backward
                 balance = rerun.popleft()
-                tied = (balance, layer_statistics(logits, balance.num_experts, balance.topk, real)[1])
-            if tied is not None:
-                probs = _BalanceGradient.apply(probs, tied[1], tied[0])
+                prob_sums = layer_statistics(logits, balance.num_experts, balance.topk, real)[1]
+            if balance is not None:
+                probs = _BalanceGradient.apply(probs, prob_sums, balance)
             return probs, routing_map
 
         return routing_without_padding
@@ -112,6 +112,8 @@ class RouterHooks:
             yield balance
         finally:
             self._recording = None
+        if recording.totals is None:
+            raise RuntimeError("no router ran in this model chunk's forward: nothing to send the other stages")
         self.balance.contribute(balance, recording.totals)
 
 
@@ -219,12 +221,8 @@ class RouterBalance:
             self._open[ordinal] = (balance, seen + 1)
         return balance
 
-    def contribute(self, balance: MicroBatchBalance, totals: torch.Tensor | None) -> None:
-        """Add a chunk's statistics of ``balance``'s micro-batch (``None``: a chunk without MoE
-        layers, which still takes part in the exchange)."""
-        if totals is None:
-            device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-            totals = torch.zeros(2 * self.num_experts + 1, device=device)
+    def contribute(self, balance: MicroBatchBalance, totals: torch.Tensor) -> None:
+        """Add a chunk's statistics of ``balance``'s micro-batch (``_Recording.totals``)."""
         if self.token_group is not None and self.token_group.size() > 1:
             torch.distributed.all_reduce(totals, group=self.token_group)
         if self.pipeline_group is None or self.pipeline_group.size() == 1:

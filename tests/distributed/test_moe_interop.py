@@ -84,9 +84,10 @@ def hf_model(kind: str, **changes):
     return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-def make_hf_model(kind: str, path) -> str:
+def make_hf_model(kind: str, path, **changes) -> str:
+    """``hf_model(kind, **changes)`` with its test weights, saved to ``path``."""
     torch.manual_seed(MODELS.index(kind))
-    model = hf_model(kind)
+    model = hf_model(kind, **changes)
     with torch.no_grad():
         for name, p in model.named_parameters():
             # norms away from 1, router logits of O(1) so that routing is not a near tie

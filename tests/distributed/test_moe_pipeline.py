@@ -16,7 +16,7 @@ import os
 
 import pytest
 import torch
-from test_moe_interop import _full_tensors, hf_model
+from test_moe_interop import _full_tensors, make_hf_model
 
 from simpo_megatron.testing import run_distributed, tiny_config
 
@@ -32,17 +32,6 @@ LAYOUTS = {
 }
 BASELINE = "dp2"
 METRICS = ("loss", "load_balancing_loss", "rewards/chosen", "rewards/margins", "logps/chosen", "num_pairs", "grad_norm")
-
-
-def _make_hf_dir(path) -> str:
-    """test_moe_interop's tiny Mixtral (4 experts, top-2) with 4 layers."""
-    torch.manual_seed(0)
-    model = hf_model("mixtral", num_hidden_layers=4)
-    with torch.no_grad():  # norms away from 1, router logits of O(1): no near ties in the routing
-        for name, p in model.named_parameters():
-            p.normal_(1.0, 0.1) if "norm" in name else p.normal_(0.0, 0.5 if name.endswith("gate.weight") else 0.1)
-    model.save_pretrained(path)
-    return str(path)
 
 
 def _worker(hf_dir: str, root: str) -> dict:
@@ -76,7 +65,7 @@ def _worker(hf_dir: str, root: str) -> dict:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("moe_pipeline")
-    hf_dir = _make_hf_dir(root / "hf")
+    hf_dir = make_hf_model("mixtral", root / "hf", num_hidden_layers=4)  # test_moe_interop's Mixtral, 4 layers
     metrics = run_distributed(_worker, 2, hf_dir, str(root))[-1]  # the last rank: the last stage's metrics
     tensors = {n: _full_tensors(str(root / n / "iter_0000001"), str(root / f"{n}.pt")) for n in LAYOUTS}
     return metrics, tensors
