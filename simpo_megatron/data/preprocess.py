@@ -58,6 +58,7 @@ from simpo_megatron.data.tokenizers import TOKENIZER_TYPES, build_tokenizer
 # ---- encoding, in this process or in workers ---------------------------------------------------
 
 _worker_encoder: PairEncoder | None = None
+_DRAIN_TIMEOUT_S = 60.0  # per chunk still in a worker when a run stops early (a dead worker never answers)
 
 
 def _init_worker(config: EncoderConfig) -> None:
@@ -84,7 +85,15 @@ def _encoded_chunks(
     import multiprocessing  # only here: its import costs start-up time
 
     with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
-        yield _in_order(pool, chunks, max_pending=4 * workers)
+        pending: deque[Any] = deque()
+        try:
+            yield _in_order(pool, chunks, pending, max_pending=4 * workers)
+        finally:
+            # Stopped early (bad input, Ctrl-C): let the chunks already sent finish before the
+            # pool's terminate. Its task thread may still be writing one into the workers' pipe;
+            # once the workers are killed nobody reads it, and terminate waits for that thread forever.
+            for result in pending:
+                result.wait(timeout=_DRAIN_TIMEOUT_S)
 
 
 class _Background:
@@ -123,9 +132,9 @@ def _pipelined(chunks: Iterator[Chunk], encoder: PairEncoder) -> Iterator[Encode
         yield encoder.finish(pending[0], pending[1].result())
 
 
-def _in_order(pool: Any, chunks: Iterator[Chunk], max_pending: int) -> Iterator[EncodedChunk]:
-    """Like pool.imap, but reads ahead at most max_pending chunks, so memory stays bounded."""
-    pending: deque[Any] = deque()
+def _in_order(pool: Any, chunks: Iterator[Chunk], pending: deque[Any], max_pending: int) -> Iterator[EncodedChunk]:
+    """Like pool.imap, but reads ahead at most max_pending chunks, so memory stays bounded;
+    ``pending`` holds the results not yet yielded."""
     for chunk in chunks:
         pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
         if len(pending) >= max_pending:

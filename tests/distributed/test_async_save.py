@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import multiprocessing
 import os
 from pathlib import Path
 
@@ -87,7 +88,11 @@ def _kill_after_second_async_write() -> None:
         calls.append(index)
         if len(calls) == 2:
             self.async_calls[-1].async_caller.process.join()  # the shards are on disk
-            os._exit(CRASH_EXIT_CODE)  # as a node failure: no finalization, no clean-up
+            # As a node failure, which takes the rank's helper processes with it (megatron-core's
+            # results-queue manager would otherwise outlive the test): no finalization, no clean-up.
+            for child in multiprocessing.active_children():
+                child.kill()
+            os._exit(CRASH_EXIT_CODE)
         return index
 
     AsyncCallsQueue.schedule_async_request = schedule_then_crash

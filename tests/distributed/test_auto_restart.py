@@ -134,7 +134,15 @@ def runs(tmp_path_factory):
                 victim = _worker(restarted, KILLED_RANK)
                 if victim is not None:
                     killed = {"checkpoint": done, "last_logged": max(logged)}
+                    # The rank and its helper processes, as a crash of its node would take them
+                    # (a helper left behind would outlive the test).
+                    helpers = []
+                    with contextlib.suppress(psutil.Error):
+                        helpers = victim.children(recursive=True)
                     victim.send_signal(signal.SIGKILL)
+                    for helper in helpers:
+                        with contextlib.suppress(psutil.Error):
+                            helper.kill()
             time.sleep(0.01)
         out = _wait(restarted, tmp / "restarted.txt")
         _wait(reference, tmp / "reference.txt")

@@ -353,6 +353,28 @@ def test_two_workers_preserve_order(tmp_path):
     assert not [p for p in outputs(tmp_path) if p.startswith("fail")]
 
 
+def test_a_failing_run_stops_its_workers_only_once_their_chunks_are_back(tmp_path, monkeypatch):
+    """Bad input met with chunks still in the workers: the pool is terminated only after they
+    come back. Terminated earlier, its task thread can be left writing a chunk into the
+    workers' pipe that no one reads any more, and the run hangs in the pool's exit."""
+    from multiprocessing.pool import Pool
+
+    outstanding = []
+    terminate = Pool.terminate
+
+    def recorded_terminate(self):
+        outstanding.append(len(self._cache))  # results the pool still owes
+        terminate(self)
+
+    monkeypatch.setattr(Pool, "terminate", recorded_terminate)
+    records = [PAIRS[i % len(PAIRS)] for i in range(8 * CHUNK_PAIRS)]
+    records[CHUNK_PAIRS + 3] = b"{broken\n"
+    path = write_jsonl(tmp_path / "in.jsonl", records)
+    assert run(tmp_path, path, "--workers", "2", prefix="fail") == 1
+    assert outstanding == [0]
+    assert not [p for p in outputs(tmp_path) if p.startswith("fail")]
+
+
 def test_killed_run_leaves_no_output(tmp_path):
     line = json.dumps(PAIRS[0]).encode() + b"\n"
     (tmp_path / "big.jsonl").write_bytes(line * 300_000)
