@@ -6,6 +6,7 @@ every rank writes a truncated shard file into the checkpoint directory it was gi
 ``iter_XXXXXXX.tmp`` one) and then SIGKILLs its own process, as a node failure mid-write.
 """
 
+import multiprocessing
 import os
 import signal
 import sys
@@ -30,6 +31,8 @@ def _save(sharded_state_dict, checkpoint_dir, *args, **kwargs):
             fh.flush()
             os.fsync(fh.fileno())
         print(f"rank {rank}: killed while saving to {checkpoint_dir}", flush=True)
+        for helper in multiprocessing.active_children():  # as a crash of the node takes them too
+            helper.kill()
         os.kill(os.getpid(), signal.SIGKILL)
     return _real_save(sharded_state_dict, checkpoint_dir, *args, **kwargs)
 
